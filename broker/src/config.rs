@@ -1,0 +1,309 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The broker's configuration file, as written by the admin.
+//!
+//! This module only parses: it turns TOML into these plain structs and
+//! rejects unknown keys with the line they are on. Everything that needs
+//! judgement (does this regex compile, does this template name a declared
+//! parameter, does this principal name a real tool) happens when
+//! [`crate::policy::Policy::compile`] turns a [`Config`] into a policy, and
+//! reports through [`ConfigError`] with the location of the offending entry.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The example configuration embedded in the binary, used by
+/// `keyward-broker serve --example` (see README).
+pub const EXAMPLE: &str = include_str!("../../examples/broker.toml");
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    #[serde(default, rename = "principal")]
+    pub principals: Vec<Spanned<PrincipalConfig>>,
+    #[serde(default, rename = "credential")]
+    pub credentials: BTreeMap<String, Spanned<CredentialConfig>>,
+    #[serde(default, rename = "tool")]
+    pub tools: Vec<Spanned<ToolConfig>>,
+}
+
+/// `[broker]`: daemon-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Path of the listening socket when the broker binds it itself.
+    pub socket: PathBuf,
+    /// Octal file mode of the socket, e.g. `"0660"`.
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+    /// Group that owns the socket (name or number).
+    pub socket_group: Option<String>,
+    /// Directory of credential files when `$CREDENTIALS_DIRECTORY` is unset.
+    pub credentials_dir: Option<PathBuf>,
+    /// Directory for persistent state (signing key, revocations).
+    pub state_dir: Option<PathBuf>,
+    /// Longest lifetime a minted token may have.
+    #[serde(default, with = "duration_opt")]
+    pub max_token_ttl: Option<Duration>,
+    /// Default upstream timeout of a tool call.
+    #[serde(default, with = "duration_opt")]
+    pub call_timeout: Option<Duration>,
+    /// Default cap on an upstream response body, in bytes.
+    pub max_response_bytes: Option<usize>,
+    /// Connections one uid may hold open at once.
+    pub max_connections_per_uid: Option<usize>,
+}
+
+fn default_socket_mode() -> String {
+    "0660".to_owned()
+}
+
+/// `[[principal]]`: who may do what, matched on kernel-supplied identity.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalConfig {
+    pub name: String,
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub gids: Vec<u32>,
+    /// Tools this principal may call directly.
+    #[serde(default)]
+    pub may_call: Vec<String>,
+    /// Tools this principal may delegate through tokens.
+    #[serde(default)]
+    pub may_delegate: Vec<String>,
+}
+
+/// `[credential.NAME]`: where a secret comes from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// File name relative to the credentials directory.
+    pub file: PathBuf,
+}
+
+/// The kinds of tool the broker can perform.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolKind {
+    /// An HTTP request with the credential injected.
+    Http,
+    /// Built-in, no network: returns its parameters as a JSON object.
+    Echo,
+}
+
+/// `[[tool]]`: one action the broker performs. Fields after `params` only
+/// apply to `kind = "http"`; the policy compiler rejects them elsewhere.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    pub name: String,
+    pub kind: ToolKind,
+    pub description: Option<String>,
+    /// Name of a `[credential.NAME]` entry.
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamConfig>,
+
+    pub method: Option<String>,
+    /// URL template: `{name}` placeholders in the path and query only.
+    pub url: Option<String>,
+    /// Header templates: fixed names, `{name}` placeholders in values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body template; strings that are exactly `"{name}"` become the
+    /// typed value, other strings interpolate.
+    pub body_json: Option<toml::Value>,
+    pub auth: Option<AuthConfig>,
+    #[serde(default, with = "duration_opt")]
+    pub timeout: Option<Duration>,
+    pub max_response_bytes: Option<usize>,
+}
+
+/// How the credential is injected into an HTTP request. Exactly one field
+/// must be set.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `Authorization: Bearer <secret>`.
+    #[serde(default)]
+    pub bearer: bool,
+    /// `Authorization: Basic base64(<user>:<secret>)`.
+    pub basic: Option<String>,
+    /// `<header>: <secret>`.
+    pub header: Option<String>,
+}
+
+/// The type of a parameter.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamType {
+    String,
+    Int,
+    Bool,
+}
+
+/// `params.NAME = { type = ..., <validators> }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamConfig {
+    #[serde(rename = "type")]
+    pub ty: ParamType,
+    /// Regex the whole string must match (anchored by the compiler).
+    pub pattern: Option<String>,
+    /// Longest string, in bytes.
+    pub max_len: Option<usize>,
+    /// The value must be one of these (strings or ints).
+    pub one_of: Option<Vec<toml::Value>>,
+    /// Smallest int.
+    pub min: Option<i64>,
+    /// Largest int.
+    pub max: Option<i64>,
+    /// The string must start with this.
+    pub prefix: Option<String>,
+    /// Value used when the caller omits the parameter; without it the
+    /// parameter is required.
+    pub default: Option<toml::Value>,
+    /// Never show the value in denials or audit records.
+    #[serde(default)]
+    pub secret: bool,
+}
+
+/// A configuration error with where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A semantic error found by the policy compiler.
+    #[error("{}", .0)]
+    Invalid(Located),
+}
+
+/// One semantic error: file, line, the entry it belongs to, and what is
+/// wrong, e.g. `broker.toml:14: tool "send_email": params.to.pattern: ...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub file: String,
+    pub line: Option<usize>,
+    pub entry: String,
+    pub message: String,
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, self.entry, self.message),
+            None => write!(f, "{}: {}: {}", self.file, self.entry, self.message),
+        }
+    }
+}
+
+/// The parsed file together with its name and text, so that errors can
+/// be located.
+#[derive(Debug)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+    pub config: Config,
+}
+
+impl Source {
+    /// Read and parse a configuration file.
+    pub fn load(path: &Path) -> Result<Source, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Source::parse(&path.display().to_string(), text)
+    }
+
+    /// Parse configuration text; `name` is used in error messages.
+    pub fn parse(name: &str, text: String) -> Result<Source, ConfigError> {
+        let config = toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: PathBuf::from(name),
+            message: e.to_string(),
+        })?;
+        Ok(Source {
+            name: name.to_owned(),
+            text,
+            config,
+        })
+    }
+
+    /// 1-based line of a byte offset into the text.
+    pub fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    /// Build a located error for the entry spanning `span`.
+    pub fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        entry: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Located {
+        Located {
+            file: self.name.clone(),
+            line: Some(self.line_of(span.start)),
+            entry: entry.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `"15m"`, `"30s"`, `"1h 30m"` (humantime) as an optional duration.
+mod duration_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses() {
+        let src = Source::parse("example.toml", EXAMPLE.to_owned()).unwrap();
+        assert!(!src.config.tools.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text = "[broker]\nsocket = \"/tmp/s\"\nsockett = 1\n".to_owned();
+        let err = Source::parse("b.toml", text).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_located() {
+        let text = "[broker]\nsocket = \"/tmp/s\"\nmax_token_ttl = \"soon\"\n".to_owned();
+        let err = Source::parse("b.toml", text).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+    }
+}

@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: Apache-2.0
+//! keyward-broker: the privileged daemon that alone holds secrets.
+//!
+//! Clients connect over an AF_UNIX `SOCK_SEQPACKET` socket; every message
+//! carries kernel-verified `SCM_CREDENTIALS`, which are checked against the
+//! peer pinned (by pidfd) at connect time. The policy engine authorizes
+//! each call on that kernel identity alone, an executor performs it with
+//! the credential injected, and the result is redacted before it leaves.
+//! Every decision is an audit record.
+//!
+//! Threat model: peers are untrusted local processes. They must not get a
+//! credential (directly, echoed by an upstream, or in an encoded form), act
+//! outside policy, or stall the broker for others.
+//!
+//! Tests: unit tests beside each module; end-to-end tests in the `tests`
+//! package start the real binary and attack it.
+#![deny(unsafe_code)]
+
+pub mod audit;
+pub mod config;
+pub mod credential;
+pub mod executor;
+pub mod listener;
+pub mod peer;
+pub mod policy;
+pub mod redact;
+pub mod server;
+pub mod session;
+pub mod sys;
+pub mod template;
+
+pub use server::{serve, Broker};
+
+/// Everything that can stop the broker from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Policy(Vec<config::Located>),
+    #[error(transparent)]
+    Credential(#[from] credential::CredentialError),
+    #[error(transparent)]
+    Listener(#[from] listener::ListenerError),
+    #[error(transparent)]
+    Executor(#[from] executor::ExecError),
+    #[error(transparent)]
+    Sys(#[from] sys::SysError),
+}

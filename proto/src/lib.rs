@@ -1,0 +1,38 @@
+// SPDX-License-Identifier: Apache-2.0
+//! keyward's wire protocol: the messages a client and the broker exchange,
+//! and the one codec that turns them into bytes and back.
+//!
+//! Every message travels as one `SOCK_SEQPACKET` record of at most
+//! [`MAX_MESSAGE`] bytes, encoded with postcard. A connection starts with a
+//! [`Hello`] exchange that fixes the protocol version; after that the client
+//! sends one [`Request`] at a time and reads exactly one [`Response`].
+//!
+//! Threat model: the broker decodes bytes written by an untrusted peer.
+//! Decoding must never panic, never allocate more than the frame could
+//! describe, and must reject trailing bytes and unknown variants with a
+//! typed [`DecodeError`] that carries nothing the peer wrote.
+//!
+//! Tests: round trips and golden bytes pin the encoding (a format change is
+//! a deliberate act); property tests decode arbitrary bytes, every
+//! truncation and every extension of valid frames.
+#![forbid(unsafe_code)]
+
+mod bounded;
+mod codec;
+mod message;
+
+pub use codec::{decode, encode, DecodeError, EncodeError};
+pub use message::{
+    Call, CallResult, Denial, ErrorCode, ErrorReply, Header, Hello, Param, Request, Response,
+    Value,
+};
+
+/// The protocol version this build speaks; a `Hello` with any other version
+/// is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Hard cap on one encoded message, in bytes, in both directions.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The socket path used when `KEYWARD_SOCKET` is not set.
+pub const DEFAULT_SOCKET: &str = "/run/keyward/broker.sock";
