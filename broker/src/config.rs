@@ -205,7 +205,11 @@ pub struct Located {
 impl fmt::Display for Located {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
-            Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, self.entry, self.message),
+            Some(line) => write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file, line, self.entry, self.message
+            ),
             None => write!(f, "{}: {}: {}", self.file, self.entry, self.message),
         }
     }

@@ -1,11 +1,47 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Credentials: loaded once at start, held only in zeroize-on-drop buffers.
+//!
+//! Each credential is one file in a directory that only the broker may
+//! read: `$CREDENTIALS_DIRECTORY` under systemd (`LoadCredential=`), else
+//! `broker.credentials_dir`. Loading refuses anything an attacker could
+//! have planted or read: a group- or world-accessible directory or file, a
+//! symlink or other non-regular file, and values too short to redact
+//! reliably. Errors name the credential and the path, never the content.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
 
-/// A secret value. Zeroized on drop; `Debug` prints `[redacted]`.
-pub struct Secret(zeroize::Zeroizing<Vec<u8>>);
+use zeroize::Zeroizing;
+
+use crate::redact::{RedactError, Redactor};
+
+/// Shortest accepted secret, in bytes (after trimming one trailing
+/// newline). Shorter values would make redaction match ordinary text and
+/// their encoded fragments too short to find.
+pub const MIN_SECRET_LEN: usize = 8;
+
+/// Longest accepted credential file, in bytes.
+pub const MAX_SECRET_LEN: usize = 64 * 1024;
+
+/// A secret value. Zeroized on drop; `Debug` prints `[redacted]`. It has
+/// no `Display` on purpose: the only way to the bytes is [`Secret::expose`].
+pub struct Secret(Zeroizing<Vec<u8>>);
+
+impl Secret {
+    /// Take ownership of a buffer that already zeroizes on drop.
+    pub fn new(bytes: Zeroizing<Vec<u8>>) -> Secret {
+        Secret(bytes)
+    }
+
+    /// The secret's bytes. Call only where the value is sent upstream or
+    /// fed to the redactor.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -17,10 +53,492 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Default)]
 pub struct Credentials {
     secrets: BTreeMap<String, Secret>,
+    /// `(credential, user)` pairs used with HTTP Basic auth; the redactor
+    /// also covers `user:secret` for each.
+    basic_users: BTreeSet<(String, String)>,
+    redactor: Redactor,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
+    #[error(
+        "no credential directory: neither $CREDENTIALS_DIRECTORY nor broker.credentials_dir is set"
+    )]
+    NoDirectory,
     #[error("credential directory {path}: {message}")]
     Directory { path: PathBuf, message: String },
+    #[error("credential directory {path} is group- or world-accessible (mode {mode:04o}); chmod 0700 it")]
+    DirectoryMode { path: PathBuf, mode: u32 },
+    #[error("credential directory {path}: {source}")]
+    DirectoryStat {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("credential {name}: cannot open {path}: {source}")]
+    Open {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("credential {name}: cannot read {path}: {source}")]
+    Read {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("credential {name}: {path}: {message}")]
+    File {
+        name: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("credential {name}: {message}")]
+    Invalid { name: String, message: String },
+    #[error("cannot build the credential redactor: {0}")]
+    Redactor(#[from] RedactError),
+}
+
+impl Credentials {
+    /// The directory to load credentials from: `$CREDENTIALS_DIRECTORY`
+    /// when systemd set it, else the configured one.
+    pub fn directory(configured: Option<&Path>) -> Result<PathBuf, CredentialError> {
+        match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) if !dir.is_empty() => Ok(PathBuf::from(dir)),
+            _ => configured
+                .map(Path::to_path_buf)
+                .ok_or(CredentialError::NoDirectory),
+        }
+    }
+
+    /// Load each `(name, file)` from `dir`; `file` is relative to `dir`.
+    pub fn load<N, F>(
+        dir: &Path,
+        wanted: impl IntoIterator<Item = (N, F)>,
+    ) -> Result<Credentials, CredentialError>
+    where
+        N: Into<String>,
+        F: AsRef<Path>,
+    {
+        check_directory(dir)?;
+        let mut secrets = BTreeMap::new();
+        for (name, file) in wanted {
+            let name = name.into();
+            let file = file.as_ref();
+            let path = dir.join(file);
+            if !is_plain_relative(file) {
+                return Err(CredentialError::File {
+                    name,
+                    path,
+                    message:
+                        "the file name must be relative to the credential directory, without `..`"
+                            .to_owned(),
+                });
+            }
+            let secret = read_secret(&name, &path)?;
+            secrets.insert(name, secret);
+        }
+        Credentials::from_secrets(secrets)
+    }
+
+    /// Build from values already in memory. For tests: it skips every
+    /// file check, and the minimum length.
+    #[cfg(test)]
+    pub(crate) fn from_values<N, V>(
+        values: impl IntoIterator<Item = (N, V)>,
+    ) -> Result<Credentials, CredentialError>
+    where
+        N: Into<String>,
+        V: AsRef<[u8]>,
+    {
+        let secrets = values
+            .into_iter()
+            .map(|(n, v)| (n.into(), Secret::new(Zeroizing::new(v.as_ref().to_vec()))))
+            .collect();
+        Credentials::from_secrets(secrets)
+    }
+
+    fn from_secrets(secrets: BTreeMap<String, Secret>) -> Result<Credentials, CredentialError> {
+        let mut credentials = Credentials {
+            secrets,
+            basic_users: BTreeSet::new(),
+            redactor: Redactor::default(),
+        };
+        credentials.rebuild_redactor()?;
+        Ok(credentials)
+    }
+
+    /// Tell the redactor that `credential` is also sent as HTTP Basic
+    /// `user:secret`, so the exact encodings of that string are redacted
+    /// too (the secret alone is always covered).
+    pub fn register_basic_user(
+        &mut self,
+        credential: &str,
+        user: &str,
+    ) -> Result<(), CredentialError> {
+        if !self.secrets.contains_key(credential) {
+            return Err(CredentialError::Invalid {
+                name: credential.to_owned(),
+                message: "is not loaded".to_owned(),
+            });
+        }
+        if self
+            .basic_users
+            .insert((credential.to_owned(), user.to_owned()))
+        {
+            self.rebuild_redactor()?;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Credentials::register_basic_user`] was called for this pair.
+    pub fn has_basic_user(&self, credential: &str, user: &str) -> bool {
+        self.basic_users
+            .contains(&(credential.to_owned(), user.to_owned()))
+    }
+
+    fn rebuild_redactor(&mut self) -> Result<(), CredentialError> {
+        let mut values: Vec<Zeroizing<Vec<u8>>> = self
+            .secrets
+            .values()
+            .map(|s| Zeroizing::new(s.expose().to_vec()))
+            .collect();
+        for (credential, user) in &self.basic_users {
+            if let Some(secret) = self.secrets.get(credential) {
+                values.push(basic_pair(user, secret));
+            }
+        }
+        self.redactor = Redactor::new(values.iter().map(|v| v.as_slice()))?;
+        Ok(())
+    }
+
+    /// A credential by name.
+    pub fn get(&self, name: &str) -> Option<&Secret> {
+        self.secrets.get(name)
+    }
+
+    /// The redactor covering every loaded secret and registered Basic pair.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// The names of the loaded credentials.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.secrets.keys().map(String::as_str)
+    }
+}
+
+/// `user:secret`, the text HTTP Basic auth base64-encodes.
+pub fn basic_pair(user: &str, secret: &Secret) -> Zeroizing<Vec<u8>> {
+    let mut pair = Zeroizing::new(Vec::with_capacity(user.len() + 1 + secret.expose().len()));
+    pair.extend_from_slice(user.as_bytes());
+    pair.push(b':');
+    pair.extend_from_slice(secret.expose());
+    pair
+}
+
+fn is_plain_relative(file: &Path) -> bool {
+    let mut components = file.components().peekable();
+    components.peek().is_some() && components.all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// The directory must be a directory that neither group nor others can
+/// read, write or search.
+fn check_directory(dir: &Path) -> Result<(), CredentialError> {
+    let meta = std::fs::metadata(dir).map_err(|source| CredentialError::DirectoryStat {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(CredentialError::Directory {
+            path: dir.to_owned(),
+            message: "is not a directory".to_owned(),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o066 != 0 {
+        return Err(CredentialError::DirectoryMode {
+            path: dir.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Open without following a symlink and without blocking on a FIFO, check
+/// the opened file itself, and read it into a buffer sized once, so no
+/// reallocation leaves an unzeroized copy behind.
+fn read_secret(name: &str, path: &Path) -> Result<Secret, CredentialError> {
+    let file_error = |message: String| CredentialError::File {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        message,
+    };
+    let mut file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| {
+            if source.raw_os_error() == Some(libc::ELOOP) {
+                file_error("is a symbolic link; refusing to follow it".to_owned())
+            } else {
+                CredentialError::Open {
+                    name: name.to_owned(),
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+    let read_error = |source| CredentialError::Read {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        source,
+    };
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.file_type().is_file() {
+        return Err(file_error("is not a regular file".to_owned()));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(file_error(format!(
+            "is group- or world-accessible (mode {mode:04o}); chmod 0600 it"
+        )));
+    }
+    let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    if size > MAX_SECRET_LEN {
+        return Err(file_error(format!("is larger than {MAX_SECRET_LEN} bytes")));
+    }
+    // One byte more than the file's size, so a file that grew since the
+    // stat shows up as a full buffer instead of a reallocation.
+    let mut buf = Zeroizing::new(vec![0u8; size + 1]);
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(read_error(e)),
+        }
+    }
+    if filled > size {
+        return Err(file_error("changed while being read".to_owned()));
+    }
+    buf.truncate(filled);
+    if buf.is_empty() {
+        return Err(file_error("is empty".to_owned()));
+    }
+    trim_one_newline(&mut buf);
+    if buf.len() < MIN_SECRET_LEN {
+        return Err(file_error(format!(
+            "holds fewer than {MIN_SECRET_LEN} bytes: too short to redact reliably"
+        )));
+    }
+    Ok(Secret::new(buf))
+}
+
+/// Drop one trailing `"\n"` or `"\r\n"` (what `echo` and editors add).
+/// `truncate` keeps the capacity, which `Zeroizing` still wipes.
+fn trim_one_newline(buf: &mut Zeroizing<Vec<u8>>) {
+    if buf.ends_with(b"\r\n") {
+        let len = buf.len() - 2;
+        buf.truncate(len);
+    } else if buf.ends_with(b"\n") {
+        let len = buf.len() - 1;
+        buf.truncate(len);
+    }
+}
+
+/// Load every credential the configuration names, from
+/// `$CREDENTIALS_DIRECTORY` or the configured directory, and register the
+/// Basic-auth `user:secret` pairs of the policy's tools with the redactor.
+pub fn load_for(
+    source: &crate::config::Source,
+    policy: &crate::policy::Policy,
+) -> Result<Credentials, CredentialError> {
+    if source.config.credentials.is_empty() {
+        return Ok(Credentials::default());
+    }
+    let dir = Credentials::directory(policy.broker.credentials_dir.as_deref())?;
+    let wanted = source
+        .config
+        .credentials
+        .iter()
+        .map(|(name, c)| (name.clone(), c.get_ref().file.clone()));
+    let mut credentials = Credentials::load(&dir, wanted)?;
+    for tool in policy.tools() {
+        if let crate::policy::Action::Http(http) = &tool.action {
+            if let Some((credential, user)) = http.basic_user() {
+                credentials.register_basic_user(credential, user)?;
+            }
+        }
+    }
+    Ok(credentials)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const VALUE: &str = "s3cr3t-V4lue-0123";
+
+    fn private_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    fn write(dir: &Path, file: &str, content: &[u8], mode: u32) {
+        let path = dir.join(file);
+        std::fs::write(&path, content).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn load_one(dir: &Path, file: &str) -> Result<Credentials, CredentialError> {
+        Credentials::load(dir, [("api", file)])
+    }
+
+    #[test]
+    fn loads_and_trims_one_newline() {
+        let dir = private_dir();
+        write(dir.path(), "a", format!("{VALUE}\n").as_bytes(), 0o600);
+        write(dir.path(), "b", format!("{VALUE}\r\n").as_bytes(), 0o400);
+        write(dir.path(), "c", format!("{VALUE}\n\n").as_bytes(), 0o600);
+        let creds = Credentials::load(dir.path(), [("a", "a"), ("b", "b"), ("c", "c")]).unwrap();
+        assert_eq!(creds.get("a").unwrap().expose(), VALUE.as_bytes());
+        assert_eq!(creds.get("b").unwrap().expose(), VALUE.as_bytes());
+        assert_eq!(
+            creds.get("c").unwrap().expose(),
+            format!("{VALUE}\n").as_bytes()
+        );
+        assert_eq!(creds.names().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert!(creds.get("d").is_none());
+        assert_eq!(
+            creds.redactor().redact_str(&format!("x{VALUE}y")),
+            "x[REDACTED]y"
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_value() {
+        let dir = private_dir();
+        write(dir.path(), "a", VALUE.as_bytes(), 0o600);
+        let creds = load_one(dir.path(), "a").unwrap();
+        let debug = format!("{creds:?} {:?}", creds.get("api").unwrap());
+        assert!(!debug.contains(VALUE), "{debug}");
+        assert!(debug.contains("[redacted]"), "{debug}");
+    }
+
+    #[test]
+    fn refuses_an_open_directory() {
+        let dir = private_dir();
+        write(dir.path(), "a", VALUE.as_bytes(), 0o600);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = load_one(dir.path(), "a").unwrap_err().to_string();
+        assert!(
+            err.contains("group- or world-accessible (mode 0755)"),
+            "{err}"
+        );
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn refuses_an_accessible_file() {
+        let dir = private_dir();
+        write(dir.path(), "a", VALUE.as_bytes(), 0o640);
+        let err = load_one(dir.path(), "a").unwrap_err().to_string();
+        assert!(err.contains("credential api"), "{err}");
+        assert!(err.contains("mode 0640"), "{err}");
+        assert!(!err.contains(VALUE), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_symlink_and_a_directory() {
+        let dir = private_dir();
+        write(dir.path(), "real", VALUE.as_bytes(), 0o600);
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let err = load_one(dir.path(), "link").unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("sub"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        let err = load_one(dir.path(), "sub").unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_fifo_without_blocking() {
+        let dir = private_dir();
+        let path = dir.path().join("fifo");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = load_one(dir.path(), "fifo").unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn refuses_empty_and_short_values() {
+        let dir = private_dir();
+        write(dir.path(), "empty", b"", 0o600);
+        write(dir.path(), "short", b"1234567\n", 0o600);
+        write(dir.path(), "eight", b"12345678\n", 0o600);
+        let err = load_one(dir.path(), "empty").unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
+        let err = load_one(dir.path(), "short").unwrap_err().to_string();
+        assert!(err.contains("too short to redact reliably"), "{err}");
+        assert!(!err.contains("1234567"), "{err}");
+        load_one(dir.path(), "eight").unwrap();
+    }
+
+    #[test]
+    fn refuses_escaping_file_names_and_missing_files() {
+        let dir = private_dir();
+        let err = load_one(dir.path(), "../etc/passwd")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("relative"), "{err}");
+        let err = load_one(dir.path(), "/etc/passwd").unwrap_err().to_string();
+        assert!(err.contains("relative"), "{err}");
+        let err = load_one(dir.path(), "missing").unwrap_err().to_string();
+        assert!(err.contains("credential api: cannot open"), "{err}");
+    }
+
+    #[test]
+    fn directory_prefers_systemd() {
+        // The only test touching this variable.
+        std::env::remove_var("CREDENTIALS_DIRECTORY");
+        assert!(matches!(
+            Credentials::directory(None),
+            Err(CredentialError::NoDirectory)
+        ));
+        assert_eq!(
+            Credentials::directory(Some(Path::new("/etc/k"))).unwrap(),
+            Path::new("/etc/k")
+        );
+        std::env::set_var("CREDENTIALS_DIRECTORY", "/run/credentials/k.service");
+        let picked = Credentials::directory(Some(Path::new("/etc/k")));
+        std::env::remove_var("CREDENTIALS_DIRECTORY");
+        assert_eq!(picked.unwrap(), Path::new("/run/credentials/k.service"));
+    }
+
+    #[test]
+    fn basic_pair_is_redacted_once_registered() {
+        use base64::Engine as _;
+        let mut creds = Credentials::from_values([("api", VALUE)]).unwrap();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("bob:{VALUE}"));
+        assert!(!creds.has_basic_user("api", "bob"));
+        creds.register_basic_user("api", "bob").unwrap();
+        assert!(creds.has_basic_user("api", "bob"));
+        assert_eq!(
+            creds.redactor().redact_str(&format!("Basic {encoded}")),
+            "Basic [REDACTED]"
+        );
+        assert!(creds.register_basic_user("nope", "bob").is_err());
+    }
 }

@@ -1,1 +1,206 @@
-fn main() {}
+// SPDX-License-Identifier: Apache-2.0
+//! `keyward-broker`: parses arguments, calls the library, prints the error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use keyward_broker::config::{Source, EXAMPLE};
+use keyward_broker::credential;
+use keyward_broker::executor::Executor;
+use keyward_broker::listener::{self, Listener};
+use keyward_broker::policy::Policy;
+use keyward_broker::{audit::Audit, serve, sys, Broker, Error};
+
+/// keyward-broker holds credentials and performs credentialed calls on
+/// behalf of local callers, after its policy has validated every parameter.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the socket named in the configuration, or the one systemd
+    /// passed (LISTEN_FDS), until SIGTERM or SIGINT.
+    Serve {
+        /// Configuration file (e.g. /etc/keyward/broker.toml).
+        #[arg(long, required_unless_present = "example", conflicts_with = "example")]
+        config: Option<PathBuf>,
+        /// Run the built-in example configuration with its socket and an
+        /// example credential in a private runtime directory, with the
+        /// current user as the only principal. For trying keyward out.
+        #[arg(long)]
+        example: bool,
+    },
+    /// Check a configuration file and its policy; print every error with
+    /// its location.
+    Check {
+        /// Configuration file to check.
+        #[arg(long)]
+        config: PathBuf,
+        /// Also load the credentials (needs read access to them).
+        #[arg(long)]
+        credentials: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, example } => run_serve(config.as_deref(), example),
+        Command::Check {
+            config,
+            credentials,
+        } => run_check(&config, credentials),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyward-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_check(path: &Path, with_credentials: bool) -> Result<(), Error> {
+    let source = Source::load(path)?;
+    let policy = Policy::compile(&source).map_err(Error::Policy)?;
+    if with_credentials {
+        credential::load_for(&source, &policy)?;
+    }
+    println!(
+        "{}: ok ({} principals, {} tools, {} credentials{})",
+        path.display(),
+        source.config.principals.len(),
+        source.config.tools.len(),
+        source.config.credentials.len(),
+        if with_credentials { ", all loaded" } else { "" }
+    );
+    Ok(())
+}
+
+fn run_serve(config: Option<&Path>, example: bool) -> Result<(), Error> {
+    // Before any secret exists in this process.
+    sys::harden_process()?;
+    let source = match config {
+        Some(path) => Source::load(path)?,
+        None => example_source()?,
+    };
+    let policy = Policy::compile(&source).map_err(Error::Policy)?;
+    // Socket activation edits the environment: before any thread starts.
+    let inherited = listener::activation_fd()?;
+    let credentials = credential::load_for(&source, &policy)?;
+    let executor = Executor::new(credentials)?;
+    let settings = policy.broker.clone();
+    let broker = Arc::new(Broker::new(policy, executor, Audit::stderr()));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| sys::SysError::Call {
+            what: "starting the runtime",
+            source: e,
+        })?;
+    runtime.block_on(async move {
+        let listener = match inherited {
+            Some(fd) => Listener::from_fd(fd)?,
+            None => Listener::bind(
+                &settings.socket,
+                settings.socket_mode,
+                settings.socket_group.as_deref(),
+            )?,
+        };
+        if example {
+            print_example_usage(&settings.socket);
+        }
+        serve(listener, broker, shutdown_signal())
+            .await
+            .map_err(|e| sys::SysError::Call {
+                what: "audit",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the default action (exit) still applies.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// The embedded example, placed in a private runtime directory: the socket
+/// and an example credential there, the current user as principal.
+fn example_source() -> Result<Source, Error> {
+    let uid = nix::unistd::getuid().as_raw();
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("keyward-example-{uid}"));
+    let creds = dir.join("credentials");
+    let io = |what: &'static str| {
+        move |source: std::io::Error| Error::Sys(sys::SysError::Call { what, source })
+    };
+    write_example_files(&dir, &creds).map_err(io("creating the example directory"))?;
+    let mut source = Source::parse("(built-in example)", EXAMPLE.to_owned())?;
+    source.config.broker.socket = dir.join("broker.sock");
+    source.config.broker.credentials_dir = Some(creds);
+    for principal in &mut source.config.principals {
+        principal.get_mut().uids = vec![uid];
+    }
+    // The example must not pick up a systemd credentials directory.
+    std::env::remove_var("CREDENTIALS_DIRECTORY");
+    Ok(source)
+}
+
+fn write_example_files(dir: &Path, creds: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(creds)?;
+    for d in [dir, creds] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let token = creds.join("example_api.token");
+    let _ = std::fs::remove_file(&token);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(token)?;
+    std::io::Write::write_all(&mut file, EXAMPLE_CREDENTIAL.as_bytes())
+}
+
+/// The example credential: not a secret, it only exists so the example's
+/// http tools have something to inject (and redact).
+const EXAMPLE_CREDENTIAL: &str = include_str!("../../examples/credentials/example_api.token");
+
+fn print_example_usage(socket: &Path) {
+    println!(
+        "keyward-broker: example broker listening on {}",
+        socket.display()
+    );
+    println!("  try, in another terminal:");
+    println!(
+        "    KEYWARD_SOCKET={} cargo run -q -p agent-shim -- call echo message=hello",
+        socket.display()
+    );
+    println!("  stop with Ctrl-C; audit records follow on stderr.");
+}

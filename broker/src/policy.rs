@@ -9,13 +9,14 @@
 //! tool, the parameter and the rule in one sentence.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_proto::Call;
 
-use crate::config::{Located, ParamType, Source};
+use crate::config::{Located, ParamConfig, ParamType, Source, ToolConfig, ToolKind};
 use crate::executor::http::HttpTool;
 
 /// The compiled policy.
@@ -62,6 +63,9 @@ pub struct Tool {
 }
 
 /// What performing the tool means.
+// One per tool, behind the tool's `Arc`: the size of the `Echo` variant
+// costs nothing worth a `Box` and the churn it would cause in executors.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     /// Return the parameters as a JSON object (no network, no credential).
@@ -158,16 +162,74 @@ impl std::fmt::Display for Denial {
     }
 }
 
+/// A regex error on one line: the regex crate draws a caret diagram over
+/// several lines and ends with the actual error.
+fn regex_error_summary(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().trim_start_matches("error: ").to_owned())
+        .unwrap_or(text)
+}
+
 impl Policy {
     /// Check and compile a parsed configuration. Returns every error found,
-    /// each with its file, line and entry.
-    pub fn compile(_src: &Source) -> Result<Policy, Vec<Located>> {
-        todo!("policy compile")
+    /// each with its file, line and entry, in file order.
+    pub fn compile(src: &Source) -> Result<Policy, Vec<Located>> {
+        let mut errors = Vec::new();
+        let broker = compile_broker(src, &mut errors);
+        check_credentials(src, &mut errors);
+        let principals = compile_principals(src, &mut errors);
+        let tools = compile_tools(src, &broker, &mut errors);
+        if errors.is_empty() {
+            Ok(Policy {
+                broker,
+                principals,
+                tools,
+            })
+        } else {
+            // Stable: errors of one line keep the order they were found in.
+            errors.sort_by_key(|e| e.line);
+            Err(errors)
+        }
     }
 
     /// Decide one call on the caller's kernel identity.
-    pub fn authorize(&self, _caller: &Caller, _call: &Call) -> Result<AuthorizedCall, Denial> {
-        todo!("policy authorize")
+    pub fn authorize(&self, caller: &Caller, call: &Call) -> Result<AuthorizedCall, Denial> {
+        let matching: Vec<&Principal> = self.principals_of(caller).collect();
+        if matching.is_empty() {
+            return Err(deny(format_args!(
+                "uid {} (gid {}) is not a principal in the broker policy",
+                caller.uid, caller.gid
+            )));
+        }
+        let tool = self
+            .tools
+            .get(call.tool.as_str())
+            .ok_or_else(|| deny(format_args!("unknown tool {}", show_str(&call.tool))))?;
+        let principal = matching
+            .iter()
+            .find(|p| p.may_call.iter().any(|t| *t == tool.name))
+            .ok_or_else(|| {
+                let names: Vec<String> = matching.iter().map(|p| format!("{:?}", p.name)).collect();
+                let noun = if names.len() == 1 {
+                    "principal"
+                } else {
+                    "principals"
+                };
+                deny(format_args!(
+                    "{noun} {} may not call tool {:?}",
+                    names.join(", "),
+                    tool.name
+                ))
+            })?;
+        let params = tool.check_params(&call.params)?;
+        Ok(AuthorizedCall {
+            tool: Arc::clone(tool),
+            principal: principal.name.clone(),
+            params,
+        })
     }
 
     /// A tool by name.
@@ -185,5 +247,1386 @@ impl Policy {
         self.principals
             .iter()
             .filter(move |p| p.uids.contains(&caller.uid) || p.gids.contains(&caller.gid))
+    }
+}
+
+/// Largest `max_response_bytes`: a response must fit, with its framing, in
+/// one [`keyward_proto::MAX_MESSAGE`] (64 KiB) wire message.
+pub const MAX_RESPONSE_BYTES_LIMIT: usize = 60 * 1024;
+
+const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_RESPONSE_BYTES: usize = 60_000;
+const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 32;
+
+/// Compiled-program size cap for a parameter pattern, so that a pattern like
+/// `\w{1000}{1000}` is an error at startup rather than a memory blow-up.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// How much of a peer-supplied string a denial shows, in chars.
+const SHOWN_CHARS: usize = 64;
+
+impl Tool {
+    /// Convert and validate a call's parameters against this tool: every
+    /// parameter declared, known, given once, of the right type and passing
+    /// its rules; defaults filled in. Never shows a secret parameter's value.
+    pub fn check_params(
+        &self,
+        given: &[keyward_proto::Param],
+    ) -> Result<BTreeMap<String, TypedValue>, Denial> {
+        let mut params = BTreeMap::new();
+        for param in given {
+            let Some((name, spec)) = self.params.get_key_value(param.name.as_str()) else {
+                return Err(deny(format_args!(
+                    "tool {:?} has no parameter {}",
+                    self.name,
+                    show_str(&param.name)
+                )));
+            };
+            if params.contains_key(name) {
+                return Err(deny(format_args!(
+                    "parameter {name:?} of tool {:?} is given more than once",
+                    self.name
+                )));
+            }
+            let value = convert(spec.ty, &param.value).ok_or_else(|| {
+                deny(format_args!(
+                    "parameter {name:?} of tool {:?} must be {}",
+                    self.name,
+                    type_with_article(spec.ty)
+                ))
+            })?;
+            check_value(&spec.rules, &value).map_err(|failure| match failure {
+                Failure::Nul => deny(format_args!(
+                    "parameter {name:?} of tool {} contains a NUL byte",
+                    self.name
+                )),
+                Failure::Rule(rule) => deny(format_args!(
+                    "parameter {name:?} = {} {} of tool {}",
+                    show_value(&value, spec.secret),
+                    describe_rule(rule, spec.secret),
+                    self.name
+                )),
+            })?;
+            params.insert(name.clone(), value);
+        }
+        let mut missing = Vec::new();
+        for (name, spec) in &self.params {
+            if params.contains_key(name) {
+                continue;
+            }
+            match &spec.default {
+                Some(default) => {
+                    params.insert(name.clone(), default.clone());
+                }
+                None => missing.push(format!("{name:?}")),
+            }
+        }
+        match missing.len() {
+            0 => Ok(params),
+            1 => Err(deny(format_args!(
+                "parameter {} of tool {:?} is required",
+                missing.join(""),
+                self.name
+            ))),
+            _ => Err(deny(format_args!(
+                "parameters {} of tool {:?} are required",
+                missing.join(", "),
+                self.name
+            ))),
+        }
+    }
+}
+
+fn deny(reason: std::fmt::Arguments<'_>) -> Denial {
+    Denial {
+        reason: format!("call denied: {reason}"),
+    }
+}
+
+/// A peer-supplied string for a message: escaped (no newline or control
+/// character gets through) and cut to [`SHOWN_CHARS`] chars.
+fn show_str(s: &str) -> String {
+    match s.char_indices().nth(SHOWN_CHARS) {
+        // `cut` is a char boundary: it comes from `char_indices`.
+        Some((cut, _)) => format!("{:?}...", s.get(..cut).unwrap_or_default()),
+        None => format!("{s:?}"),
+    }
+}
+
+fn show_value(value: &TypedValue, secret: bool) -> String {
+    if secret {
+        return "[secret]".to_owned();
+    }
+    match value {
+        TypedValue::Str(s) => show_str(s),
+        TypedValue::Int(i) => i.to_string(),
+        TypedValue::Bool(b) => b.to_string(),
+    }
+}
+
+fn type_name(ty: ParamType) -> &'static str {
+    match ty {
+        ParamType::String => "string",
+        ParamType::Int => "int",
+        ParamType::Bool => "bool",
+    }
+}
+
+fn type_with_article(ty: ParamType) -> &'static str {
+    match ty {
+        ParamType::String => "a string",
+        ParamType::Int => "an int",
+        ParamType::Bool => "a bool (true or false)",
+    }
+}
+
+/// A wire value as the declared type. Clients that do not know the types
+/// send strings: an int is accepted as strict decimal text (optional `-`,
+/// digits only), a bool as `"true"` or `"false"`.
+fn convert(ty: ParamType, value: &keyward_proto::Value) -> Option<TypedValue> {
+    use keyward_proto::Value;
+    match (ty, value) {
+        (ParamType::String, Value::Str(s)) => Some(TypedValue::Str(s.clone())),
+        (ParamType::Int, Value::Int(i)) => Some(TypedValue::Int(*i)),
+        (ParamType::Int, Value::Str(s)) => parse_int(s).map(TypedValue::Int),
+        (ParamType::Bool, Value::Bool(b)) => Some(TypedValue::Bool(*b)),
+        (ParamType::Bool, Value::Str(s)) => match s.as_str() {
+            "true" => Some(TypedValue::Bool(true)),
+            "false" => Some(TypedValue::Bool(false)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Strict decimal i64: `-?[0-9]+`, no `+`, no whitespace, no overflow.
+fn parse_int(s: &str) -> Option<i64> {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Why a value failed its parameter's checks.
+#[derive(Debug)]
+enum Failure<'a> {
+    /// A string with a NUL byte: refused for every parameter.
+    Nul,
+    Rule(&'a Rule),
+}
+
+fn check_value<'a>(rules: &'a [Rule], value: &TypedValue) -> Result<(), Failure<'a>> {
+    if let TypedValue::Str(s) = value {
+        if s.contains('\0') {
+            return Err(Failure::Nul);
+        }
+    }
+    for rule in rules {
+        let ok = match (rule, value) {
+            (Rule::Pattern(re), TypedValue::Str(s)) => re.is_match(s),
+            (Rule::MaxLen(n), TypedValue::Str(s)) => s.len() <= *n,
+            (Rule::Prefix(p), TypedValue::Str(s)) => s.starts_with(p.as_str()),
+            (Rule::OneOf(values), v) => values.contains(v),
+            (Rule::Min(min), TypedValue::Int(i)) => i >= min,
+            (Rule::Max(max), TypedValue::Int(i)) => i <= max,
+            // A rule that does not fit the value's type cannot come out of
+            // `compile`; should one be built by hand, it denies.
+            _ => false,
+        };
+        if !ok {
+            return Err(Failure::Rule(rule));
+        }
+    }
+    Ok(())
+}
+
+/// The failed rule as the end of a sentence about the value, e.g.
+/// `does not match the pattern`. Admin-written rule text (prefix, allowed
+/// values) is left out for a secret parameter, since it reveals the value.
+fn describe_rule(rule: &Rule, secret: bool) -> String {
+    match rule {
+        Rule::Pattern(_) => "does not match the pattern".to_owned(),
+        Rule::MaxLen(n) => format!("is longer than the max_len of {n} bytes"),
+        Rule::Min(min) => format!("is less than the min of {min}"),
+        Rule::Max(max) => format!("is greater than the max of {max}"),
+        Rule::Prefix(_) if secret => "does not start with the required prefix".to_owned(),
+        Rule::Prefix(p) => format!("does not start with the prefix {}", show_str(p)),
+        Rule::OneOf(_) if secret => "is not one of the allowed values".to_owned(),
+        Rule::OneOf(values) => {
+            const LISTED: usize = 10;
+            let mut shown: Vec<String> = values
+                .iter()
+                .take(LISTED)
+                .map(|v| show_value(v, false))
+                .collect();
+            if values.len() > LISTED {
+                shown.push("...".to_owned());
+            }
+            format!("is not one of the allowed values ({})", shown.join(", "))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Compilation
+// ---------------------------------------------------------------------------
+
+/// The span an error message is about, so that `params.to.pattern: ...`
+/// points at the line that sets `params.to` rather than at the `[[tool]]`
+/// header: the line within the entry that sets the key the message's field
+/// path starts with, else the whole entry. Found by reading the text,
+/// because toml's `Spanned` cannot see through dotted keys.
+fn locate(src: &Source, entry: Range<usize>, message: &str) -> Range<usize> {
+    let path = message.split(':').next().unwrap_or_default();
+    let mut parts = path.split(['.', '[']);
+    let first = parts.next().unwrap_or_default();
+    if first.is_empty() {
+        return entry;
+    }
+    if first == "params" {
+        if let Some(span) = parts
+            .next()
+            .and_then(|param| find_key(&src.text, entry.clone(), &["params", param]))
+        {
+            return span;
+        }
+    }
+    find_key(&src.text, entry.clone(), &[first]).unwrap_or(entry)
+}
+
+/// The first line in `within` that sets `keys` (bare keys joined by dots),
+/// as `a.b = ...` or `a.b.c = ...`.
+fn find_key(text: &str, within: Range<usize>, keys: &[&str]) -> Option<Range<usize>> {
+    let mut offset = within.start;
+    for line in text.get(within)?.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if sets_key(trimmed, keys) {
+            let start = offset + (line.len() - trimmed.len());
+            return Some(start..offset + line.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+fn sets_key(line: &str, keys: &[&str]) -> bool {
+    let mut rest = line;
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            match rest.trim_start().strip_prefix('.') {
+                Some(r) => rest = r.trim_start(),
+                None => return false,
+            }
+        }
+        match rest.strip_prefix(key) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    let rest = rest.trim_start();
+    rest.starts_with('=') || rest.starts_with('.')
+}
+
+/// `[broker]` is not spanned in the parsed config: find its header, and
+/// the table runs to the next header.
+fn broker_table(text: &str) -> Option<Range<usize>> {
+    let mut offset = 0;
+    let mut start = None;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        match start {
+            None => {
+                if let Some(rest) = trimmed.strip_prefix("[broker]") {
+                    if rest.trim_start().is_empty() || rest.trim_start().starts_with('#') {
+                        start = Some(offset);
+                    }
+                }
+            }
+            Some(s) if trimmed.starts_with('[') => return Some(s..offset),
+            Some(_) => {}
+        }
+        offset += line.len();
+    }
+    start.map(|s| s..text.len())
+}
+
+fn compile_broker(src: &Source, errors: &mut Vec<Located>) -> BrokerSettings {
+    let cfg = &src.config.broker;
+    let table = broker_table(&src.text);
+    let mut error = |field: &str, message: String| {
+        let message = format!("{field}: {message}");
+        errors.push(match &table {
+            Some(table) => {
+                let span = locate(src, table.clone(), &message);
+                src.error_at(span, "broker", message)
+            }
+            None => Located {
+                file: src.name.clone(),
+                line: None,
+                entry: "broker".to_owned(),
+                message,
+            },
+        });
+    };
+
+    if cfg.socket.as_os_str().is_empty() {
+        error("socket", "must not be empty".to_owned());
+    }
+    let socket_mode = parse_mode(&cfg.socket_mode).unwrap_or_else(|e| {
+        error("socket_mode", e);
+        0o660
+    });
+    let max_token_ttl = cfg.max_token_ttl.unwrap_or(DEFAULT_MAX_TOKEN_TTL);
+    if max_token_ttl.is_zero() {
+        error("max_token_ttl", "must be longer than zero".to_owned());
+    }
+    let call_timeout = cfg.call_timeout.unwrap_or(DEFAULT_CALL_TIMEOUT);
+    if call_timeout.is_zero() {
+        error("call_timeout", "must be longer than zero".to_owned());
+    }
+    let mut max_response_bytes = cfg.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    if max_response_bytes == 0 || max_response_bytes > MAX_RESPONSE_BYTES_LIMIT {
+        error(
+            "max_response_bytes",
+            format!(
+                "{max_response_bytes} is out of range: must be 1 to {MAX_RESPONSE_BYTES_LIMIT} \
+                 so that a response fits in one 64 KiB message"
+            ),
+        );
+        max_response_bytes = DEFAULT_MAX_RESPONSE_BYTES;
+    }
+    let mut max_connections_per_uid = cfg
+        .max_connections_per_uid
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_UID);
+    if max_connections_per_uid == 0 {
+        error(
+            "max_connections_per_uid",
+            "must be greater than zero".to_owned(),
+        );
+        max_connections_per_uid = DEFAULT_MAX_CONNECTIONS_PER_UID;
+    }
+    BrokerSettings {
+        socket: cfg.socket.clone(),
+        socket_mode,
+        socket_group: cfg.socket_group.clone(),
+        credentials_dir: cfg.credentials_dir.clone(),
+        state_dir: cfg.state_dir.clone(),
+        max_token_ttl,
+        call_timeout,
+        max_response_bytes,
+        max_connections_per_uid,
+    }
+}
+
+/// `"0660"` → `0o660`: octal digits only, permission bits only.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let octal =
+        !text.is_empty() && text.len() <= 11 && text.bytes().all(|b| matches!(b, b'0'..=b'7'));
+    let mode = if octal {
+        u32::from_str_radix(text, 8).ok()
+    } else {
+        None
+    };
+    match mode {
+        None => Err(format!("{text:?} is not an octal mode like \"0660\"")),
+        Some(mode) if mode & !0o777 != 0 => Err(format!(
+            "{text:?} sets bits beyond 0777 (setuid, setgid or sticky)"
+        )),
+        Some(mode) => Ok(mode),
+    }
+}
+
+fn check_credentials(src: &Source, errors: &mut Vec<Located>) {
+    for (name, entry) in &src.config.credentials {
+        let label = format!("credential {name:?}");
+        let mut error = |message: String| {
+            let span = locate(src, entry.span(), &message);
+            errors.push(src.error_at(span, label.clone(), message));
+        };
+        if name.is_empty() {
+            error("the credential name must not be empty".to_owned());
+        }
+        let file = entry.get_ref().file.as_os_str();
+        let plain = match file.to_str() {
+            Some(f) => !f.is_empty() && !f.contains(['/', '\0']) && f != "." && f != "..",
+            None => false,
+        };
+        if !plain {
+            error(format!(
+                "file: {file:?} must be a plain file name (no \"/\", not \".\" or \"..\") \
+                 relative to the credentials directory"
+            ));
+        }
+    }
+}
+
+fn compile_principals(src: &Source, errors: &mut Vec<Located>) -> Vec<Principal> {
+    let tool_names: std::collections::BTreeSet<&str> = src
+        .config
+        .tools
+        .iter()
+        .map(|t| t.get_ref().name.as_str())
+        .collect();
+    let mut first_line: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut principals = Vec::new();
+    for (index, entry) in src.config.principals.iter().enumerate() {
+        let cfg = entry.get_ref();
+        let label = entry_label("principal", &cfg.name, index);
+        let mut messages = Vec::new();
+        if cfg.name.is_empty() {
+            messages.push("name: must not be empty".to_owned());
+        } else if let Some(line) = first_line.get(cfg.name.as_str()) {
+            messages.push(format!(
+                "name: a principal of this name is already defined on line {line}"
+            ));
+        } else {
+            first_line.insert(&cfg.name, src.line_of(entry.span().start));
+        }
+        if cfg.uids.is_empty() && cfg.gids.is_empty() {
+            messages.push("uids, gids: at least one uid or gid is required".to_owned());
+        }
+        for (field, list) in [
+            ("may_call", &cfg.may_call),
+            ("may_delegate", &cfg.may_delegate),
+        ] {
+            for tool in list {
+                if !tool_names.contains(tool.as_str()) {
+                    messages.push(format!("{field}: {tool:?} is not a defined tool"));
+                }
+            }
+        }
+        let ok = messages.is_empty();
+        for message in messages {
+            let span = locate(src, entry.span(), &message);
+            errors.push(src.error_at(span, label.clone(), message));
+        }
+        if ok {
+            principals.push(Principal {
+                name: cfg.name.clone(),
+                uids: cfg.uids.clone(),
+                gids: cfg.gids.clone(),
+                may_call: cfg.may_call.clone(),
+                may_delegate: cfg.may_delegate.clone(),
+            });
+        }
+    }
+    principals
+}
+
+/// `tool "send_email"`, or `tool #3` for an entry without a name.
+fn entry_label(kind: &str, name: &str, index: usize) -> String {
+    if name.is_empty() {
+        format!("{kind} #{}", index + 1)
+    } else {
+        format!("{kind} {name:?}")
+    }
+}
+
+fn compile_tools(
+    src: &Source,
+    settings: &BrokerSettings,
+    errors: &mut Vec<Located>,
+) -> BTreeMap<String, Arc<Tool>> {
+    let mut first_line: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut tools = BTreeMap::new();
+    for (index, entry) in src.config.tools.iter().enumerate() {
+        let cfg = entry.get_ref();
+        let label = entry_label("tool", &cfg.name, index);
+        let mut messages = Vec::new();
+
+        if !valid_tool_name(&cfg.name) {
+            messages.push(format!(
+                "name: {:?} is not a valid tool name (1 to 64 of a-z 0-9 _ . -)",
+                cfg.name
+            ));
+        } else if let Some(line) = first_line.get(cfg.name.as_str()) {
+            messages.push(format!(
+                "name: a tool of this name is already defined on line {line}"
+            ));
+        } else {
+            first_line.insert(&cfg.name, src.line_of(entry.span().start));
+        }
+
+        let params = compile_params(&cfg.params, &mut messages);
+
+        let action = match cfg.kind {
+            ToolKind::Echo => {
+                check_echo_fields(cfg, &mut messages);
+                Some(Action::Echo)
+            }
+            ToolKind::Http => {
+                if let Some(credential) = &cfg.credential {
+                    if !src.config.credentials.contains_key(credential) {
+                        messages.push(format!(
+                            "credential: {credential:?} is not defined by any [credential.NAME] entry"
+                        ));
+                    }
+                }
+                match HttpTool::compile(cfg, &params, settings) {
+                    Ok(http) => Some(Action::Http(http)),
+                    Err(http_messages) => {
+                        messages.extend(http_messages);
+                        None
+                    }
+                }
+            }
+        };
+
+        match action {
+            Some(action) if messages.is_empty() => {
+                let tool = Tool {
+                    name: cfg.name.clone(),
+                    description: cfg.description.clone(),
+                    credential: cfg.credential.clone(),
+                    params,
+                    action,
+                };
+                tools.insert(cfg.name.clone(), Arc::new(tool));
+            }
+            _ => {
+                for message in messages {
+                    let span = locate(src, entry.span(), &message);
+                    errors.push(src.error_at(span, label.clone(), message));
+                }
+            }
+        }
+    }
+    tools
+}
+
+/// `^[a-z0-9_.-]{1,64}$`
+fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
+}
+
+/// `^[a-z_][a-z0-9_]{0,63}$`
+fn valid_param_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && name.len() <= 64
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+/// An echo tool has no credential and none of the http fields.
+fn check_echo_fields(cfg: &ToolConfig, messages: &mut Vec<String>) {
+    let present = [
+        ("credential", cfg.credential.is_some()),
+        ("method", cfg.method.is_some()),
+        ("url", cfg.url.is_some()),
+        ("headers", !cfg.headers.is_empty()),
+        ("body_json", cfg.body_json.is_some()),
+        ("auth", cfg.auth.is_some()),
+        ("timeout", cfg.timeout.is_some()),
+        ("max_response_bytes", cfg.max_response_bytes.is_some()),
+    ];
+    for (field, is_set) in present {
+        if is_set {
+            messages.push(format!("{field}: not allowed for kind \"echo\""));
+        }
+    }
+}
+
+/// Every parameter, each compiled as far as it goes: a parameter with an
+/// error is still in the map (with the rules that did compile) so that the
+/// http compiler does not also report its placeholders as unknown; the
+/// policy as a whole fails on `messages`.
+fn compile_params(
+    configs: &BTreeMap<String, ParamConfig>,
+    messages: &mut Vec<String>,
+) -> BTreeMap<String, ParamSpec> {
+    let mut params = BTreeMap::new();
+    for (name, cfg) in configs {
+        if !valid_param_name(name) {
+            messages.push(format!(
+                "params.{name:?}: not a valid parameter name (a-z or _, then up to 63 of a-z 0-9 _)"
+            ));
+        }
+        let spec = compile_param(&format!("params.{name}"), cfg, messages);
+        params.insert(name.clone(), spec);
+    }
+    params
+}
+
+fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> ParamSpec {
+    let ty = cfg.ty;
+    let is_string = ty == ParamType::String;
+    let is_int = ty == ParamType::Int;
+    let mut not_for_type = |field: &str| {
+        messages.push(format!(
+            "{path}.{field}: not allowed for a parameter of type {}",
+            type_name(ty)
+        ));
+    };
+
+    // Cheap rules first; the pattern, the costliest, runs last, on a string
+    // max_len has already bounded.
+    let mut rules = Vec::new();
+    if let Some(n) = cfg.max_len {
+        if is_string {
+            rules.push(Rule::MaxLen(n));
+        } else {
+            not_for_type("max_len");
+        }
+    }
+    if let Some(prefix) = &cfg.prefix {
+        if is_string {
+            rules.push(Rule::Prefix(prefix.clone()));
+        } else {
+            not_for_type("prefix");
+        }
+    }
+    let mut one_of = None;
+    if let Some(values) = &cfg.one_of {
+        if is_string || is_int {
+            one_of = Some(values);
+        } else {
+            not_for_type("one_of");
+        }
+    }
+    if let Some(min) = cfg.min {
+        if is_int {
+            rules.push(Rule::Min(min));
+        } else {
+            not_for_type("min");
+        }
+    }
+    if let Some(max) = cfg.max {
+        if is_int {
+            rules.push(Rule::Max(max));
+        } else {
+            not_for_type("max");
+        }
+    }
+    let mut pattern = None;
+    if let Some(p) = &cfg.pattern {
+        if is_string {
+            pattern = Some(p);
+        } else {
+            not_for_type("pattern");
+        }
+    }
+
+    if let (true, Some(min), Some(max)) = (is_int, cfg.min, cfg.max) {
+        if min > max {
+            messages.push(format!("{path}.min: {min} is greater than max {max}"));
+        }
+    }
+    if let Some(values) = one_of {
+        if values.is_empty() {
+            messages.push(format!("{path}.one_of: must list at least one value"));
+        }
+        let mut typed = Vec::new();
+        for (i, value) in values.iter().enumerate() {
+            match from_toml(ty, value) {
+                Some(v) => typed.push(v),
+                None => messages.push(format!(
+                    "{path}.one_of[{i}]: must be {}",
+                    type_with_article(ty)
+                )),
+            }
+        }
+        rules.push(Rule::OneOf(typed));
+    }
+    if let Some(p) = pattern {
+        match compile_pattern(p) {
+            Ok(re) => rules.push(Rule::Pattern(re)),
+            Err(e) => messages.push(format!(
+                "{path}.pattern: invalid regex: {}",
+                regex_error_summary(&e)
+            )),
+        }
+    }
+
+    let mut default = None;
+    if let Some(value) = &cfg.default {
+        match from_toml(ty, value) {
+            None => messages.push(format!("{path}.default: must be {}", type_with_article(ty))),
+            Some(v) => match check_value(&rules, &v) {
+                Ok(()) => default = Some(v),
+                Err(Failure::Nul) => {
+                    messages.push(format!("{path}.default: contains a NUL byte"));
+                }
+                Err(Failure::Rule(rule)) => messages.push(format!(
+                    "{path}.default: {} {}",
+                    show_value(&v, cfg.secret),
+                    describe_rule(rule, cfg.secret)
+                )),
+            },
+        }
+    }
+
+    ParamSpec {
+        ty,
+        rules,
+        default,
+        secret: cfg.secret,
+    }
+}
+
+fn from_toml(ty: ParamType, value: &toml::Value) -> Option<TypedValue> {
+    match (ty, value) {
+        (ParamType::String, toml::Value::String(s)) => Some(TypedValue::Str(s.clone())),
+        (ParamType::Int, toml::Value::Integer(i)) => Some(TypedValue::Int(*i)),
+        (ParamType::Bool, toml::Value::Boolean(b)) => Some(TypedValue::Bool(*b)),
+        _ => None,
+    }
+}
+
+/// Compile a pattern to match the whole string, within [`REGEX_SIZE_LIMIT`].
+/// The admin's own text is compiled first so that a syntax error points
+/// into what they wrote, not into our `^(?:...)$` wrapper.
+fn compile_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    let build = |p: &str| {
+        regex::RegexBuilder::new(p)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_SIZE_LIMIT)
+            .build()
+    };
+    build(pattern)?;
+    build(&format!("^(?:{pattern})$"))
+}
+
+#[cfg(test)]
+mod tests {
+    use keyward_proto::{Param, Value};
+
+    use super::*;
+
+    const BROKER: &str = "[broker]\nsocket = \"/tmp/k.sock\"\n";
+
+    /// A policy with echo tools only (the http compiler is tested in its
+    /// own module).
+    const POLICY: &str = r#"[broker]
+socket = "/tmp/k.sock"
+
+[[principal]]
+name = "orchestrator"
+uids = [1000]
+may_call = ["mail", "count", "flags"]
+
+[[principal]]
+name = "ops"
+gids = [50]
+may_call = ["count"]
+
+[[principal]]
+name = "nobody-special"
+uids = [2000]
+
+[[tool]]
+name = "mail"
+kind = "echo"
+params.to = { type = "string", pattern = '[a-z0-9._-]+@example\.com' }
+params.subject = { type = "string", max_len = 10, default = "hi" }
+params.key = { type = "string", prefix = "sk-", secret = true }
+params.kind = { type = "string", one_of = ["plain", "html"], default = "plain" }
+
+[[tool]]
+name = "count"
+kind = "echo"
+params.n = { type = "int", min = -5, max = 100 }
+params.unit = { type = "int", one_of = [1, 10], default = 1 }
+
+[[tool]]
+name = "flags"
+kind = "echo"
+params.on = { type = "bool", default = false }
+params.code = { type = "string", one_of = ["a1", "b2"], secret = true, default = "a1" }
+
+[[tool]]
+name = "unlisted"
+kind = "echo"
+"#;
+
+    fn source(text: &str) -> Source {
+        Source::parse("t.toml", text.to_owned()).expect("test config parses")
+    }
+
+    fn policy() -> Policy {
+        Policy::compile(&source(POLICY)).expect("test policy compiles")
+    }
+
+    fn errors(text: &str) -> Vec<Located> {
+        match Policy::compile(&source(text)) {
+            Ok(_) => panic!("expected errors for:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    /// The single error of a config, as `line: entry: message`.
+    fn one_error(text: &str) -> Located {
+        let mut errs = errors(text);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        errs.remove(0)
+    }
+
+    fn call(tool: &str, params: &[(&str, Value)]) -> Call {
+        Call {
+            tool: tool.to_owned(),
+            params: params
+                .iter()
+                .map(|(name, value)| Param {
+                    name: (*name).to_owned(),
+                    value: value.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn s(v: &str) -> Value {
+        Value::Str(v.to_owned())
+    }
+
+    const ORCH: Caller = Caller {
+        uid: 1000,
+        gid: 1000,
+    };
+
+    fn denied(caller: &Caller, c: &Call) -> String {
+        match policy().authorize(caller, c) {
+            Ok(ok) => panic!("expected a denial, got {ok:?}"),
+            Err(d) => d.reason,
+        }
+    }
+
+    fn allowed(caller: &Caller, c: &Call) -> AuthorizedCall {
+        match policy().authorize(caller, c) {
+            Ok(ok) => ok,
+            Err(d) => panic!("expected success, got {d}"),
+        }
+    }
+
+    fn mail(to: &str, key: &str) -> Vec<(&'static str, Value)> {
+        vec![("to", s(to)), ("key", s(key))]
+    }
+
+    // ----- compile ------------------------------------------------------
+
+    #[test]
+    fn compiles_with_defaults() {
+        let p = Policy::compile(&source(BROKER)).expect("minimal config compiles");
+        assert_eq!(p.broker.socket_mode, 0o660);
+        assert_eq!(p.broker.max_token_ttl, Duration::from_secs(900));
+        assert_eq!(p.broker.call_timeout, Duration::from_secs(30));
+        assert_eq!(p.broker.max_response_bytes, 60_000);
+        assert_eq!(p.broker.max_connections_per_uid, 32);
+        assert_eq!(p.tools().count(), 0);
+    }
+
+    #[test]
+    fn compiles_the_test_policy() {
+        let p = policy();
+        let mail = p.tool("mail").expect("mail tool");
+        assert!(matches!(mail.action, Action::Echo));
+        assert!(mail.params["key"].secret);
+        assert_eq!(
+            mail.params["subject"].default,
+            Some(TypedValue::Str("hi".into()))
+        );
+        assert_eq!(p.tools().count(), 4);
+    }
+
+    #[test]
+    fn all_errors_are_collected_and_located() {
+        let text = r#"[broker]
+socket = "/tmp/k.sock"
+socket_mode = "0999"
+
+[[principal]]
+name = "a"
+uids = [1]
+may_call = ["nope"]
+
+[[tool]]
+name = "t"
+kind = "echo"
+params.n = { type = "int", pattern = "x" }
+"#;
+        let errs = errors(text);
+        let got: Vec<(Option<usize>, &str)> =
+            errs.iter().map(|e| (e.line, e.entry.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(3), "broker"),
+                (Some(8), "principal \"a\""),
+                (Some(13), "tool \"t\""),
+            ],
+            "{errs:#?}"
+        );
+        assert!(errs[0].message.starts_with("socket_mode: "), "{}", errs[0]);
+        assert!(errs[1].message.contains("\"nope\""), "{}", errs[1]);
+        assert!(
+            errs[2].message.starts_with("params.n.pattern: "),
+            "{}",
+            errs[2]
+        );
+        assert_eq!(errs[2].file, "t.toml");
+        assert_eq!(
+            errs[2].to_string(),
+            "t.toml:13: tool \"t\": params.n.pattern: not allowed for a parameter of type int"
+        );
+    }
+
+    /// Table test: (config after `[broker]`, expected line, expected entry,
+    /// text the message must contain).
+    #[test]
+    fn compile_errors() {
+        let cases: &[(&str, usize, &str, &str)] = &[
+            // broker
+            ("socket_mode = \"660x\"", 3, "broker", "socket_mode: \"660x\" is not an octal"),
+            ("socket_mode = \"\"", 3, "broker", "socket_mode:"),
+            ("socket_mode = \"4755\"", 3, "broker", "beyond 0777"),
+            ("max_response_bytes = 0", 3, "broker", "max_response_bytes: 0 is out of range"),
+            ("max_response_bytes = 61441", 3, "broker", "max_response_bytes: 61441"),
+            ("max_connections_per_uid = 0", 3, "broker", "max_connections_per_uid:"),
+            ("max_token_ttl = \"0s\"", 3, "broker", "max_token_ttl:"),
+            ("call_timeout = \"0s\"", 3, "broker", "call_timeout:"),
+            // principals
+            ("[[principal]]\nname = \"\"\nuids = [1]", 4, "principal #1", "name: must not be empty"),
+            ("[[principal]]\nname = \"p\"", 3, "principal \"p\"", "at least one uid or gid"),
+            (
+                "[[principal]]\nname = \"p\"\nuids = [1]\n[[principal]]\nname = \"p\"\ngids = [1]",
+                7,
+                "principal \"p\"",
+                "already defined on line 3",
+            ),
+            ("[[principal]]\nname = \"p\"\nuids = [1]\nmay_delegate = [\"x\"]", 6, "principal \"p\"", "may_delegate: \"x\" is not a defined tool"),
+            // credentials
+            ("[credential.c]\nfile = \"../x\"", 4, "credential \"c\"", "file: \"../x\" must be a plain file name"),
+            ("[credential.c]\nfile = \"/etc/shadow\"", 4, "credential \"c\"", "plain file name"),
+            ("[credential.c]\nfile = \"..\"", 4, "credential \"c\"", "plain file name"),
+            ("[credential.c]\nfile = \"\"", 4, "credential \"c\"", "plain file name"),
+            // tools
+            ("[[tool]]\nname = \"Bad\"\nkind = \"echo\"", 4, "tool \"Bad\"", "name: \"Bad\" is not a valid tool name"),
+            ("[[tool]]\nname = \"\"\nkind = \"echo\"", 4, "tool #1", "name:"),
+            (
+                "[[tool]]\nname = \"t\"\nkind = \"echo\"\n[[tool]]\nname = \"t\"\nkind = \"echo\"",
+                7,
+                "tool \"t\"",
+                "already defined on line 3",
+            ),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\ncredential = \"c\"", 6, "tool \"t\"", "credential: not allowed for kind \"echo\""),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nurl = \"https://x\"", 6, "tool \"t\"", "url: not allowed for kind \"echo\""),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nheaders = { a = \"b\" }", 6, "tool \"t\"", "headers: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\ntimeout = \"1s\"", 6, "tool \"t\"", "timeout: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nmax_response_bytes = 5", 6, "tool \"t\"", "max_response_bytes: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nmethod = \"GET\"", 6, "tool \"t\"", "method: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nauth = { bearer = true }", 6, "tool \"t\"", "auth: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nbody_json = { a = 1 }", 6, "tool \"t\"", "body_json: not allowed"),
+            // params
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.Bad = { type = \"string\" }", 6, "tool \"t\"", "params.\"Bad\": not a valid parameter name"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.9a = { type = \"string\" }", 6, "tool \"t\"", "not a valid parameter name"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", min = 1 }", 6, "tool \"t\"", "params.a.min: not allowed for a parameter of type string"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", max_len = 1 }", 6, "tool \"t\"", "params.a.max_len: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", prefix = \"x\" }", 6, "tool \"t\"", "params.a.prefix: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"bool\", one_of = [true] }", 6, "tool \"t\"", "params.a.one_of: not allowed for a parameter of type bool"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"bool\", max = 1 }", 6, "tool \"t\"", "params.a.max: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", min = 5, max = 1 }", 6, "tool \"t\"", "params.a.min: 5 is greater than max 1"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", one_of = [1, \"2\"] }", 6, "tool \"t\"", "params.a.one_of[1]: must be an int"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", one_of = [] }", 6, "tool \"t\"", "params.a.one_of: must list at least one value"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", pattern = \"a)(\" }", 6, "tool \"t\"", "params.a.pattern: invalid regex"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", pattern = '\\w{1000}{1000}' }", 6, "tool \"t\"", "params.a.pattern: invalid regex"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", default = \"1\" }", 6, "tool \"t\"", "params.a.default: must be an int"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", max = 3, default = 4 }", 6, "tool \"t\"", "params.a.default: 4 is greater than the max of 3"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", pattern = \"[a-z]+\", default = \"A\" }", 6, "tool \"t\"", "params.a.default: \"A\" does not match the pattern"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", default = \"a\\u0000\" }", 6, "tool \"t\"", "params.a.default: contains a NUL byte"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", one_of = [\"x\"], default = \"hunter2\", secret = true }", 6, "tool \"t\"", "params.a.default: [secret] is not one of the allowed values"),
+            // A key outside the entry's own lines: the error is on the entry.
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\n[tool.params.a]\ntype = \"bool\"\nmin = 1", 3, "tool \"t\"", "params.a.min"),
+        ];
+        for (body, line, entry, needle) in cases {
+            let text = format!("{BROKER}{body}\n");
+            let e = one_error(&text);
+            assert!(
+                e.line == Some(*line) && e.entry == *entry && e.message.contains(needle),
+                "for config:\n{text}\ngot: {e}\nwant: line {line}, {entry}, containing {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn example_compiles() {
+        let src = source(crate::config::EXAMPLE);
+        let p = Policy::compile(&src).unwrap_or_else(|e| panic!("{e:#?}"));
+        let weather = p.tool("weather").expect("weather tool");
+        assert!(matches!(weather.action, Action::Http(_)));
+        assert_eq!(weather.credential.as_deref(), Some("example_api"));
+    }
+
+    #[test]
+    fn http_errors_are_located_on_their_field() {
+        let text = format!(
+            "{BROKER}[credential.api]\nfile = \"api.token\"\n\
+             [[tool]]\nname = \"h\"\nkind = \"http\"\ncredential = \"nope\"\n\
+             method = \"GET\"\nurl = \"https://example.com/{{missing}}\"\n\
+             auth = {{ bearer = true }}\nparams.a = {{ type = \"int\", max_len = 3 }}\n"
+        );
+        let errs = errors(&text);
+        let got: Vec<(Option<usize>, &str)> = errs
+            .iter()
+            .map(|e| (e.line, e.message.split(':').next().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(8), "credential"),
+                (Some(10), "url"),
+                (Some(12), "params.a.max_len"),
+            ],
+            "{errs:#?}"
+        );
+        assert!(errs.iter().all(|e| e.entry == "tool \"h\""), "{errs:#?}");
+    }
+
+    #[test]
+    fn secret_default_is_never_shown() {
+        let text = format!(
+            "{BROKER}[[tool]]\nname = \"t\"\nkind = \"echo\"\n\
+             params.a = {{ type = \"string\", prefix = \"sk-\", default = \"hunter2\", secret = true }}\n"
+        );
+        let e = one_error(&text).to_string();
+        assert!(!e.contains("hunter2") && !e.contains("sk-"), "{e}");
+    }
+
+    #[test]
+    fn pattern_is_anchored() {
+        let text = format!(
+            "{BROKER}[[principal]]\nname = \"p\"\nuids = [1]\nmay_call = [\"t\"]\n\
+             [[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = {{ type = \"string\", pattern = \"b|c\" }}\n"
+        );
+        let p = Policy::compile(&source(&text)).expect("compiles");
+        let caller = Caller { uid: 1, gid: 1 };
+        for (value, ok) in [
+            ("b", true),
+            ("c", true),
+            ("abc", false),
+            ("bc", false),
+            ("", false),
+        ] {
+            let r = p.authorize(&caller, &call("t", &[("a", s(value))]));
+            assert_eq!(r.is_ok(), ok, "{value:?}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn mode_parsing() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0777"), Ok(0o777));
+        for bad in [
+            "",
+            "0o660",
+            "+660",
+            "-660",
+            " 660",
+            "8",
+            "1777",
+            "077777777777777",
+        ] {
+            assert!(parse_mode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(valid_tool_name("send_email.v2-x"));
+        assert!(valid_tool_name(&"a".repeat(64)));
+        assert!(!valid_tool_name(&"a".repeat(65)));
+        for bad in ["", "A", "a b", "a/b", "é"] {
+            assert!(!valid_tool_name(bad), "{bad:?}");
+        }
+        assert!(valid_param_name("_x9"));
+        assert!(valid_param_name(&"a".repeat(64)));
+        for bad in ["", "9a", "a-b", "a.b", "A", &"a".repeat(65)] {
+            assert!(!valid_param_name(bad), "{bad:?}");
+        }
+    }
+
+    // ----- authorize ----------------------------------------------------
+
+    #[test]
+    fn allows_and_fills_defaults() {
+        let ok = allowed(&ORCH, &call("mail", &mail("bob@example.com", "sk-1")));
+        assert_eq!(ok.principal, "orchestrator");
+        assert_eq!(ok.tool.name, "mail");
+        let want: BTreeMap<String, TypedValue> = [
+            ("to", TypedValue::Str("bob@example.com".into())),
+            ("key", TypedValue::Str("sk-1".into())),
+            ("subject", TypedValue::Str("hi".into())),
+            ("kind", TypedValue::Str("plain".into())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(ok.params, want);
+    }
+
+    #[test]
+    fn matches_on_gid_and_picks_the_allowing_principal() {
+        // uid 2000 is "nobody-special" (no tools); gid 50 is "ops".
+        let caller = Caller { uid: 2000, gid: 50 };
+        let ok = allowed(&caller, &call("count", &[("n", s("3"))]));
+        assert_eq!(ok.principal, "ops");
+        assert_eq!(
+            denied(&caller, &call("flags", &[])),
+            "call denied: principals \"ops\", \"nobody-special\" may not call tool \"flags\""
+        );
+    }
+
+    #[test]
+    fn denials() {
+        let long = "x".repeat(500);
+        let cases: Vec<(Caller, Call, String)> = vec![
+            (
+                Caller { uid: 1001, gid: 1001 },
+                call("mail", &[]),
+                "call denied: uid 1001 (gid 1001) is not a principal in the broker policy".into(),
+            ),
+            (ORCH, call("x", &[]), "call denied: unknown tool \"x\"".into()),
+            (
+                ORCH,
+                call("evil\n\u{1b}[2Jtool", &[]),
+                "call denied: unknown tool \"evil\\n\\u{1b}[2Jtool\"".into(),
+            ),
+            (
+                ORCH,
+                call(&long, &[]),
+                format!("call denied: unknown tool \"{}\"...", "x".repeat(64)),
+            ),
+            (
+                ORCH,
+                call("unlisted", &[]),
+                "call denied: principal \"orchestrator\" may not call tool \"unlisted\"".into(),
+            ),
+            (
+                Caller { uid: 2000, gid: 2000 },
+                call("count", &[("n", s("1"))]),
+                "call denied: principal \"nobody-special\" may not call tool \"count\"".into(),
+            ),
+            (
+                ORCH,
+                call("count", &[("n", s("1")), ("n", s("2"))]),
+                "call denied: parameter \"n\" of tool \"count\" is given more than once".into(),
+            ),
+            (
+                ORCH,
+                call("count", &[("n", s("1")), ("cc", s("2"))]),
+                "call denied: tool \"count\" has no parameter \"cc\"".into(),
+            ),
+            (
+                ORCH,
+                call("count", &[("c\nc", s("2"))]),
+                "call denied: tool \"count\" has no parameter \"c\\nc\"".into(),
+            ),
+            (
+                ORCH,
+                call("count", &[]),
+                "call denied: parameter \"n\" of tool \"count\" is required".into(),
+            ),
+            (
+                ORCH,
+                call("mail", &[]),
+                "call denied: parameters \"key\", \"to\" of tool \"mail\" are required".into(),
+            ),
+            (
+                ORCH,
+                call("count", &[("n", s("1x"))]),
+                "call denied: parameter \"n\" of tool \"count\" must be an int".into(),
+            ),
+            (
+                ORCH,
+                call("flags", &[("on", s("yes"))]),
+                "call denied: parameter \"on\" of tool \"flags\" must be a bool (true or false)".into(),
+            ),
+            (
+                ORCH,
+                call("mail", &[("to", Value::Int(1))]),
+                "call denied: parameter \"to\" of tool \"mail\" must be a string".into(),
+            ),
+            (
+                ORCH,
+                call("mail", &mail("x@evil.com", "sk-1")),
+                "call denied: parameter \"to\" = \"x@evil.com\" does not match the pattern of tool mail".into(),
+            ),
+            (
+                ORCH,
+                call("mail", &[("to", s("a@example.com")), ("key", s("sk-1")), ("subject", s("12345678901"))]),
+                "call denied: parameter \"subject\" = \"12345678901\" is longer than the max_len of 10 bytes of tool mail".into(),
+            ),
+            (
+                ORCH,
+                call("mail", &[("to", s("a@example.com")), ("key", s("sk-1")), ("kind", s("pdf"))]),
+                "call denied: parameter \"kind\" = \"pdf\" is not one of the allowed values (\"plain\", \"html\") of tool mail".into(),
+            ),
+            (
+                ORCH,
+                call("count", &[("n", s("-6"))]),
+                "call denied: parameter \"n\" = -6 is less than the min of -5 of tool count".into(),
+            ),
+            (
+                ORCH,
+                call("count", &[("n", Value::Int(101))]),
+                "call denied: parameter \"n\" = 101 is greater than the max of 100 of tool count".into(),
+            ),
+            (
+                ORCH,
+                call("count", &[("n", s("1")), ("unit", s("5"))]),
+                "call denied: parameter \"unit\" = 5 is not one of the allowed values (1, 10) of tool count".into(),
+            ),
+            (
+                ORCH,
+                call("mail", &[("to", s("a@example.com\0")), ("key", s("sk-1"))]),
+                "call denied: parameter \"to\" of tool mail contains a NUL byte".into(),
+            ),
+            (
+                ORCH,
+                call("mail", &[("to", s(&format!("{}\n@example.com", "é".repeat(100)))), ("key", s("sk-1"))]),
+                format!(
+                    "call denied: parameter \"to\" = \"{}\"... does not match the pattern of tool mail",
+                    "é".repeat(64)
+                ),
+            ),
+        ];
+        for (caller, c, want) in cases {
+            assert_eq!(denied(&caller, &c), want, "for {c:?}");
+        }
+    }
+
+    #[test]
+    fn secret_values_are_never_shown() {
+        let secret = "hunter2-secret";
+        let cases = [
+            call("mail", &mail("a@example.com", secret)),
+            call("mail", &mail("a@example.com", &format!("sk-{secret}\0"))),
+            call("flags", &[("code", s(secret))]),
+            call("flags", &[("code", s("a1")), ("code", s(secret))]),
+            call("flags", &[("code", Value::Int(7))]),
+        ];
+        for c in &cases {
+            let reason = denied(&ORCH, c);
+            assert!(!reason.contains("hunter2"), "{reason}");
+            assert!(!reason.contains("sk-"), "prefix rule text leaks: {reason}");
+            assert!(!reason.contains("a1"), "one_of values leak: {reason}");
+        }
+        assert_eq!(
+            denied(&ORCH, &cases[0]),
+            "call denied: parameter \"key\" = [secret] does not start with the required prefix of tool mail"
+        );
+        assert_eq!(
+            denied(&ORCH, &cases[2]),
+            "call denied: parameter \"code\" = [secret] is not one of the allowed values of tool flags"
+        );
+        // Debug of an authorized call does not show string values either.
+        let ok = allowed(&ORCH, &call("mail", &mail("a@example.com", "sk-hunter2")));
+        assert!(!format!("{ok:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn conversions() {
+        let int_ok: &[(Value, i64)] = &[
+            (s("0"), 0),
+            (s("-0"), 0),
+            (s("007"), 7),
+            (s("-5"), -5),
+            (s("100"), 100),
+            (Value::Int(42), 42),
+        ];
+        for (v, want) in int_ok {
+            let ok = allowed(&ORCH, &call("count", &[("n", v.clone())]));
+            assert_eq!(ok.params["n"], TypedValue::Int(*want), "{v:?}");
+            assert_eq!(ok.params["unit"], TypedValue::Int(1));
+        }
+        let int_bad = [
+            s(""),
+            s("-"),
+            s("+1"),
+            s(" 1"),
+            s("1 "),
+            s("1.0"),
+            s("0x10"),
+            s("١"),
+            s("99999999999999999999"),
+            Value::Bool(true),
+        ];
+        for v in int_bad {
+            let reason = denied(&ORCH, &call("count", &[("n", v.clone())]));
+            assert!(reason.ends_with("must be an int"), "{v:?}: {reason}");
+        }
+        assert_eq!(parse_int("-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(parse_int("9223372036854775807"), Some(i64::MAX));
+        assert_eq!(parse_int("9223372036854775808"), None);
+
+        for (v, want) in [
+            (s("true"), true),
+            (s("false"), false),
+            (Value::Bool(true), true),
+        ] {
+            let ok = allowed(&ORCH, &call("flags", &[("on", v)]));
+            assert_eq!(ok.params["on"], TypedValue::Bool(want));
+        }
+        for v in [s("True"), s("1"), s(""), Value::Int(1)] {
+            let reason = denied(&ORCH, &call("flags", &[("on", v.clone())]));
+            assert!(
+                reason.ends_with("must be a bool (true or false)"),
+                "{v:?}: {reason}"
+            );
+        }
+        let ok = allowed(&ORCH, &call("flags", &[]));
+        assert_eq!(ok.params["on"], TypedValue::Bool(false));
+        assert_eq!(ok.params["code"], TypedValue::Str("a1".into()));
+    }
+
+    #[test]
+    fn hostile_calls_do_not_panic() {
+        let p = policy();
+        let weird = [
+            String::new(),
+            "\0".into(),
+            "é".repeat(10_000),
+            "\u{202e}".into(),
+            "mail\0".into(),
+        ];
+        for tool in weird
+            .iter()
+            .map(String::as_str)
+            .chain(["mail", "count", "flags"])
+        {
+            for name in weird
+                .iter()
+                .map(String::as_str)
+                .chain(["to", "n", "on", "code"])
+            {
+                for value in [
+                    s(""),
+                    s("\0"),
+                    s(&"é".repeat(10_000)),
+                    Value::Int(i64::MIN),
+                    Value::Bool(false),
+                ] {
+                    let c = call(tool, &[(name, value.clone()), (name, value)]);
+                    if let Err(d) = p.authorize(&ORCH, &c) {
+                        assert!(d.reason.len() < 1024, "{}", d.reason.len());
+                        assert!(!d.reason.contains('\n') && !d.reason.contains('\0'));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn show_str_cuts_on_char_boundaries() {
+        assert_eq!(show_str("a\"b"), "\"a\\\"b\"");
+        let cut = show_str(&"日".repeat(65));
+        assert_eq!(cut, format!("\"{}\"...", "日".repeat(64)));
+        assert_eq!(
+            show_str(&"日".repeat(64)),
+            format!("\"{}\"", "日".repeat(64))
+        );
     }
 }

@@ -1,5 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Raw system calls, each wrapped in a small typed function.
+//! Process-wide hardening and the few raw system calls the broker needs,
+//! each wrapped in a small typed function. The only `unsafe` in the crate
+//! lives here.
+#![allow(unsafe_code)]
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    accept4, recvmsg, ControlMessageOwned, MsgFlags, SockFlag, UnixCredentials,
+};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::resource::{setrlimit, Resource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysError {
@@ -7,6 +20,145 @@ pub enum SysError {
     Call {
         what: &'static str,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
+}
+
+fn call(what: &'static str) -> impl FnOnce(nix::Error) -> SysError {
+    move |e| SysError::Call {
+        what,
+        source: io::Error::from(e),
+    }
+}
+
+/// Make the process non-dumpable (no core dumps, no `/proc/<pid>/mem` or
+/// ptrace by same-uid processes) and set `RLIMIT_CORE` to zero. Run first
+/// thing in `main`, before any secret is loaded.
+pub fn harden_process() -> Result<(), SysError> {
+    nix::sys::prctl::set_dumpable(false).map_err(call("prctl(PR_SET_DUMPABLE, 0)"))?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(call("setrlimit(RLIMIT_CORE, 0)"))?;
+    Ok(())
+}
+
+/// `pidfd_open(pid, 0)`: a handle on the process that has `pid` now.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1; it
+    // touches no memory of ours.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(ret).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind a pidfd has exited (a pidfd polls readable
+/// once its process has exited).
+pub fn pidfd_exited(pidfd: &impl AsFd) -> io::Result<bool> {
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    let n = poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from)?;
+    Ok(n > 0)
+}
+
+/// The pid a pidfd refers to, from `/proc/self/fdinfo` (`-1` once exited).
+pub fn pidfd_pid(pidfd: &impl AsRawFd) -> io::Result<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Pid: line in pidfd fdinfo"))
+}
+
+/// The first socket-activation fd (`SD_LISTEN_FDS_START`).
+const LISTEN_FD: RawFd = 3;
+
+/// Take ownership of fd 3, the socket systemd passed. Only call after
+/// checking `LISTEN_PID`/`LISTEN_FDS`, and only once.
+pub fn adopt_listen_fd() -> io::Result<OwnedFd> {
+    // Make sure fd 3 is open before claiming it.
+    nix::fcntl::fcntl(
+        // SAFETY: borrowing fd 3 for one fcntl call; it is only a probe, and
+        // if fd 3 is closed the call fails with EBADF instead of touching
+        // anything.
+        unsafe { BorrowedFd::borrow_raw(LISTEN_FD) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )?;
+    // SAFETY: systemd's protocol hands fd 3 to this process (checked by the
+    // caller through LISTEN_PID) and nothing else in the process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(LISTEN_FD) })
+}
+
+/// `accept4` with `SOCK_CLOEXEC | SOCK_NONBLOCK`.
+pub fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let raw = accept4(
+        listener.as_raw_fd(),
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?;
+    // SAFETY: accept4 just returned this new fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// One message as received by [`recv_message`].
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes written into the caller's buffer.
+    pub len: usize,
+    /// The message was larger than the buffer (the rest was discarded).
+    pub truncated: bool,
+    /// Control data overflowed (too many fds) or was of an unexpected kind.
+    pub control_truncated: bool,
+    /// Kernel-attached credentials, if any.
+    pub creds: Option<UnixCredentials>,
+    /// File descriptors passed with `SCM_RIGHTS`, now owned (and closed on
+    /// drop) by us.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Non-blocking `recvmsg` of one message with its credentials and any
+/// passed fds (received close-on-exec).
+pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    let mut cmsg = nix::cmsg_space!(UnixCredentials, [RawFd; 8]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )?;
+    let mut creds = None;
+    let mut fds = Vec::new();
+    let mut unexpected = false;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::ScmCredentials(c) => creds = Some(c),
+            ControlMessageOwned::ScmRights(raw) => {
+                for r in raw {
+                    // SAFETY: SCM_RIGHTS installed these fds in our table
+                    // for this message alone; owning them makes sure they
+                    // are closed.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                }
+            }
+            _ => unexpected = true,
+        }
+    }
+    Ok(Received {
+        len: msg.bytes,
+        truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+        control_truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC) || unexpected,
+        creds,
+        fds,
+    })
+}
+
+/// Register an owned fd with the tokio reactor.
+pub fn register(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is a valid open descriptor that it alone owns
+    // until dropped, and `as_raw_fd` always returns that same descriptor,
+    // which is what `register_with_interest` requires.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into())
 }

@@ -137,7 +137,9 @@ mod tests {
 
     #[test]
     fn golden_denied() {
-        let resp = Response::Denied(Denial { reason: "no".into() });
+        let resp = Response::Denied(Denial {
+            reason: "no".into(),
+        });
         assert_eq!(encode(&resp).unwrap(), [0x02, 0x02, b'n', b'o']);
     }
 

@@ -23,8 +23,7 @@ mod message;
 
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use message::{
-    Call, CallResult, Denial, ErrorCode, ErrorReply, Header, Hello, Param, Request, Response,
-    Value,
+    Call, CallResult, Denial, ErrorCode, ErrorReply, Header, Hello, Param, Request, Response, Value,
 };
 
 /// The protocol version this build speaks; a `Hello` with any other version

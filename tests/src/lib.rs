@@ -1,1 +1,400 @@
 // SPDX-License-Identifier: Apache-2.0
+//! Harness for keyward's end-to-end tests: start the real `keyward-broker`
+//! on a socket in a temp dir, run the real `agent-shim` as an unprivileged
+//! uid, and stand up loopback HTTP upstreams.
+//!
+//! The tests run as root (as CI does) so that they can create unprivileged
+//! peers: the shim is started with `setgid`/`setuid` to a test uid.
+#![allow(clippy::unwrap_used, missing_debug_implementations)]
+
+pub mod upstream;
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_shim::client::Client;
+
+/// The unprivileged uid (and gid) the policy lists as a principal.
+pub const PRINCIPAL_UID: u32 = 61000;
+/// An unprivileged uid no principal lists.
+pub const STRANGER_UID: u32 = 61001;
+
+/// The secret the test credential holds. Long and distinctive, so a leak
+/// in any output is unmistakable.
+pub const SECRET: &str = "kw-test-secret-Zm9vYmFy-7c1d9e0f2a4b";
+
+/// Path of a binary built by this workspace (`keyward-broker`,
+/// `agent-shim`), next to the test executable's `deps` directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// Fail loudly unless running as root: the tests need to create peers with
+/// other uids, and silently skipping them would hide every attack test.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the end-to-end tests must run as root (they create unprivileged peers)"
+    );
+}
+
+/// A running broker on a private socket.
+pub struct Broker {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub child: Option<Child>,
+    audit_path: PathBuf,
+}
+
+/// What a test broker is started with.
+pub struct BrokerSetup<'a> {
+    /// Config text; `{socket}` is replaced by the socket path and `{dir}`
+    /// by the broker's temp dir (credentials are in `{dir}/creds`).
+    pub config: &'a str,
+    /// Credential files to create: (file name, content).
+    pub credentials: &'a [(&'a str, &'a str)],
+    /// Mode of the credentials directory.
+    pub credentials_mode: u32,
+    /// Run the broker as this uid (root when `None`).
+    pub run_as: Option<u32>,
+}
+
+impl Default for BrokerSetup<'_> {
+    fn default() -> Self {
+        BrokerSetup {
+            config: "",
+            credentials: &[],
+            credentials_mode: 0o700,
+            run_as: None,
+        }
+    }
+}
+
+impl Broker {
+    /// Start a broker and wait until it accepts connections.
+    pub fn start(config: &str, credentials: &[(&str, &str)]) -> Broker {
+        Broker::start_with(BrokerSetup {
+            config,
+            credentials,
+            ..BrokerSetup::default()
+        })
+    }
+
+    /// Start a broker; panics if it does not come up.
+    pub fn start_with(setup: BrokerSetup<'_>) -> Broker {
+        let broker = Broker::spawn(setup);
+        broker.wait_ready()
+    }
+
+    /// Start a broker without waiting for it.
+    pub fn spawn(setup: BrokerSetup<'_>) -> Broker {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("keyward-e2e")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The socket lives in run/, owned by the broker's uid so that an
+        // unprivileged broker can bind it.
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        if let Some(uid) = setup.run_as {
+            chown_tree(&run, uid);
+        }
+        let socket = run.join("broker.sock");
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        for (name, content) in setup.credentials {
+            let path = creds.join(name);
+            std::fs::write(&path, content).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        if let Some(uid) = setup.run_as {
+            chown_tree(&creds, uid);
+        }
+        std::fs::set_permissions(
+            &creds,
+            std::fs::Permissions::from_mode(setup.credentials_mode),
+        )
+        .unwrap();
+        let config = setup
+            .config
+            .replace("{socket}", socket.to_str().unwrap())
+            .replace("{dir}", dir.path().to_str().unwrap());
+        let config_path = dir.path().join("broker.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let audit_path = dir.path().join("audit.log");
+        let audit = std::fs::File::create(&audit_path).unwrap();
+        let mut cmd = Command::new(binary("keyward-broker"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(audit);
+        if let Some(uid) = setup.run_as {
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd.spawn().unwrap();
+        Broker {
+            socket,
+            dir,
+            child: Some(child),
+            audit_path,
+        }
+    }
+
+    /// Wait until the socket accepts a `Hello`; panics with the broker's
+    /// output if it exits or does not come up within 20 s.
+    pub fn wait_ready(mut self) -> Broker {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if Client::connect(&self.socket).is_ok() {
+                return self;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("broker exited early ({status}):\n{}", self.audit());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not start:\n{}",
+                self.audit()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the broker to exit by itself (e.g. a refused start).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.child.as_mut().unwrap().wait().unwrap()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Everything the broker wrote on stderr: its audit records and errors.
+    pub fn audit(&self) -> String {
+        let mut text = String::new();
+        std::fs::File::open(&self.audit_path)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        text
+    }
+
+    /// The audit records, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        self.audit()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        child.wait().unwrap()
+    }
+
+    /// Run `agent-shim ARGS` as `uid` against this broker.
+    pub fn shim(&self, uid: u32, args: &[&str]) -> Output {
+        shim_command(&self.socket, uid, args).output().unwrap()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn chown_tree(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_tree(&entry.unwrap().path(), uid);
+        }
+    }
+}
+
+/// `agent-shim ARGS` as `uid` (gid = uid), talking to `socket`.
+pub fn shim_command(socket: &Path, uid: u32, args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("agent-shim"));
+    cmd.args(args)
+        .env("KEYWARD_SOCKET", socket)
+        .stdin(Stdio::null())
+        .uid(uid)
+        .gid(uid);
+    cmd
+}
+
+/// stdout, stderr and exit code of a finished command, for assertions.
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Ran {
+    fn from(out: Output) -> Ran {
+        Ran {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Every encoding of `secret` a leak could take: raw, base64 (both
+/// alphabets, padded or not), URL-encoded.
+pub fn leaked_forms(secret: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let b = secret.as_bytes();
+    vec![
+        secret.to_owned(),
+        base64::engine::general_purpose::STANDARD.encode(b),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
+        // base64 of the value inside a Basic header
+        base64::engine::general_purpose::STANDARD.encode(format!("user:{secret}")),
+        percent_encode(secret),
+    ]
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Assert that no form of the secret appears in `text`.
+pub fn assert_no_secret(what: &str, text: &str) {
+    for form in leaked_forms(SECRET) {
+        assert!(
+            !text.contains(&form),
+            "{what} contains the secret (as {form:?}):\n{text}"
+        );
+    }
+}
+
+/// A raw `SOCK_SEQPACKET` connection, for sending the broker what no
+/// well-behaved client would.
+pub struct RawConn {
+    pub fd: std::os::fd::OwnedFd,
+}
+
+impl RawConn {
+    pub fn connect(path: &Path) -> RawConn {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+        // Never hang a test on a broker that does not answer.
+        let timeout = nix::sys::time::TimeVal::new(15, 0);
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+            .unwrap();
+        RawConn { fd }
+    }
+
+    pub fn send(&self, bytes: &[u8]) -> nix::Result<usize> {
+        use std::os::fd::AsRawFd;
+        nix::sys::socket::send(
+            self.fd.as_raw_fd(),
+            bytes,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        )
+    }
+
+    /// The next reply, or `None` once the broker closed the connection.
+    pub fn recv(&self) -> Option<keyward_proto::Response> {
+        use std::os::fd::AsRawFd;
+        let mut buf = vec![0u8; keyward_proto::MAX_MESSAGE + 1];
+        let n = nix::sys::socket::recv(
+            self.fd.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        if n == 0 {
+            return None;
+        }
+        Some(keyward_proto::decode(&buf[..n]).unwrap())
+    }
+
+    /// Send a request, encoded.
+    pub fn request(&self, request: &keyward_proto::Request) -> Option<keyward_proto::Response> {
+        self.send(&keyward_proto::encode(request).unwrap()).unwrap();
+        self.recv()
+    }
+
+    pub fn hello(&self) {
+        let reply = self.request(&keyward_proto::Request::Hello(keyward_proto::Hello {
+            version: keyward_proto::PROTOCOL_VERSION,
+        }));
+        assert!(
+            matches!(reply, Some(keyward_proto::Response::Hello(_))),
+            "{reply:?}"
+        );
+    }
+}
+
+/// An `echo` call request.
+pub fn echo_request(message: &str) -> keyward_proto::Request {
+    keyward_proto::Request::Call(keyward_proto::Call {
+        tool: "echo".into(),
+        params: vec![keyward_proto::Param {
+            name: "message".into(),
+            value: keyward_proto::Value::Str(message.into()),
+        }],
+    })
+}
