@@ -28,18 +28,47 @@ pub const MAX_SECRET_LEN: usize = 64 * 1024;
 
 /// A secret value. Zeroized on drop; `Debug` prints `[redacted]`. It has
 /// no `Display` on purpose: the only way to the bytes is [`Secret::expose`].
-pub struct Secret(Zeroizing<Vec<u8>>);
+///
+/// The bytes live in pages of their own, locked in RAM and excluded from
+/// core dumps ([`crate::sys::SecretPages`]); where the kernel refuses the
+/// mapping, in a heap buffer that still zeroizes on drop.
+pub struct Secret(Storage);
+
+enum Storage {
+    Pages(crate::sys::SecretPages),
+    Heap(Zeroizing<Vec<u8>>),
+}
 
 impl Secret {
-    /// Take ownership of a buffer that already zeroizes on drop.
+    /// Take a buffer that already zeroizes on drop; its content moves into
+    /// locked pages and the buffer is wiped.
     pub fn new(bytes: Zeroizing<Vec<u8>>) -> Secret {
-        Secret(bytes)
+        match crate::sys::SecretPages::new(&bytes) {
+            Ok(pages) => Secret(Storage::Pages(pages)),
+            Err(_) => Secret(Storage::Heap(bytes)),
+        }
     }
 
     /// The secret's bytes. Call only where the value is sent upstream or
     /// fed to the redactor.
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Storage::Pages(pages) => pages.as_slice(),
+            Storage::Heap(bytes) => bytes,
+        }
+    }
+
+    /// Whether the secret's pages are locked in RAM (never swapped out).
+    pub fn is_locked(&self) -> bool {
+        matches!(&self.0, Storage::Pages(p) if p.is_locked())
+    }
+
+    /// The address range of the secret's own pages, if it has them.
+    pub fn pages(&self) -> Option<std::ops::Range<usize>> {
+        match &self.0 {
+            Storage::Pages(pages) => Some(pages.range()),
+            Storage::Heap(_) => None,
+        }
     }
 }
 
@@ -421,6 +450,42 @@ mod tests {
             creds.redactor().redact_str(&format!("x{VALUE}y")),
             "x[REDACTED]y"
         );
+    }
+
+    #[test]
+    fn secrets_live_in_locked_pages_excluded_from_core_dumps() {
+        let dir = private_dir();
+        write(dir.path(), "a", VALUE.as_bytes(), 0o600);
+        let creds = load_one(dir.path(), "a").unwrap();
+        let secret = creds.get("api").unwrap();
+        assert_eq!(secret.expose(), VALUE.as_bytes());
+        let range = secret.pages().expect("the secret has pages of its own");
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        // The entry whose range contains the secret's pages (the kernel may
+        // merge neighbouring mappings with the same flags), up to its
+        // VmFlags line.
+        let contains = |line: &str| {
+            let Some((start, rest)) = line.split_once('-') else {
+                return false;
+            };
+            let end = rest.split(' ').next().unwrap_or_default();
+            match (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) {
+                (Ok(start), Ok(end)) => start <= range.start && range.end <= end,
+                _ => false,
+            }
+        };
+        let flags = smaps
+            .lines()
+            .skip_while(|l| !contains(l))
+            .find(|l| l.starts_with("VmFlags:"))
+            .unwrap_or_else(|| panic!("no mapping for {range:x?} in smaps"));
+        assert!(flags.contains(" dd"), "not MADV_DONTDUMP: {flags}");
+        if secret.is_locked() {
+            assert!(flags.contains(" lo"), "not mlocked: {flags}");
+        }
     }
 
     #[test]

@@ -152,6 +152,114 @@ pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> 
     })
 }
 
+/// Memory for one secret: a private anonymous mapping of its own (so no
+/// other data shares its pages), locked in RAM where `RLIMIT_MEMLOCK`
+/// allows (never written to swap), excluded from core dumps
+/// (`MADV_DONTDUMP`), and zeroed then unmapped on drop.
+#[derive(Debug)]
+pub struct SecretPages {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    map_len: usize,
+    locked: bool,
+}
+
+// SAFETY: the mapping is owned by this value alone, written only in `new`
+// and `drop`, and read through `&self`: sharing it between threads is like
+// sharing a `Box<[u8]>`.
+unsafe impl Send for SecretPages {}
+// SAFETY: as above; there is no interior mutability.
+unsafe impl Sync for SecretPages {}
+
+impl SecretPages {
+    /// Copy `bytes` into a new mapping. `mlock` failing (no privilege, or
+    /// the limit reached) is not an error: see [`SecretPages::is_locked`].
+    pub fn new(bytes: &[u8]) -> io::Result<SecretPages> {
+        let page = page_size();
+        let map_len = bytes
+            .len()
+            .max(1)
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: an anonymous private mapping at an address of the
+        // kernel's choosing touches no existing memory; the result is
+        // checked against MAP_FAILED before use.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(addr.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: [addr, addr + map_len) is the mapping just created, which
+        // nothing else references.
+        unsafe {
+            // Best effort, before the secret is written: a core dump or
+            // swap never sees it.
+            libc::madvise(addr, map_len, libc::MADV_DONTDUMP);
+        }
+        // SAFETY: as above.
+        let locked = unsafe { libc::mlock(addr, map_len) } == 0;
+        // SAFETY: the mapping is map_len >= bytes.len() bytes, writable, and
+        // cannot overlap `bytes`, which existed before it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), bytes.len()) };
+        Ok(SecretPages {
+            ptr,
+            len: bytes.len(),
+            map_len,
+            locked,
+        })
+    }
+
+    /// The secret.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to a live mapping of map_len >= len bytes,
+        // initialised in `new` and unmapped only in `drop`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Whether the pages are locked in RAM.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    /// The address range of the mapping (for tests that read
+    /// `/proc/self/smaps`).
+    pub fn range(&self) -> std::ops::Range<usize> {
+        let start = self.ptr.as_ptr() as usize;
+        start..start + self.map_len
+    }
+}
+
+impl Drop for SecretPages {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is live and exclusively ours (`&mut self`);
+        // after munmap nothing uses `ptr` again.
+        unsafe {
+            let all = std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.map_len);
+            zeroize::Zeroize::zeroize(all);
+            libc::munmap(self.ptr.as_ptr().cast(), self.map_len);
+        }
+    }
+}
+
+fn page_size() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(4096)
+}
+
 /// Register an owned fd with the tokio reactor.
 pub fn register(
     fd: OwnedFd,

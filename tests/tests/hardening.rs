@@ -87,3 +87,28 @@ fn same_uid_process_cannot_read_broker_memory_or_environment() {
 }
 
 use std::os::unix::process::CommandExt as _;
+
+#[test]
+fn secret_pages_are_locked_and_left_out_of_core_dumps() {
+    let broker = Broker::start_with(BrokerSetup {
+        config: CONFIG,
+        credentials: &[("api.token", SECRET)],
+        run_as: Some(BROKER_UID),
+        ..BrokerSetup::default()
+    });
+    // Read as root: the broker's own uid cannot (it is not dumpable).
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", broker.pid())).unwrap();
+    // The VmFlags line of every mapping ("lo": mlocked, "dd": MADV_DONTDUMP).
+    let flags: Vec<&str> = smaps
+        .lines()
+        .filter_map(|l| l.strip_prefix("VmFlags:"))
+        .collect();
+    assert!(!flags.is_empty(), "no VmFlags in smaps:\n{smaps}");
+    assert!(
+        flags
+            .iter()
+            .any(|f| f.split_whitespace().any(|x| x == "lo")
+                && f.split_whitespace().any(|x| x == "dd")),
+        "no mapping of the broker is both locked and excluded from core dumps: {flags:?}"
+    );
+}
