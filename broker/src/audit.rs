@@ -3,18 +3,24 @@
 //!
 //! Records are written synchronously, before the decision takes effect: if
 //! the record of an allowed call cannot be written, the call is not made.
-//! For now records go to stderr as JSON lines (under systemd, stderr is the
-//! journal); native journald fields come with their own sink.
+//! They go to journald as native entries with `KEYWARD_*` fields (see
+//! [`crate::journal`]), or as JSON lines on stderr where no journald runs
+//! (`--audit journald|stderr|auto`). A record the journal did not take is
+//! reported and written to stderr instead, never silently dropped.
 //!
 //! Records carry kernel-supplied peer identity, the tool, the decision and
 //! its reason. They never carry a credential or a parameter value (denial
 //! reasons name values only for parameters policy does not mark secret).
 
 use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+use crate::journal::{self, Journal};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,6 +37,9 @@ pub enum Event {
     /// A message or connection was refused before any policy decision:
     /// unauthenticated, malformed, wrong version, over a limit.
     Refused,
+    /// The policy was reloaded (SIGHUP), or a reload was rejected and the
+    /// old policy kept (decision `error`, the reason says why).
+    Reload,
 }
 
 /// The decision recorded.
@@ -107,21 +116,67 @@ impl<'a> Record<'a> {
     }
 }
 
-/// Why a record could not be written.
+/// Where the audit trail goes, as chosen with `--audit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditTarget {
+    /// journald's native protocol; fail to start if there is no journal.
+    Journald,
+    /// JSON lines on stderr.
+    Stderr,
+    /// journald if its socket exists, else stderr.
+    Auto,
+}
+
+/// Why the audit trail cannot be opened or a record not written.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write audit record: {0}")]
-pub struct AuditError(#[from] io::Error);
+pub enum AuditError {
+    #[error("cannot open the journal at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write audit record to {sink}: {source}")]
+    Write {
+        sink: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How many records of each kind were written, for the service status.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub calls_allowed: u64,
+    pub calls_denied: u64,
+    pub calls_failed: u64,
+    pub refused: u64,
+    /// Records the primary sink did not take.
+    pub write_failures: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    calls_allowed: AtomicU64,
+    calls_denied: AtomicU64,
+    calls_failed: AtomicU64,
+    refused: AtomicU64,
+    write_failures: AtomicU64,
+}
 
 /// Where records go.
 #[derive(Debug)]
 pub struct Audit {
     sink: Sink,
+    counters: Counters,
 }
 
 #[derive(Debug)]
 enum Sink {
     /// JSON lines on stderr.
     Stderr(Mutex<()>),
+    /// Native journald entries.
+    Journal(Journal),
     /// Collected in memory (tests).
     #[cfg(test)]
     Memory(Mutex<Vec<String>>),
@@ -137,41 +192,134 @@ struct Line<'a> {
 impl Audit {
     /// JSON lines on stderr.
     pub fn stderr() -> Audit {
-        Audit {
-            sink: Sink::Stderr(Mutex::new(())),
+        Audit::with_sink(Sink::Stderr(Mutex::new(())))
+    }
+
+    /// Native entries to the journald socket at `path`.
+    pub fn journald(path: &Path) -> Result<Audit, AuditError> {
+        let journal = Journal::open(path).map_err(|source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Audit::with_sink(Sink::Journal(journal)))
+    }
+
+    /// The sink `target` names. `Auto` falls back to stderr only when no
+    /// journal socket exists; a socket that exists but refuses us is an
+    /// error, not a reason to log somewhere admins will not look.
+    pub fn open(target: AuditTarget) -> Result<Audit, AuditError> {
+        let socket = Path::new(journal::SOCKET);
+        match target {
+            AuditTarget::Stderr => Ok(Audit::stderr()),
+            AuditTarget::Journald => Audit::journald(socket),
+            AuditTarget::Auto if socket.exists() => Audit::journald(socket),
+            AuditTarget::Auto => Ok(Audit::stderr()),
         }
     }
 
-    /// Write one record. The whole line goes out in one `write` so records
-    /// from concurrent sessions never interleave.
+    fn with_sink(sink: Sink) -> Audit {
+        Audit {
+            sink,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Whether records go to journald.
+    pub fn is_journal(&self) -> bool {
+        matches!(self.sink, Sink::Journal(_))
+    }
+
+    /// Write one record. A stderr line goes out in one `write` so records
+    /// from concurrent sessions never interleave; a journal entry is one
+    /// datagram (or one memfd).
     pub fn record(&self, record: &Record<'_>) -> Result<(), AuditError> {
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        let mut line = serde_json::to_vec(&Line { ts, record }).map_err(io::Error::other)?;
-        line.push(b'\n');
-        match &self.sink {
-            Sink::Stderr(lock) => {
-                let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-                io::stderr().lock().write_all(&line)?;
+        let result = match &self.sink {
+            Sink::Stderr(lock) => write_line(lock, record).map_err(|source| AuditError::Write {
+                sink: "stderr".into(),
+                source,
+            }),
+            Sink::Journal(journal) => {
+                journal
+                    .send_record(record)
+                    .map_err(|source| AuditError::Write {
+                        sink: format!("the journal ({})", journal.path().display()),
+                        source,
+                    })
             }
             #[cfg(test)]
-            Sink::Memory(lines) => lines
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(String::from_utf8_lossy(&line).into_owned()),
+            Sink::Memory(lines) => json_line(record)
+                .map(|line| {
+                    lines
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(String::from_utf8_lossy(&line).into_owned());
+                })
+                .map_err(|source| AuditError::Write {
+                    sink: "memory".into(),
+                    source,
+                }),
+        };
+        match &result {
+            Ok(()) => self.count(record),
+            Err(_) => {
+                self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        Ok(())
+        result
     }
 
-    /// Record, and if that fails report it on stderr (the last resort) and
-    /// return the error so the caller can refuse to proceed.
+    /// Record, and if that fails report it and write the record to stderr
+    /// (the last resort, so no decision is lost), then return the error so
+    /// the caller can refuse to proceed.
     pub fn must_record(&self, record: &Record<'_>) -> Result<(), AuditError> {
         self.record(record).inspect_err(|e| {
-            let _ = writeln!(io::stderr(), "keyward-broker: {e}");
+            let mut stderr = io::stderr().lock();
+            let _ = writeln!(stderr, "keyward-broker: {e}; the record follows");
+            if let Ok(line) = json_line(record) {
+                let _ = stderr.write_all(&line);
+            }
         })
     }
+
+    /// Records written so far, by kind.
+    pub fn counts(&self) -> Counts {
+        let c = &self.counters;
+        Counts {
+            calls_allowed: c.calls_allowed.load(Ordering::Relaxed),
+            calls_denied: c.calls_denied.load(Ordering::Relaxed),
+            calls_failed: c.calls_failed.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            write_failures: c.write_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count(&self, record: &Record<'_>) {
+        let c = &self.counters;
+        let counter = match (record.event, record.decision) {
+            (Event::Call, Decision::Allow) => &c.calls_allowed,
+            (Event::Call, Decision::Deny) => &c.calls_denied,
+            (Event::CallFailed, _) => &c.calls_failed,
+            (Event::Refused, _) => &c.refused,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn json_line(record: &Record<'_>) -> io::Result<Vec<u8>> {
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let mut line = serde_json::to_vec(&Line { ts, record }).map_err(io::Error::other)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+fn write_line(lock: &Mutex<()>, record: &Record<'_>) -> io::Result<()> {
+    let line = json_line(record)?;
+    let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+    io::stderr().lock().write_all(&line)
 }
 
 #[cfg(test)]
@@ -181,15 +329,13 @@ pub(crate) mod test_util {
 
     impl Audit {
         pub(crate) fn memory() -> Audit {
-            Audit {
-                sink: Sink::Memory(Mutex::new(Vec::new())),
-            }
+            Audit::with_sink(Sink::Memory(Mutex::new(Vec::new())))
         }
 
         pub(crate) fn lines(&self) -> Vec<String> {
             match &self.sink {
                 Sink::Memory(lines) => lines.lock().unwrap().clone(),
-                Sink::Stderr(_) => Vec::new(),
+                Sink::Stderr(_) | Sink::Journal(_) => Vec::new(),
             }
         }
     }
@@ -214,5 +360,65 @@ pub(crate) mod test_util {
         assert_eq!(v["decision"], "deny");
         assert_eq!(v["tool"], "x\n\"y");
         assert_eq!(v["peer_uid"], 1000);
+    }
+
+    #[test]
+    fn decisions_are_counted() {
+        let audit = Audit::memory();
+        for (event, decision) in [
+            (Event::Start, Decision::Info),
+            (Event::Call, Decision::Allow),
+            (Event::Call, Decision::Allow),
+            (Event::Call, Decision::Deny),
+            (Event::CallFailed, Decision::Error),
+            (Event::Refused, Decision::Deny),
+        ] {
+            audit.record(&Record::new(event, decision)).unwrap();
+        }
+        assert_eq!(
+            audit.counts(),
+            Counts {
+                calls_allowed: 2,
+                calls_denied: 1,
+                calls_failed: 1,
+                refused: 1,
+                write_failures: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn a_journal_that_went_away_is_a_reported_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socket");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let audit = Audit::journald(&path).unwrap();
+        audit
+            .must_record(&Record::new(Event::Start, Decision::Info))
+            .unwrap();
+        drop(server);
+        let err = audit
+            .must_record(&Record::new(Event::Call, Decision::Allow).tool("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot write audit record to the journal"),
+            "{err}"
+        );
+        assert_eq!(audit.counts().write_failures, 1);
+        assert_eq!(
+            audit.counts().calls_allowed,
+            0,
+            "a failed write counts as nothing"
+        );
+    }
+
+    #[test]
+    fn auto_without_a_journal_socket_is_stderr() {
+        if Path::new(journal::SOCKET).exists() {
+            return; // a journald runs here: auto rightly picks it
+        }
+        assert!(!Audit::open(AuditTarget::Auto).unwrap().is_journal());
+        assert!(Audit::open(AuditTarget::Journald).is_err());
     }
 }

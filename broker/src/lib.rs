@@ -20,6 +20,7 @@ pub mod audit;
 pub mod config;
 pub mod credential;
 pub mod executor;
+pub mod journal;
 pub mod listener;
 pub mod peer;
 pub mod policy;
@@ -34,6 +35,8 @@ pub use server::{serve, Broker};
 /// Everything that can stop the broker from starting or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]

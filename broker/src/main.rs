@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use keyward_broker::audit::{Audit, AuditTarget};
 use keyward_broker::config::{Source, EXAMPLE};
 use keyward_broker::credential;
 use keyward_broker::executor::Executor;
 use keyward_broker::listener::{self, Listener};
 use keyward_broker::policy::Policy;
-use keyward_broker::{audit::Audit, serve, sys, Broker, Error};
+use keyward_broker::{serve, sys, Broker, Error};
 
 /// keyward-broker holds credentials and performs credentialed calls on
 /// behalf of local callers, after its policy has validated every parameter.
@@ -36,6 +37,11 @@ enum Command {
         /// current user as the only principal. For trying keyward out.
         #[arg(long)]
         example: bool,
+        /// Where audit records go: journald (native entries with KEYWARD_*
+        /// fields), stderr (JSON lines), or auto (journald if its socket
+        /// exists, else stderr).
+        #[arg(long, value_enum, default_value_t = AuditTarget::Auto)]
+        audit: AuditTarget,
     },
     /// Check a configuration file and its policy; print every error with
     /// its location.
@@ -52,7 +58,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config, example } => run_serve(config.as_deref(), example),
+        Command::Serve {
+            config,
+            example,
+            audit,
+        } => run_serve(config.as_deref(), example, audit),
         Command::Check {
             config,
             credentials,
@@ -84,7 +94,7 @@ fn run_check(path: &Path, with_credentials: bool) -> Result<(), Error> {
     Ok(())
 }
 
-fn run_serve(config: Option<&Path>, example: bool) -> Result<(), Error> {
+fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Result<(), Error> {
     // Before any secret exists in this process.
     sys::harden_process()?;
     let source = match config {
@@ -94,10 +104,11 @@ fn run_serve(config: Option<&Path>, example: bool) -> Result<(), Error> {
     let policy = Policy::compile(&source).map_err(Error::Policy)?;
     // Socket activation edits the environment: before any thread starts.
     let inherited = listener::activation_fd()?;
+    let audit = Audit::open(audit)?;
     let credentials = credential::load_for(&source, &policy)?;
     let executor = Executor::new(credentials)?;
     let settings = policy.broker.clone();
-    let broker = Arc::new(Broker::new(policy, executor, Audit::stderr()));
+    let broker = Arc::new(Broker::new(policy, executor, audit));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -116,14 +127,9 @@ fn run_serve(config: Option<&Path>, example: bool) -> Result<(), Error> {
             )?,
         };
         if example {
-            print_example_usage(&settings.socket);
+            print_example_usage(&settings.socket, broker.audit.is_journal());
         }
-        serve(listener, broker, shutdown_signal())
-            .await
-            .map_err(|e| sys::SysError::Call {
-                what: "audit",
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        serve(listener, broker, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -192,7 +198,7 @@ fn write_example_files(dir: &Path, creds: &Path) -> std::io::Result<()> {
 /// http tools have something to inject (and redact).
 const EXAMPLE_CREDENTIAL: &str = include_str!("../../examples/credentials/example_api.token");
 
-fn print_example_usage(socket: &Path) {
+fn print_example_usage(socket: &Path, to_journal: bool) {
     println!(
         "keyward-broker: example broker listening on {}",
         socket.display()
@@ -202,5 +208,13 @@ fn print_example_usage(socket: &Path) {
         "    KEYWARD_SOCKET={} cargo run -q -p agent-shim -- call echo message=hello",
         socket.display()
     );
-    println!("  stop with Ctrl-C; audit records follow on stderr.");
+    if to_journal {
+        println!("  stop with Ctrl-C; audit records go to the journal:");
+        println!(
+            "    journalctl -f SYSLOG_IDENTIFIER=keyward-broker _UID={}",
+            nix::unistd::getuid()
+        );
+    } else {
+        println!("  stop with Ctrl-C; audit records follow on stderr.");
+    }
 }
