@@ -22,6 +22,7 @@ pub mod credential;
 pub mod executor;
 pub mod journal;
 pub mod listener;
+pub mod notify;
 pub mod peer;
 pub mod policy;
 pub mod redact;

@@ -12,7 +12,9 @@ use keyward_broker::config::{Source, EXAMPLE};
 use keyward_broker::credential;
 use keyward_broker::executor::Executor;
 use keyward_broker::listener::{self, Listener};
+use keyward_broker::notify::Notifier;
 use keyward_broker::policy::Policy;
+use keyward_broker::server::reload_on_hangup;
 use keyward_broker::{serve, sys, Broker, Error};
 
 /// keyward-broker holds credentials and performs credentialed calls on
@@ -27,7 +29,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the socket named in the configuration, or the one systemd
-    /// passed (LISTEN_FDS), until SIGTERM or SIGINT.
+    /// passed (LISTEN_FDS), until SIGTERM or SIGINT. SIGHUP reloads the
+    /// policy (an invalid one is reported and the old one kept). Under
+    /// systemd it reports READY=1, STATUS=, WATCHDOG=1 and STOPPING=1.
     Serve {
         /// Configuration file (e.g. /etc/keyward/broker.toml).
         #[arg(long, required_unless_present = "example", conflicts_with = "example")]
@@ -104,11 +108,12 @@ fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Result
     let policy = Policy::compile(&source).map_err(Error::Policy)?;
     // Socket activation edits the environment: before any thread starts.
     let inherited = listener::activation_fd()?;
+    let notifier = Notifier::from_env();
     let audit = Audit::open(audit)?;
     let credentials = credential::load_for(&source, &policy)?;
     let executor = Executor::new(credentials)?;
     let settings = policy.broker.clone();
-    let broker = Arc::new(Broker::new(policy, executor, audit));
+    let broker = Arc::new(Broker::new(policy, executor, audit).with_notifier(notifier));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -129,6 +134,12 @@ fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Result
         if example {
             print_example_usage(&settings.socket, broker.audit.is_journal());
         }
+        let reloads = reload_on_hangup(Arc::clone(&broker), config.map(Path::to_path_buf))
+            .map_err(|source| sys::SysError::Call {
+                what: "installing the SIGHUP handler",
+                source,
+            })?;
+        tokio::spawn(reloads);
         serve(listener, broker, shutdown_signal()).await?;
         Ok(())
     })

@@ -44,6 +44,12 @@ impl Executor {
         })
     }
 
+    /// The credentials loaded at start: which names and Basic-auth pairs
+    /// exist (a reloaded policy may only use those). Values stay inside.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
     /// Perform an authorized call.
     pub async fn execute(&self, call: &AuthorizedCall) -> Result<CallResult, ExecError> {
         match &call.tool.action {
