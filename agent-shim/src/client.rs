@@ -1,13 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
 //! A blocking client for the broker's `SOCK_SEQPACKET` protocol: connect,
 //! exchange `Hello`, then one request and one response at a time.
+//!
+//! Inside `agent-shim run`'s sandbox no socket can be created: the only way
+//! to the broker is the connection the shim bound and passed as
+//! `$KEYWARD_FD` (fd 3). Every client there opens a channel of its own
+//! ([`Client::open_channel`]): a `socketpair` whose one end it sends over
+//! fd 3 with `SCM_RIGHTS`; the broker serves that end under the same bound
+//! session. Nothing is ever read from the shared fd 3, so concurrent
+//! clients in one sandbox never see each other's replies.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{
-    connect, recv, sendmsg, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
+    connect, recv, sendmsg, socket, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag,
+    SockType, UnixAddr,
 };
 
 use keyward_proto::{
@@ -37,7 +46,16 @@ pub enum ClientError {
     Encode(#[from] EncodeError),
     #[error("broker refused the handshake: {0}")]
     Handshake(String),
+    #[error("$KEYWARD_FD = {value:?}: {message}")]
+    InheritedFd { value: String, message: String },
 }
+
+/// The variable `agent-shim run` sets to the number of the broker channel
+/// it passes to the sandboxed program.
+pub const KEYWARD_FD_ENV: &str = "KEYWARD_FD";
+
+/// The descriptor number `agent-shim run` passes the channel as.
+pub const CHANNEL_FD: RawFd = 3;
 
 /// The socket path: `$KEYWARD_SOCKET`, else the default.
 pub fn socket_path() -> PathBuf {
@@ -71,6 +89,71 @@ impl Client {
         let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
         connect(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
         Client::over(fd)
+    }
+
+    /// Inside `agent-shim run` (`$KEYWARD_FD` set): a channel of its own
+    /// over the inherited broker connection. Elsewhere: a new connection to
+    /// [`socket_path`].
+    pub fn from_env_or_socket() -> Result<Client, ClientError> {
+        match std::env::var_os(KEYWARD_FD_ENV) {
+            Some(value) => {
+                let bad = |message: String| ClientError::InheritedFd {
+                    value: value.to_string_lossy().into_owned(),
+                    message,
+                };
+                let fd: RawFd = value
+                    .to_str()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| bad("not a descriptor number".to_owned()))?;
+                let shared = crate::sys::dup_inherited(fd)
+                    .map_err(|e| bad(format!("not an open descriptor: {e}")))?;
+                Client::open_channel(&shared)
+            }
+            None => Client::connect(&socket_path()),
+        }
+    }
+
+    /// Open a private channel over a bound broker connection `shared`:
+    /// create a `SOCK_SEQPACKET` socketpair, send one end over `shared`
+    /// (a `Channel` request carrying it with `SCM_RIGHTS`; the broker sends
+    /// no reply on `shared`), and exchange `Hello` on the other.
+    pub fn open_channel(shared: &impl AsFd) -> Result<Client, ClientError> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        // Credentials are attached to a message when it is sent, and only
+        // if the receiving socket has SO_PASSCRED by then: set it on the
+        // broker's end now, or the Hello below could reach the broker
+        // before it sets the option itself, without credentials.
+        nix::sys::socket::setsockopt(&theirs, nix::sys::socket::sockopt::PassCred, &true)
+            .map_err(io::Error::from)?;
+        let message = encode(&Request::Channel)?;
+        let fds = [theirs.as_raw_fd()];
+        loop {
+            match sendmsg::<()>(
+                shared.as_fd().as_raw_fd(),
+                &[IoSlice::new(&message)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => break,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+        }
+        // The broker holds its own reference now.
+        drop(theirs);
+        Client::over(ours)
+    }
+
+    /// The connection, e.g. to pass it on to a sandboxed program.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
     }
 
     /// Use an already-connected socket (e.g. one inherited from the shim)

@@ -1,0 +1,265 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The few raw system calls the shim needs that `nix`, `landlock` and
+//! `seccompiler` do not wrap safely, each in a small typed function that
+//! returns `io::Result`. The only `unsafe` in the crate lives here.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::unistd::Pid;
+
+/// The two sides of a [`fork`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// We are the parent; this is the child.
+    Parent(Pid),
+    /// We are the child.
+    Child,
+}
+
+/// How many threads this process has, from `/proc/self/status`.
+pub fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads: line in /proc/self/status"))
+}
+
+/// `fork()`, refused unless the process is single-threaded.
+///
+/// The child of a multi-threaded process may only call async-signal-safe
+/// functions (another thread could hold the allocator's lock); the shim's
+/// child allocates, so it must be the only thread. `agent-shim` never
+/// starts a thread, and this checks it rather than trusting it.
+pub fn fork() -> io::Result<Forked> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot fork safely: the process has {threads} threads"
+        )));
+    }
+    // SAFETY: the process has exactly one thread (checked just above, and
+    // nothing between the check and the call starts one), so the child is
+    // an exact copy with no lock held by a thread that no longer exists:
+    // it may allocate and run ordinary Rust code.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// `_exit(code)`: end the forked child at once, without running exit
+/// handlers or flushing buffers that belong to the parent's copy.
+pub fn exit_child(code: u8) -> ! {
+    // SAFETY: _exit takes an integer and does not return; it runs no code
+    // of ours.
+    unsafe { libc::_exit(i32::from(code)) }
+}
+
+/// Give the broker channel the descriptor number `target` (3), without
+/// close-on-exec, so that the program the shim executes inherits it.
+///
+/// The descriptor is deliberately leaked: it must outlive this process
+/// image. Whatever was at `target` is replaced; call it only in the forked
+/// child, where nothing else owns that number.
+pub fn install_channel(channel: OwnedFd, target: RawFd) -> io::Result<()> {
+    let raw = channel.into_raw_fd();
+    if raw == target {
+        // SAFETY: `raw` is the descriptor we just took out of its OwnedFd;
+        // it stays open (we leaked it) for the duration of the borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+        return Ok(());
+    }
+    // SAFETY: dup2 takes two integers; `raw` is open (leaked above) and
+    // `target` is a plain descriptor number. The new descriptor has no
+    // close-on-exec flag, which is the point.
+    if unsafe { libc::dup2(raw, target) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was leaked from its OwnedFd above, so nothing else
+    // owns or will close it; after dup2 it is a redundant copy.
+    if unsafe { libc::close(raw) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mark every descriptor from `first` up close-on-exec, so that the
+/// program the shim executes inherits none of them.
+///
+/// `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)` rather than closing: the
+/// effect at exec is the same (the kernel closes them before the new
+/// program runs), and no descriptor that a live Rust object owns is
+/// invalidated in the meantime. Falls back to `/proc/self/fd` on kernels
+/// before 5.11.
+pub fn close_on_exec_from(first: RawFd) -> io::Result<()> {
+    let first_u = u32::try_from(first).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on
+    // descriptors of this process; it reads and writes no memory of ours.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first_u,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if ret == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+        return Err(err);
+    }
+    let dir = std::fs::read_dir("/proc/self/fd")?;
+    let fds: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= first)
+        .collect();
+    for fd in fds {
+        // SAFETY: a probe on a descriptor number listed a moment ago; if it
+        // was the directory's own (now closed) descriptor, F_SETFD fails
+        // with EBADF, which is ignored.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        match fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            Ok(_) | Err(nix::Error::EBADF) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Restore the default disposition of `SIGPIPE`, which the Rust runtime
+/// set to "ignore" at start-up and which exec would otherwise pass on to
+/// the program (as `std::process::Command` also does).
+pub fn reset_sigpipe() -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installing SIG_DFL runs no code of ours in signal context, so
+    // none of sigaction's handler-safety requirements apply.
+    unsafe { sigaction(Signal::SIGPIPE, &default) }?;
+    Ok(())
+}
+
+/// The Landlock ABI version the running kernel offers: 0 when Landlock is
+/// not built in or not enabled.
+pub fn landlock_abi() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: with a null attribute pointer, size 0 and the VERSION flag,
+    // landlock_create_ruleset only returns an integer; it reads no memory.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    i32::try_from(ret).unwrap_or(0).max(0)
+}
+
+/// A duplicate (close-on-exec) of a descriptor this process inherited by
+/// number, e.g. `KEYWARD_FD`. Fails with `EBADF` if it is not open.
+pub fn dup_inherited(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: the borrow lasts for one fcntl call; if `fd` is not open the
+    // call fails with EBADF instead of touching anything. Nothing here
+    // takes ownership of the inherited descriptor itself.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let dup = fcntl(borrowed, FcntlArg::F_DUPFD_CLOEXEC(0))?;
+    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing
+    // else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+}
+
+/// Overwrite every occurrence of `secret` in this process's command line
+/// (the kernel's argument area, which `/proc/<pid>/cmdline` shows to every
+/// process) with `*`. Returns how many occurrences were overwritten.
+///
+/// Call it once the arguments have been parsed; later reads of
+/// `std::env::args` see the stars.
+pub fn scrub_cmdline(secret: &[u8]) -> io::Result<usize> {
+    if secret.is_empty() {
+        return Ok(0);
+    }
+    let (start, end) = argument_area()?;
+    if end <= start {
+        return Ok(0);
+    }
+    // SAFETY: [start, end) is this process's argument area, laid out by
+    // the kernel at exec on the initial stack: mapped, writable and alive
+    // for the whole life of the process. No Rust reference points into it
+    // (std keeps only the raw `argv` pointers and copies on every read),
+    // and the process has one thread, so nothing reads it concurrently.
+    let area = unsafe { std::slice::from_raw_parts_mut(start as *mut u8, end - start) };
+    let mut count = 0;
+    let mut i = 0;
+    while i + secret.len() <= area.len() {
+        if area.get(i..i + secret.len()) == Some(secret) {
+            for b in area.iter_mut().skip(i).take(secret.len()) {
+                *b = b'*';
+            }
+            count += 1;
+            i += secret.len();
+        } else {
+            i += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// `arg_start` and `arg_end` from `/proc/self/stat` (fields 48 and 49).
+fn argument_area() -> io::Result<(usize, usize)> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let bad = || io::Error::other("unexpected /proc/self/stat format");
+    // The command name (field 2) is in parentheses and may contain spaces;
+    // the fields after it are plain numbers. Field 3 is the first one.
+    let rest = stat
+        .get(stat.rfind(')').ok_or_else(bad)? + 1..)
+        .ok_or_else(bad)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> io::Result<usize> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(bad)
+    };
+    Ok((field(48)?, field(49)?))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn reads_the_argument_area() {
+        let (start, end) = argument_area().unwrap();
+        assert!(start > 0 && end > start, "{start:#x}..{end:#x}");
+    }
+
+    #[test]
+    fn landlock_abi_is_probed() {
+        // Any value is fine; the probe must not fail.
+        assert!(landlock_abi() >= 0);
+    }
+
+    #[test]
+    fn dup_of_a_closed_descriptor_is_ebadf() {
+        let err = dup_inherited(-1).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        let err = dup_inherited(987_654).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        let dup = dup_inherited(2).unwrap();
+        assert!(dup.as_raw_fd() > 2);
+    }
+}
