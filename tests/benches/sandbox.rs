@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Start-up cost of the sandbox: `agent-shim run -- /bin/true` (connect,
+//! `Bind`, fork, Landlock, seccomp, exec) next to a bare `/bin/true` and to
+//! `bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all /bin/true`,
+//! measured in the same run. Target: less overhead over bare than bwrap.
+//!
+//! Run: `cargo bench -p keyward-tests --bench sandbox` (as root, after
+//! `cargo build --release --workspace --bins`). The bwrap row needs Debian's
+//! `bubblewrap` package and is skipped with a message without it.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyward_tests::{binary, Broker};
+
+const WARMUP: usize = 20;
+const RUNS: usize = 300;
+
+const CONFIG: &str = r#"
+[broker]
+socket = "{socket}"
+socket_mode = "0666"
+state_dir = "{dir}/state"
+
+[[principal]]
+name = "bench"
+uids = [0]
+may_call = ["echo"]
+may_delegate = ["echo"]
+
+[[tool]]
+name = "echo"
+kind = "echo"
+params.message = { type = "string", max_len = 100 }
+"#;
+
+struct Stats {
+    p50: Duration,
+    p90: Duration,
+    mean: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+    let total: Duration = samples.iter().sum();
+    Stats {
+        p50: at(0.50),
+        p90: at(0.90),
+        mean: total / samples.len() as u32,
+    }
+}
+
+/// Spawn and wait for `argv` RUNS times (after WARMUP); every run must
+/// exit 0.
+fn measure(argv: &[&str], socket: &Path) -> Stats {
+    let run = || {
+        let start = Instant::now();
+        let status = Command::new(argv[0])
+            .args(&argv[1..])
+            .env("KEYWARD_SOCKET", socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        let took = start.elapsed();
+        assert!(status.success(), "{argv:?}: {status}");
+        took
+    };
+    for _ in 0..WARMUP {
+        run();
+    }
+    stats((0..RUNS).map(|_| run()).collect())
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1e6)
+}
+
+fn main() {
+    keyward_tests::require_root();
+    let broker = Broker::start(CONFIG, &[]);
+    let shim = binary("agent-shim");
+    let shim = shim.to_str().unwrap();
+    let minted = Command::new(shim)
+        .args(["mint", "--tool", "echo"])
+        .env("KEYWARD_SOCKET", &broker.socket)
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "mint: {minted:?}");
+    let token_file = broker.dir.path().join("token");
+    std::fs::write(&token_file, &minted.stdout).unwrap();
+    let token_file = token_file.to_str().unwrap();
+
+    let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let mut rows: Vec<(&str, Stats)> = vec![
+        ("bare /bin/true", measure(&["/bin/true"], &broker.socket)),
+        (
+            "agent-shim run -- /bin/true (no token: sandbox + exec)",
+            measure(&[shim, "run", "--", "/bin/true"], &broker.socket),
+        ),
+        (
+            "agent-shim run --token-file F -- /bin/true (bind + sandbox + exec)",
+            measure(
+                &[shim, "run", "--token-file", token_file, "--", "/bin/true"],
+                &broker.socket,
+            ),
+        ),
+    ];
+    match bwrap {
+        Some(bwrap) => rows.push((
+            "bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all /bin/true",
+            measure(
+                &[
+                    bwrap,
+                    "--ro-bind",
+                    "/",
+                    "/",
+                    "--dev",
+                    "/dev",
+                    "--proc",
+                    "/proc",
+                    "--unshare-all",
+                    "/bin/true",
+                ],
+                &broker.socket,
+            ),
+        )),
+        None => println!("bwrap row skipped: install Debian's bubblewrap package"),
+    }
+
+    let bare = rows[0].1.p50;
+    println!("\n{RUNS} runs each after {WARMUP} warm-up; wall time of spawn + wait, in µs\n");
+    println!("| | p50 µs | p90 µs | mean µs | p50 over bare µs |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (name, s) in &rows {
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            us(s.p50),
+            us(s.p90),
+            us(s.mean),
+            us(s.p50.saturating_sub(bare))
+        );
+    }
+    if let (Some(shim), Some(bwrap)) = (rows.get(2), rows.get(3)) {
+        let shim_over = shim.1.p50.saturating_sub(bare);
+        let bwrap_over = bwrap.1.p50.saturating_sub(bare);
+        println!(
+            "\nsandbox overhead at p50: agent-shim run {} µs, bwrap {} µs ({:.2}x; target: below 1x)",
+            us(shim_over),
+            us(bwrap_over),
+            shim_over.as_secs_f64() / bwrap_over.as_secs_f64().max(1e-9)
+        );
+    }
+}
