@@ -20,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod grant;
 pub mod landlock;
 pub mod sandbox;
 pub mod seccomp;

@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
 
-use agent_shim::client::Client;
-use keyward_proto::{CallResult, Response};
+use agent_shim::client::{socket_path, Client, ClientError, KEYWARD_FD_ENV};
+use agent_shim::grant::{attenuate_request, mint_request, ConstraintArgs};
+use keyward_proto::{CallResult, Request, Response, ToolInfo};
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_DENIED: u8 = 3;
@@ -40,12 +41,55 @@ enum Command {
         /// the bare body (a non-UTF-8 body is given as "body_base64").
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        token: TokenArg,
         /// The tool to call, as named in the broker's policy.
         tool: String,
         /// Parameters as NAME=VALUE; the broker checks each against the
         /// tool's policy.
         #[arg(value_parser = parse_param)]
         params: Vec<(String, String)>,
+    },
+    /// Mint a token for a sub-agent and print it on stdout (its id and
+    /// expiry go to stderr). Only a principal may mint, only for tools in
+    /// its may_delegate, within each tool's policy and the TTL cap.
+    Mint {
+        /// A tool the token may call (repeatable); every constraint
+        /// applies to each.
+        #[arg(long = "tool", required = true)]
+        tools: Vec<String>,
+        #[command(flatten)]
+        constraints: ConstraintArgs,
+        /// The uid that may present the token (default: yours).
+        #[arg(long)]
+        for_uid: Option<u32>,
+        /// Also require this gid of the presenter.
+        #[arg(long, requires = "for_uid")]
+        for_gid: Option<u32>,
+        /// Make the token good for exactly the one call its --param values
+        /// spell out (every parameter pinned).
+        #[arg(long)]
+        exact_call: bool,
+    },
+    /// Ask the broker for a strict subset of a token (fewer tools, more
+    /// constraints, shorter life, fewer uses) and print it. Anything wider
+    /// is refused with the reason.
+    Attenuate {
+        #[command(flatten)]
+        token: TokenArg,
+        /// Keep only these tools (default: all of the token's).
+        #[arg(long = "tool")]
+        tools: Vec<String>,
+        #[command(flatten)]
+        constraints: ConstraintArgs,
+    },
+    /// List the tools you (or the token) may call, with their constraints.
+    Tools {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        token: TokenArg,
     },
     /// Run CMD in a sandbox whose only way to the broker is a connection
     /// bound to a token.
@@ -112,6 +156,25 @@ fn parse_param(arg: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `--token`, falling back to `$KEYWARD_TOKEN`. (Prefer the variable: a
+/// command line is visible to every process on the host.)
+#[derive(clap::Args, Debug, Default)]
+struct TokenArg {
+    /// The capability token to act with (default: $KEYWARD_TOKEN).
+    #[arg(long = "token", value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+impl TokenArg {
+    fn get(&self) -> Option<String> {
+        self.token.clone().or_else(|| {
+            std::env::var("KEYWARD_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -125,7 +188,31 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Call { json, tool, params } => call(&tool, &params, json),
+        Command::Call {
+            json,
+            token,
+            tool,
+            params,
+        } => call(token.get().as_deref(), &tool, &params, json),
+        Command::Mint {
+            tools,
+            constraints,
+            for_uid,
+            for_gid,
+            exact_call,
+        } => match mint_request(&tools, &constraints, for_uid, for_gid, exact_call) {
+            Ok(mint) => issue(None, &Request::Mint(mint)),
+            Err(e) => fail(&e.to_string()),
+        },
+        Command::Attenuate {
+            token,
+            tools,
+            constraints,
+        } => match attenuate_request(&tools, &constraints) {
+            Err(e) => fail(&e.to_string()),
+            Ok(req) => issue(token.get().as_deref(), &Request::Attenuate(req)),
+        },
+        Command::Tools { json, token } => tools(token.get().as_deref(), json),
         Command::Run {
             token,
             token_file,
@@ -163,11 +250,117 @@ fn run(options: &agent_shim::sandbox::RunOptions) -> ExitCode {
     }
 }
 
-fn call(tool: &str, params: &[(String, String)], json: bool) -> ExitCode {
-    // Inside `agent-shim run` this is a channel over the bound fd 3.
-    let response = Client::from_env_or_socket().and_then(|mut c| c.call(tool, params));
+fn fail(message: &str) -> ExitCode {
+    eprintln!("agent-shim: {message}");
+    ExitCode::from(EXIT_ERROR)
+}
+
+/// A connection to the broker acting with the right authority: inside
+/// `agent-shim run`, a channel of the bound session ($KEYWARD_FD); else a
+/// new connection, bound to `token` when one is given. A refused bind
+/// comes back as the broker's `Denied` response.
+fn connect(token: Option<&str>) -> Result<Result<Client, Response>, ClientError> {
+    if std::env::var_os(KEYWARD_FD_ENV).is_some() {
+        return agent_shim::client::from_env_or_socket().map(Ok);
+    }
+    let mut client = Client::connect(&socket_path())?;
+    if let Some(token) = token {
+        match client.request(&Request::Bind(keyward_proto::Bind {
+            token: token.to_owned(),
+        }))? {
+            Response::Bound(_) => {}
+            other => return Ok(Err(other)),
+        }
+    }
+    Ok(Ok(client))
+}
+
+/// Send one request with the right authority and return the reply.
+fn exchange(token: Option<&str>, request: &Request) -> Result<Response, ClientError> {
+    match connect(token)? {
+        Ok(mut client) => client.request(request),
+        Err(refused) => Ok(refused),
+    }
+}
+
+/// `mint` and `attenuate`: print the new token.
+fn issue(token: Option<&str>, request: &Request) -> ExitCode {
+    match exchange(token, request) {
+        Ok(Response::Minted(minted)) => {
+            println!("{}", minted.token);
+            eprintln!(
+                "agent-shim: token {} expires at {} (unix time)",
+                minted.id, minted.expires
+            );
+            ExitCode::SUCCESS
+        }
+        other => report_failure(other, false),
+    }
+}
+
+fn tools(token: Option<&str>, json: bool) -> ExitCode {
+    match exchange(token, &Request::Tools) {
+        Ok(Response::ToolList(list)) => {
+            if json {
+                print_json(&serde_json::Value::Array(
+                    list.tools.iter().map(tool_json).collect(),
+                ));
+            } else {
+                print_tool_table(&list.tools);
+            }
+            ExitCode::SUCCESS
+        }
+        other => report_failure(other, false),
+    }
+}
+
+fn tool_json(tool: &ToolInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": tool.name,
+        "description": tool.description,
+        "params": tool.params.iter().map(|p| serde_json::json!({
+            "name": p.name,
+            "type": p.ty,
+            "required": p.required,
+            "rules": p.rules,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_tool_table(tools: &[ToolInfo]) {
+    println!("{:<20} {:<16} {:<8} RULES", "TOOL", "PARAMETER", "TYPE");
+    for tool in tools {
+        if tool.params.is_empty() {
+            println!("{:<20} {:<16} {:<8} -", tool.name, "-", "-");
+        }
+        for p in &tool.params {
+            let mut rules = p.rules.join("; ");
+            if !p.required {
+                rules = if rules.is_empty() {
+                    "optional".into()
+                } else {
+                    format!("optional; {rules}")
+                };
+            }
+            println!("{:<20} {:<16} {:<8} {}", tool.name, p.name, p.ty, rules);
+        }
+    }
+}
+
+fn call(token: Option<&str>, tool: &str, params: &[(String, String)], json: bool) -> ExitCode {
+    let response = connect(token).and_then(|client| match client {
+        Ok(mut c) => c.call(tool, params),
+        Err(refused) => Ok(refused),
+    });
     match response {
         Ok(Response::Done(result)) => print_result(&result, json),
+        other => report_failure(other, json),
+    }
+}
+
+/// Anything but the hoped-for reply: a denial (exit 3) or an error (1).
+fn report_failure(response: Result<Response, ClientError>, json: bool) -> ExitCode {
+    match response {
         Ok(Response::Denied(denial)) => {
             if json {
                 print_json(&serde_json::json!({ "denied": denial.reason }));

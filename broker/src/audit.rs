@@ -40,6 +40,14 @@ pub enum Event {
     /// The policy was reloaded (SIGHUP), or a reload was rejected and the
     /// old policy kept (decision `error`, the reason says why).
     Reload,
+    /// A token was minted (or a mint refused).
+    Mint,
+    /// A token was bound to a connection (or refused).
+    Bind,
+    /// A child token was attenuated from a bound one (or refused).
+    Attenuate,
+    /// A token was revoked (or a revocation refused).
+    Revoke,
 }
 
 /// The decision recorded.
@@ -71,6 +79,15 @@ pub struct Record<'a> {
     pub reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// Id of the token the decision concerns (never the token string).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<&'a str>,
+    /// Task hash of that token: joins every record of one task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<&'a str>,
+    /// Canonical hash of the call made with a token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_hash: Option<&'a str>,
 }
 
 impl<'a> Record<'a> {
@@ -85,6 +102,9 @@ impl<'a> Record<'a> {
             peer_gid: None,
             reason: None,
             status: None,
+            token_id: None,
+            task: None,
+            call_hash: None,
         }
     }
 
@@ -112,6 +132,21 @@ impl<'a> Record<'a> {
 
     pub fn status(mut self, status: u16) -> Self {
         self.status = Some(status);
+        self
+    }
+
+    pub fn token(mut self, id: &'a str) -> Self {
+        self.token_id = Some(id);
+        self
+    }
+
+    pub fn task(mut self, task: &'a str) -> Self {
+        self.task = Some(task);
+        self
+    }
+
+    pub fn call_hash(mut self, hash: &'a str) -> Self {
+        self.call_hash = Some(hash);
         self
     }
 }

@@ -58,6 +58,13 @@ pub struct BrokerConfig {
     pub max_response_bytes: Option<usize>,
     /// Connections one uid may hold open at once.
     pub max_connections_per_uid: Option<usize>,
+    /// Uids (besides root) allowed to revoke any token.
+    #[serde(default)]
+    pub admin_uids: Vec<u32>,
+    /// Name of a `[credential.NAME]` holding the token-signing key (32 raw
+    /// bytes or their base64); without it the key is generated into the
+    /// state directory.
+    pub signing_key: Option<String>,
 }
 
 fn default_socket_mode() -> String {

@@ -52,6 +52,10 @@ pub fn message_id(event: Event) -> &'static str {
         Event::CallFailed => "d11b115f3ba641a68843f326c621ab76",
         Event::Refused => "95d29be4eed1432eb41ef5872bf68756",
         Event::Reload => "1bc3a11bb0d94fb584a80cf0d9f0158d",
+        Event::Mint => "6d763ac31ec241fd8a83dbff57ce3acd",
+        Event::Bind => "08daf13a681c42a8a88d9fa9df2fae43",
+        Event::Attenuate => "767ff77ad6b84a3296efbdf565364149",
+        Event::Revoke => "f72395a0f9f445e6b0c0e20b12483a96",
     }
 }
 
@@ -370,6 +374,10 @@ mod tests {
             Event::CallFailed,
             Event::Refused,
             Event::Reload,
+            Event::Mint,
+            Event::Bind,
+            Event::Attenuate,
+            Event::Revoke,
         ]
         .into_iter()
         .map(message_id)
@@ -392,6 +400,10 @@ mod tests {
             Event::CallFailed,
             Event::Refused,
             Event::Reload,
+            Event::Mint,
+            Event::Bind,
+            Event::Attenuate,
+            Event::Revoke,
         ] {
             let id = message_id(event);
             assert!(

@@ -21,6 +21,7 @@ pub mod config;
 pub mod credential;
 pub mod executor;
 pub mod journal;
+pub mod keys;
 pub mod listener;
 pub mod notify;
 pub mod peer;
@@ -28,8 +29,10 @@ pub mod policy;
 pub mod redact;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod sys;
 pub mod template;
+pub mod token;
 
 pub use server::{serve, Broker};
 
@@ -50,4 +53,6 @@ pub enum Error {
     Executor(#[from] executor::ExecError),
     #[error(transparent)]
     Sys(#[from] sys::SysError),
+    #[error(transparent)]
+    Tokens(#[from] token::TokenSetupError),
 }

@@ -230,6 +230,38 @@ fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
 
 pub use crate::sys::Received;
 
+/// Adopt a socket a client passed over a bound connection as a channel: it
+/// must be a connected AF_UNIX `SOCK_SEQPACKET` socket. `SO_PASSCRED` is set
+/// on it so that every message carries kernel credentials (the client sets
+/// it too, before passing it, so that nothing it sent earlier lacks them).
+///
+/// Its peer must be a process of the passing session's uid and gid — and
+/// not the broker itself (a sandbox passing back its own broker connection
+/// would have the broker serve itself).
+pub fn adopt_channel(fd: OwnedFd, uid: u32, gid: u32) -> Result<Connection, String> {
+    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("SO_TYPE: {e}"))?;
+    if ty != SockType::SeqPacket {
+        return Err(format!("the passed socket is {ty:?}, not SOCK_SEQPACKET"));
+    }
+    nix::sys::socket::getpeername::<UnixAddr>(fd.as_raw_fd())
+        .map_err(|_| "the passed socket is not a connected AF_UNIX socket".to_owned())?;
+    let peer =
+        getsockopt(&fd, sockopt::PeerCredentials).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+    if peer.pid() == std::process::id() as i32 {
+        return Err("the passed socket leads back to the broker".into());
+    }
+    if (peer.uid(), peer.gid()) != (uid, gid) {
+        return Err(format!(
+            "the passed socket's peer is uid {} gid {}, not the session's uid {uid} gid {gid}",
+            peer.uid(),
+            peer.gid()
+        ));
+    }
+    set_cloexec_nonblocking(&fd).map_err(|e| e.to_string())?;
+    setsockopt(&fd, sockopt::PassCred, &true).map_err(|e| format!("SO_PASSCRED: {e}"))?;
+    Connection::new(fd).map_err(|e| e.to_string())
+}
+
 /// Receive buffer size: one byte more than the cap, so an oversized
 /// message is seen as such even where `MSG_TRUNC` is not reported.
 pub const RECV_BUFFER: usize = MAX_MESSAGE + 1;
@@ -277,6 +309,19 @@ impl Connection {
                 }
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Discard what the peer has queued (a bounded number of messages),
+    /// so that closing does not turn its unread messages into ECONNRESET
+    /// on its side before it has read our last reply.
+    pub fn drain(&self) {
+        let mut buf = [0u8; 64];
+        for _ in 0..16 {
+            match sys::recv_message(self.fd.get_ref().as_fd(), &mut buf) {
+                Ok(r) if r.len > 0 || r.creds.is_some() || r.truncated => continue,
+                _ => break,
             }
         }
     }

@@ -11,10 +11,12 @@ use keyward_broker::audit::{Audit, AuditTarget};
 use keyward_broker::config::{Source, EXAMPLE};
 use keyward_broker::credential;
 use keyward_broker::executor::Executor;
+use keyward_broker::keys::Keys;
 use keyward_broker::listener::{self, Listener};
 use keyward_broker::notify::Notifier;
 use keyward_broker::policy::Policy;
 use keyward_broker::server::reload_on_hangup;
+use keyward_broker::token::{self, Tokens};
 use keyward_broker::{serve, sys, Broker, Error};
 
 /// keyward-broker holds credentials and performs credentialed calls on
@@ -47,6 +49,22 @@ enum Command {
         #[arg(long, value_enum, default_value_t = AuditTarget::Auto)]
         audit: AuditTarget,
     },
+    /// Print the public key that verifies this broker's tokens.
+    Pubkey {
+        /// Configuration file (names the state directory or signing key).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Revoke a token, and with it every token attenuated from it, through
+    /// the running broker. Allowed to root, to admin_uids and to the
+    /// token's issuer. Exits 3 if the broker refuses.
+    Revoke {
+        /// Configuration file (names the socket).
+        #[arg(long)]
+        config: PathBuf,
+        /// The token id (32 hex digits), as printed by `agent-shim mint`.
+        id: String,
+    },
     /// Check a configuration file and its policy; print every error with
     /// its location.
     Check {
@@ -71,6 +89,8 @@ fn main() -> ExitCode {
             config,
             credentials,
         } => run_check(&config, credentials),
+        Command::Pubkey { config } => run_pubkey(&config),
+        Command::Revoke { config, id } => return run_revoke(&config, &id),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,6 +98,84 @@ fn main() -> ExitCode {
             eprintln!("keyward-broker: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The token authority, when there is a state directory (created 0700 if
+/// missing); without one the broker serves direct calls only.
+fn open_tokens(
+    policy: &Policy,
+    credentials: &credential::Credentials,
+) -> Result<Option<Tokens>, Error> {
+    let Some(dir) = token::state_directory(policy.broker.state_dir.as_deref()) else {
+        eprintln!("keyward-broker: no state_dir configured: tokens are disabled");
+        return Ok(None);
+    };
+    create_private_dir(&dir).map_err(|source| sys::SysError::Call {
+        what: "creating the state directory",
+        source,
+    })?;
+    Ok(Some(Tokens::open(policy, &dir, credentials)?))
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn run_pubkey(path: &Path) -> Result<(), Error> {
+    let source = Source::load(path)?;
+    let policy = Policy::compile(&source).map_err(Error::Policy)?;
+    let keys = match &policy.broker.signing_key {
+        Some(name) => {
+            let credentials = credential::load_for(&source, &policy)?;
+            let secret = credentials
+                .get(name)
+                .ok_or_else(|| token::TokenSetupError::MissingCredential(name.clone()))?;
+            Keys::from_credential(name, secret).map_err(token::TokenSetupError::from)?
+        }
+        None => {
+            let dir = token::state_directory(policy.broker.state_dir.as_deref())
+                .ok_or(token::TokenSetupError::NoStateDirectory)?;
+            Keys::load_existing(&dir).map_err(token::TokenSetupError::from)?
+        }
+    };
+    println!("{}", keys.public_text());
+    Ok(())
+}
+
+fn run_revoke(path: &Path, id: &str) -> ExitCode {
+    use keyward_proto::{Request, Response, Revoke};
+    let fail = |message: String| {
+        eprintln!("keyward-broker: {message}");
+        ExitCode::FAILURE
+    };
+    let id: keyward_proto::token::TokenId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return fail(format!("{id:?}: {e}")),
+    };
+    let socket = match Source::load(path) {
+        Ok(source) => std::env::var_os("KEYWARD_SOCKET")
+            .map(PathBuf::from)
+            .unwrap_or(source.config.broker.socket),
+        Err(e) => return fail(e.to_string()),
+    };
+    let reply = keyward_client::Client::connect(&socket)
+        .and_then(|mut client| client.request(&Request::Revoke(Revoke { id })));
+    match reply {
+        Ok(Response::Revoked(r)) => {
+            println!("revoked {}", r.id);
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Denied(d)) => {
+            eprintln!("keyward-broker: {}", d.reason);
+            ExitCode::from(3)
+        }
+        Ok(other) => fail(format!("unexpected reply from the broker: {other:?}")),
+        Err(e) => fail(e.to_string()),
     }
 }
 
@@ -111,9 +209,14 @@ fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Result
     let notifier = Notifier::from_env();
     let audit = Audit::open(audit)?;
     let credentials = credential::load_for(&source, &policy)?;
+    let tokens = open_tokens(&policy, &credentials)?;
     let executor = Executor::new(credentials)?;
     let settings = policy.broker.clone();
-    let broker = Arc::new(Broker::new(policy, executor, audit).with_notifier(notifier));
+    let mut broker = Broker::new(policy, executor, audit).with_notifier(notifier);
+    if let Some(tokens) = tokens {
+        broker = broker.with_tokens(tokens);
+    }
+    let broker = Arc::new(broker);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -178,11 +281,13 @@ fn example_source() -> Result<Source, Error> {
     let mut source = Source::parse("(built-in example)", EXAMPLE.to_owned())?;
     source.config.broker.socket = dir.join("broker.sock");
     source.config.broker.credentials_dir = Some(creds);
+    source.config.broker.state_dir = Some(dir.join("state"));
     for principal in &mut source.config.principals {
         principal.get_mut().uids = vec![uid];
     }
     // The example must not pick up a systemd credentials directory.
     std::env::remove_var("CREDENTIALS_DIRECTORY");
+    std::env::remove_var("STATE_DIRECTORY");
     Ok(source)
 }
 

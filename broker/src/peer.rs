@@ -13,8 +13,11 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::task::{Context, Waker};
 
 use nix::sys::socket::{getsockopt, sockopt, UnixCredentials};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use crate::policy::Caller;
 use crate::sys;
@@ -39,7 +42,53 @@ pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pub method: PinMethod,
-    pidfd: OwnedFd,
+    pidfd: Liveness,
+}
+
+/// The pinned process's pidfd. A pidfd polls readable once its process
+/// has exited. Inside the runtime it is registered with the reactor, which
+/// learns of the exit at its next turn — so checking it per message costs
+/// no system call; outside (tests, tools) it is polled.
+#[derive(Debug)]
+enum Liveness {
+    Watched(AsyncFd<OwnedFd>),
+    Polled(OwnedFd),
+}
+
+impl Liveness {
+    fn new(pidfd: OwnedFd) -> Result<Liveness, AuthError> {
+        // An exit before registration would only reach the reactor at its
+        // next turn: look once, now.
+        if sys::pidfd_exited(&pidfd).map_err(|e| AuthError::Pin(e.to_string()))? {
+            return Err(AuthError::PeerExited);
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Ok(Liveness::Polled(pidfd));
+        }
+        sys::register(pidfd, Interest::READABLE)
+            .map(Liveness::Watched)
+            .map_err(|e| AuthError::Pin(format!("registering the pidfd: {e}")))
+    }
+
+    fn exited(&self) -> Result<bool, AuthError> {
+        match self {
+            Liveness::Watched(fd) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                Ok(fd.poll_read_ready(&mut cx).is_ready())
+            }
+            Liveness::Polled(fd) => {
+                sys::pidfd_exited(fd).map_err(|e| AuthError::Pin(e.to_string()))
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn fd(&self) -> &OwnedFd {
+        match self {
+            Liveness::Watched(fd) => fd.get_ref(),
+            Liveness::Polled(fd) => fd,
+        }
+    }
 }
 
 /// Why a peer or one of its messages is not authenticated.
@@ -66,7 +115,7 @@ impl Peer {
             .map_err(|e| AuthError::Pin(format!("SO_PEERCRED: {e}")))?;
         check_set(cred.pid(), cred.uid(), cred.gid())?;
         match getsockopt(conn, sockopt::PeerPidfd) {
-            Ok(pidfd) => Ok(Peer::new(cred, pidfd, PinMethod::PeerPidfd)),
+            Ok(pidfd) => Peer::new(cred, pidfd, PinMethod::PeerPidfd),
             Err(nix::Error::ENOPROTOOPT) | Err(nix::Error::EINVAL) => Peer::pin_by_pid(cred),
             Err(e) => Err(AuthError::Pin(format!("SO_PEERPIDFD: {e}"))),
         }
@@ -91,17 +140,17 @@ impl Peer {
                 gid,
             });
         }
-        Ok(Peer::new(cred, pidfd, PinMethod::PidfdOpen))
+        Peer::new(cred, pidfd, PinMethod::PidfdOpen)
     }
 
-    fn new(cred: UnixCredentials, pidfd: OwnedFd, method: PinMethod) -> Peer {
-        Peer {
+    fn new(cred: UnixCredentials, pidfd: OwnedFd, method: PinMethod) -> Result<Peer, AuthError> {
+        Ok(Peer {
             pid: cred.pid(),
             uid: cred.uid(),
             gid: cred.gid(),
             method,
-            pidfd,
-        }
+            pidfd: Liveness::new(pidfd)?,
+        })
     }
 
     /// Authenticate one message by the credentials the kernel attached.
@@ -115,11 +164,26 @@ impl Peer {
                 gid: cred.gid(),
             });
         }
-        match sys::pidfd_exited(&self.pidfd) {
-            Ok(false) => Ok(()),
-            Ok(true) => Err(AuthError::PeerExited),
-            Err(e) => Err(AuthError::Pin(e.to_string())),
+        match self.pidfd.exited()? {
+            false => Ok(()),
+            true => Err(AuthError::PeerExited),
         }
+    }
+
+    /// Authenticate one message on a *bound* connection: any process may
+    /// send it (the sandbox's processes share the channel), but the kernel
+    /// must vouch for it and it must carry the pinned uid and gid.
+    pub fn authenticate_any_pid(&self, cred: Option<&UnixCredentials>) -> Result<(), AuthError> {
+        let cred = cred.ok_or(AuthError::NoCredentials)?;
+        check_set(cred.pid(), cred.uid(), cred.gid())?;
+        if (cred.uid(), cred.gid()) != (self.uid, self.gid) {
+            return Err(AuthError::Mismatch {
+                pid: cred.pid(),
+                uid: cred.uid(),
+                gid: cred.gid(),
+            });
+        }
+        Ok(())
     }
 
     /// The identity policy decides on.
@@ -182,7 +246,7 @@ mod tests {
         let peer = Peer::pin(&a).unwrap();
         assert_eq!(peer.pid, std::process::id() as i32);
         assert_eq!(peer.method, PinMethod::PeerPidfd);
-        assert_eq!(sys::pidfd_pid(&peer.pidfd).unwrap(), peer.pid);
+        assert_eq!(sys::pidfd_pid(peer.pidfd.fd()).unwrap(), peer.pid);
         assert_eq!(peer.authenticate(Some(&me())), Ok(()));
     }
 
@@ -223,6 +287,54 @@ mod tests {
             peer.authenticate(Some(&other)),
             Err(AuthError::Mismatch { .. })
         ));
+    }
+
+    #[test]
+    fn bound_connections_accept_other_pids_of_the_same_ids() {
+        let (a, _b) = pair();
+        let peer = Peer::pin(&a).unwrap();
+        let sibling = UnixCredentials::from(libc::ucred {
+            pid: 1,
+            uid: peer.uid,
+            gid: peer.gid,
+        });
+        assert_eq!(peer.authenticate_any_pid(Some(&sibling)), Ok(()));
+        assert!(peer.authenticate(Some(&sibling)).is_err());
+        let stranger = UnixCredentials::from(libc::ucred {
+            pid: 1,
+            uid: peer.uid + 1,
+            gid: peer.gid,
+        });
+        assert!(peer.authenticate_any_pid(Some(&stranger)).is_err());
+        assert_eq!(
+            peer.authenticate_any_pid(None),
+            Err(AuthError::NoCredentials)
+        );
+    }
+
+    #[tokio::test]
+    async fn exit_seen_by_the_reactor_is_not_trusted() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let cred = UnixCredentials::from(libc::ucred {
+            pid: child.id() as i32,
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        });
+        let peer = Peer::pin_by_pid(cred).unwrap();
+        assert!(matches!(peer.pidfd, Liveness::Watched(_)));
+        assert_eq!(peer.authenticate(Some(&cred)), Ok(()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Let the reactor turn.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while peer.authenticate(Some(&cred)).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "exit never seen");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(peer.authenticate(Some(&cred)), Err(AuthError::PeerExited));
     }
 
     #[test]

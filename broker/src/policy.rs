@@ -39,6 +39,11 @@ pub struct BrokerSettings {
     pub call_timeout: Duration,
     pub max_response_bytes: usize,
     pub max_connections_per_uid: usize,
+    /// Uids allowed to revoke any token (root always may).
+    pub admin_uids: Vec<u32>,
+    /// Credential holding the token-signing key, instead of a generated
+    /// one in the state directory.
+    pub signing_key: Option<String>,
 }
 
 /// A principal: a set of uids/gids and what they may do.
@@ -114,6 +119,15 @@ impl std::fmt::Debug for TypedValue {
 }
 
 impl TypedValue {
+    /// The value on the wire.
+    pub fn to_wire(&self) -> keyward_proto::Value {
+        match self {
+            TypedValue::Str(s) => keyward_proto::Value::Str(s.clone()),
+            TypedValue::Int(i) => keyward_proto::Value::Int(*i),
+            TypedValue::Bool(b) => keyward_proto::Value::Bool(*b),
+        }
+    }
+
     /// The value as text, for templates that interpolate into a string.
     pub fn to_text(&self) -> String {
         match self {
@@ -237,6 +251,11 @@ impl Policy {
         self.tools.get(name)
     }
 
+    /// A principal by name.
+    pub fn principal(&self, name: &str) -> Option<&Principal> {
+        self.principals.iter().find(|p| p.name == name)
+    }
+
     /// Every tool, by name.
     pub fn tools(&self) -> impl Iterator<Item = &Arc<Tool>> {
         self.tools.values()
@@ -267,6 +286,43 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 const SHOWN_CHARS: usize = 64;
 
 impl Tool {
+    /// Convert and validate one parameter value: the parameter must exist,
+    /// the value must have its type and pass its rules. Returns the
+    /// declared name and the typed value.
+    pub fn check_param<'t>(
+        &'t self,
+        name: &str,
+        value: &keyward_proto::Value,
+    ) -> Result<(&'t str, TypedValue), Denial> {
+        let Some((name, spec)) = self.params.get_key_value(name) else {
+            return Err(deny(format_args!(
+                "tool {:?} has no parameter {}",
+                self.name,
+                show_str(name)
+            )));
+        };
+        let value = convert(spec.ty, value).ok_or_else(|| {
+            deny(format_args!(
+                "parameter {name:?} of tool {:?} must be {}",
+                self.name,
+                type_with_article(spec.ty)
+            ))
+        })?;
+        check_value(&spec.rules, &value).map_err(|failure| match failure {
+            Failure::Nul => deny(format_args!(
+                "parameter {name:?} of tool {} contains a NUL byte",
+                self.name
+            )),
+            Failure::Rule(rule) => deny(format_args!(
+                "parameter {name:?} = {} {} of tool {}",
+                show_value(&value, spec.secret),
+                describe_rule(rule, spec.secret),
+                self.name
+            )),
+        })?;
+        Ok((name.as_str(), value))
+    }
+
     /// Convert and validate a call's parameters against this tool: every
     /// parameter declared, known, given once, of the right type and passing
     /// its rules; defaults filled in. Never shows a secret parameter's value.
@@ -276,39 +332,14 @@ impl Tool {
     ) -> Result<BTreeMap<String, TypedValue>, Denial> {
         let mut params = BTreeMap::new();
         for param in given {
-            let Some((name, spec)) = self.params.get_key_value(param.name.as_str()) else {
-                return Err(deny(format_args!(
-                    "tool {:?} has no parameter {}",
-                    self.name,
-                    show_str(&param.name)
-                )));
-            };
+            let (name, value) = self.check_param(&param.name, &param.value)?;
             if params.contains_key(name) {
                 return Err(deny(format_args!(
                     "parameter {name:?} of tool {:?} is given more than once",
                     self.name
                 )));
             }
-            let value = convert(spec.ty, &param.value).ok_or_else(|| {
-                deny(format_args!(
-                    "parameter {name:?} of tool {:?} must be {}",
-                    self.name,
-                    type_with_article(spec.ty)
-                ))
-            })?;
-            check_value(&spec.rules, &value).map_err(|failure| match failure {
-                Failure::Nul => deny(format_args!(
-                    "parameter {name:?} of tool {} contains a NUL byte",
-                    self.name
-                )),
-                Failure::Rule(rule) => deny(format_args!(
-                    "parameter {name:?} = {} {} of tool {}",
-                    show_value(&value, spec.secret),
-                    describe_rule(rule, spec.secret),
-                    self.name
-                )),
-            })?;
-            params.insert(name.clone(), value);
+            params.insert(name.to_owned(), value);
         }
         let mut missing = Vec::new();
         for (name, spec) in &self.params {
@@ -346,7 +377,7 @@ fn deny(reason: std::fmt::Arguments<'_>) -> Denial {
 
 /// A peer-supplied string for a message: escaped (no newline or control
 /// character gets through) and cut to [`SHOWN_CHARS`] chars.
-fn show_str(s: &str) -> String {
+pub(crate) fn show_str(s: &str) -> String {
     match s.char_indices().nth(SHOWN_CHARS) {
         // `cut` is a char boundary: it comes from `char_indices`.
         Some((cut, _)) => format!("{:?}...", s.get(..cut).unwrap_or_default()),
@@ -365,7 +396,7 @@ fn show_value(value: &TypedValue, secret: bool) -> String {
     }
 }
 
-fn type_name(ty: ParamType) -> &'static str {
+pub(crate) fn type_name(ty: ParamType) -> &'static str {
     match ty {
         ParamType::String => "string",
         ParamType::Int => "int",
@@ -445,7 +476,7 @@ fn check_value<'a>(rules: &'a [Rule], value: &TypedValue) -> Result<(), Failure<
 /// The failed rule as the end of a sentence about the value, e.g.
 /// `does not match the pattern`. Admin-written rule text (prefix, allowed
 /// values) is left out for a secret parameter, since it reveals the value.
-fn describe_rule(rule: &Rule, secret: bool) -> String {
+pub(crate) fn describe_rule(rule: &Rule, secret: bool) -> String {
     match rule {
         Rule::Pattern(_) => "does not match the pattern".to_owned(),
         Rule::MaxLen(n) => format!("is longer than the max_len of {n} bytes"),
@@ -574,6 +605,14 @@ fn compile_broker(src: &Source, errors: &mut Vec<Located>) -> BrokerSettings {
     if cfg.socket.as_os_str().is_empty() {
         error("socket", "must not be empty".to_owned());
     }
+    if let Some(key) = &cfg.signing_key {
+        if !src.config.credentials.contains_key(key) {
+            error(
+                "signing_key",
+                format!("{key:?} is not a defined [credential.NAME]"),
+            );
+        }
+    }
     let socket_mode = parse_mode(&cfg.socket_mode).unwrap_or_else(|e| {
         error("socket_mode", e);
         0o660
@@ -617,6 +656,8 @@ fn compile_broker(src: &Source, errors: &mut Vec<Located>) -> BrokerSettings {
         call_timeout,
         max_response_bytes,
         max_connections_per_uid,
+        admin_uids: cfg.admin_uids.clone(),
+        signing_key: cfg.signing_key.clone(),
     }
 }
 
@@ -980,7 +1021,7 @@ fn from_toml(ty: ParamType, value: &toml::Value) -> Option<TypedValue> {
 /// Compile a pattern to match the whole string, within [`REGEX_SIZE_LIMIT`].
 /// The admin's own text is compiled first so that a syntax error points
 /// into what they wrote, not into our `^(?:...)$` wrapper.
-fn compile_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
+pub(crate) fn compile_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
     let build = |p: &str| {
         regex::RegexBuilder::new(p)
             .size_limit(REGEX_SIZE_LIMIT)

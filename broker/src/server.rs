@@ -31,6 +31,7 @@ use crate::listener::Listener;
 use crate::notify::Notifier;
 use crate::policy::{Action, Policy};
 use crate::session;
+use crate::token::Tokens;
 
 /// How often `STATUS=` is refreshed when no watchdog sets the pace.
 const STATUS_PERIOD: Duration = Duration::from_secs(5);
@@ -44,6 +45,8 @@ pub struct Broker {
     pub audit: Audit,
     /// The service manager, when there is one.
     pub notifier: Notifier,
+    /// The token authority; `None` without a state directory.
+    pub tokens: Option<Tokens>,
     connections: Mutex<HashMap<u32, usize>>,
     /// Sessions being served now.
     open_sessions: AtomicUsize,
@@ -79,9 +82,16 @@ impl Broker {
             executor,
             audit,
             notifier: Notifier::disabled(),
+            tokens: None,
             connections: Mutex::new(HashMap::new()),
             open_sessions: AtomicUsize::new(0),
         }
+    }
+
+    /// Mint, verify and revoke tokens with this authority.
+    pub fn with_tokens(mut self, tokens: Tokens) -> Broker {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// Report readiness, status and liveness to this service manager.
@@ -256,10 +266,13 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(conn) => {
                     let broker = Arc::clone(&broker);
-                    let stopping = stopping.clone();
+                    let shared = session::Sessions {
+                        tracker: sessions.clone(),
+                        stopping: stopping.clone(),
+                    };
                     sessions.spawn(async move {
                         let _open = OpenSession::enter(&broker);
-                        session::run(conn, Arc::clone(&broker), stopping).await;
+                        session::run(conn, Arc::clone(&broker), shared).await;
                     });
                 }
                 Err(e) => {

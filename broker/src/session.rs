@@ -6,6 +6,13 @@
 //! message that cannot be authenticated or decoded gets an error reply and
 //! the connection is closed: a well-behaved client never sends one.
 //!
+//! Authority: an unbound connection acts with the principal authority of
+//! its peer's kernel uid/gid. After `Bind` it acts only with the bound
+//! token's authority, and so does every channel passed over it
+//! (`Request::Channel`); a bound connection accepts messages from any
+//! process of the bound uid/gid (the sandbox's children share it), still
+//! by kernel credentials.
+//!
 //! Deadlines: the `Hello` must arrive within [`HELLO_DEADLINE`]. After it
 //! there is no idle deadline: `SOCK_SEQPACKET` delivers whole messages, so
 //! a slow peer cannot hold a half-read request, and idle connections are
@@ -16,16 +23,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use keyward_proto::token::hex;
 use keyward_proto::{
-    decode, encode, Call, Denial, ErrorCode, ErrorReply, Hello, Request, Response, PROTOCOL_VERSION,
+    decode, encode, Attenuate, Bind, Bound, Call, Denial, ErrorCode, ErrorReply, Hello, Mint,
+    Request, Response, Revoke, Revoked, ToolList, PROTOCOL_VERSION,
 };
 
 use crate::audit::{Decision, Event, Record};
 use crate::executor::ExecError;
-use crate::listener::{Connection, RECV_BUFFER};
+use crate::listener::{Connection, Received, RECV_BUFFER};
 use crate::peer::Peer;
+use crate::policy::{AuthorizedCall, Denial as PolicyDenial};
 use crate::server::Broker;
+use crate::token::{self, BindRefused, BoundToken, ChannelSlot, Tokens};
+
+/// What every session of the broker shares for spawning channel sessions
+/// and stopping.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    pub tracker: TaskTracker,
+    pub stopping: CancellationToken,
+}
 
 /// How long a new connection has to send its `Hello`.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
@@ -33,6 +53,13 @@ pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 pub const SEND_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest peer-supplied name echoed into a message or record.
 const SHOWN_NAME_MAX: usize = 64;
+
+/// What a session holds while it lives; released on drop.
+#[allow(dead_code)] // the slots are held only for their `Drop`
+enum Slot {
+    Connection(crate::server::ConnectionSlot),
+    Channel(ChannelSlot),
+}
 
 /// What to do after answering a message.
 enum Next {
@@ -42,7 +69,25 @@ enum Next {
 
 /// Serve one connection until the peer closes it, it misbehaves, or the
 /// broker stops (an in-flight call always completes and is answered).
-pub async fn run(conn: Connection, broker: Arc<Broker>, stopping: CancellationToken) {
+pub async fn run(conn: Connection, broker: Arc<Broker>, sessions: Sessions) {
+    serve_connection(conn, broker, sessions, None).await;
+}
+
+/// A channel passed over a bound connection: its session and its slot
+/// there. Channels count against their session's channel cap, not the
+/// uid's connection cap, so a sandbox cannot crowd out its orchestrator.
+struct ChannelOf {
+    bound: Arc<BoundToken>,
+    _slot: ChannelSlot,
+}
+
+/// Serve a connection: a new one, or a channel of a bound session.
+async fn serve_connection(
+    conn: Connection,
+    broker: Arc<Broker>,
+    sessions: Sessions,
+    channel: Option<ChannelOf>,
+) {
     let peer = match Peer::pin(&conn.as_fd()) {
         Ok(peer) => peer,
         Err(e) => {
@@ -51,30 +96,45 @@ pub async fn run(conn: Connection, broker: Arc<Broker>, stopping: CancellationTo
                 .audit
                 .must_record(&Record::new(Event::Refused, Decision::Deny).reason(&reason));
             let _ = reply_error(&conn, ErrorCode::Unauthenticated, reason).await;
+            conn.drain();
             return;
         }
     };
-    let Some(_slot) = broker.admit(peer.uid) else {
-        let reason = format!(
-            "uid {} already holds the maximum number of connections",
-            peer.uid
-        );
-        refuse(&broker, &peer, &reason);
-        let _ = reply_error(&conn, ErrorCode::Busy, reason).await;
-        return;
+    let (bound, _slot) = match channel {
+        Some(channel) => (Some(channel.bound), Slot::Channel(channel._slot)),
+        None => match broker.admit(peer.uid) {
+            Some(slot) => (None, Slot::Connection(slot)),
+            None => {
+                let reason = format!(
+                    "uid {} already holds the maximum number of connections",
+                    peer.uid
+                );
+                refuse(&broker, &peer, &reason);
+                let _ = reply_error(&conn, ErrorCode::Busy, reason).await;
+                conn.drain();
+                return;
+            }
+        },
     };
 
+    let stopping = sessions.stopping.clone();
     let mut session = Session {
         conn,
         broker,
         peer,
         greeted: false,
+        bound,
+        sessions,
+        sender_pid: 0,
     };
     let mut buf = vec![0u8; RECV_BUFFER];
+    // One registration for the connection's life, not one per message.
+    let stopped = stopping.cancelled();
+    tokio::pin!(stopped);
     loop {
         let received = tokio::select! {
             biased;
-            () = stopping.cancelled() => break,
+            () = &mut stopped => break,
             r = recv_within(&session, &mut buf) => r,
         };
         let Some(received) = received else { break };
@@ -107,10 +167,16 @@ struct Session {
     broker: Arc<Broker>,
     peer: Peer,
     greeted: bool,
+    /// The token this connection acts with, once bound.
+    bound: Option<Arc<BoundToken>>,
+    sessions: Sessions,
+    /// Pid of the current message's sender (on a bound connection, any
+    /// process of the sandbox), for the audit records.
+    sender_pid: i32,
 }
 
 impl Session {
-    async fn handle(&mut self, received: crate::listener::Received, buf: &[u8]) -> Next {
+    async fn handle(&mut self, mut received: Received, buf: &[u8]) -> Next {
         if received.truncated || received.len > keyward_proto::MAX_MESSAGE {
             return self
                 .protocol_error(
@@ -119,13 +185,17 @@ impl Session {
                 )
                 .await;
         }
-        if received.control_truncated || !received.fds.is_empty() {
-            // Passed fds are closed when `received` drops.
+        if received.control_truncated {
             return self
                 .protocol_error(ErrorCode::Malformed, "unexpected control data".into())
                 .await;
         }
-        if let Err(e) = self.peer.authenticate(received.creds.as_ref()) {
+        let authenticated = if self.bound.is_some() {
+            self.peer.authenticate_any_pid(received.creds.as_ref())
+        } else {
+            self.peer.authenticate(received.creds.as_ref())
+        };
+        if let Err(e) = authenticated {
             return self
                 .protocol_error(
                     ErrorCode::Unauthenticated,
@@ -133,18 +203,32 @@ impl Session {
                 )
                 .await;
         }
+        self.sender_pid = received.creds.map_or(self.peer.pid, |c| c.pid());
         let bytes = buf.get(..received.len).unwrap_or_default();
         let request = match decode::<Request>(bytes) {
             Ok(request) => request,
             Err(e) => return self.protocol_error(e.code(), e.to_string()).await,
         };
+        let fds = std::mem::take(&mut received.fds);
+        if !fds.is_empty() && !matches!(request, Request::Channel) {
+            // Passed fds are closed when dropped.
+            return self
+                .protocol_error(ErrorCode::Malformed, "unexpected file descriptors".into())
+                .await;
+        }
         match request {
             Request::Hello(hello) => self.hello(hello).await,
-            Request::Call(call) if self.greeted => self.call(call).await,
-            Request::Call(_) => {
+            _ if !self.greeted => {
                 self.protocol_error(ErrorCode::HelloRequired, "send Hello first".into())
                     .await
             }
+            Request::Call(call) => self.call(call).await,
+            Request::Bind(bind) => self.bind(bind).await,
+            Request::Channel => self.channel(fds),
+            Request::Mint(mint) => self.mint(mint).await,
+            Request::Attenuate(attenuate) => self.attenuate(attenuate).await,
+            Request::Tools => self.tools().await,
+            Request::Revoke(revoke) => self.revoke(revoke).await,
         }
     }
 
@@ -175,16 +259,20 @@ impl Session {
     async fn call(&mut self, call: Call) -> Next {
         let policy = self.broker.policy();
         let shown_tool = shown_name(&call.tool);
-        let authorized = match policy.authorize(&self.peer.caller(), &call) {
+        let decided = match (&self.bound, self.tokens()) {
+            (Some(bound), Ok(tokens)) => off_reactor(|| {
+                tokens.authorize(&policy, &self.peer.caller(), bound, &call, token::now())
+            }),
+            (Some(_), Err(denial)) => Err(denial),
+            (None, _) => policy.authorize(&self.peer.caller(), &call),
+        };
+        let authorized: AuthorizedCall = match decided {
             Ok(authorized) => authorized,
             Err(denial) => {
-                self.audit(
-                    Event::Call,
-                    Decision::Deny,
-                    &shown_tool,
-                    None,
-                    &denial.reason,
-                    None,
+                self.audit_token(
+                    self.record(Event::Call, Decision::Deny)
+                        .tool(&shown_tool)
+                        .reason(&denial.reason),
                 );
                 return self
                     .send(&Response::Denied(Denial {
@@ -195,17 +283,18 @@ impl Session {
         };
         let tool = authorized.tool.name.as_str();
         let principal = authorized.principal.as_str();
-        if self
-            .broker
-            .audit
-            .must_record(
-                &self
-                    .record(Event::Call, Decision::Allow)
-                    .tool(tool)
-                    .principal(principal),
-            )
-            .is_err()
-        {
+        let call_hash = self
+            .bound
+            .as_ref()
+            .map(|_| hex(&token::call_hash_of(tool, &authorized.params)));
+        let mut allowed = self
+            .record(Event::Call, Decision::Allow)
+            .tool(tool)
+            .principal(principal);
+        if let Some(hash) = &call_hash {
+            allowed = allowed.call_hash(hash);
+        }
+        if self.must_audit_token(allowed).is_err() {
             // No record, no call.
             return self
                 .reply_error(ErrorCode::Internal, "the audit trail is unavailable".into())
@@ -216,13 +305,11 @@ impl Session {
                 let response = Response::Done(result);
                 if encode(&response).is_err() {
                     let reason = "the result is too large to return";
-                    self.audit(
-                        Event::CallFailed,
-                        Decision::Error,
-                        tool,
-                        Some(principal),
-                        reason,
-                        None,
+                    self.audit_token(
+                        self.record(Event::CallFailed, Decision::Error)
+                            .tool(tool)
+                            .principal(principal)
+                            .reason(reason),
                     );
                     return self.reply_error(ErrorCode::Upstream, reason.into()).await;
                 }
@@ -230,25 +317,21 @@ impl Session {
             }
             Err(ExecError::Rejected(reason)) => {
                 let reason = format!("call denied: {reason}");
-                self.audit(
-                    Event::Call,
-                    Decision::Deny,
-                    tool,
-                    Some(principal),
-                    &reason,
-                    None,
+                self.audit_token(
+                    self.record(Event::Call, Decision::Deny)
+                        .tool(tool)
+                        .principal(principal)
+                        .reason(&reason),
                 );
                 self.send(&Response::Denied(Denial { reason })).await
             }
             Err(e) => {
                 let reason = e.to_string();
-                self.audit(
-                    Event::CallFailed,
-                    Decision::Error,
-                    tool,
-                    Some(principal),
-                    &reason,
-                    None,
+                self.audit_token(
+                    self.record(Event::CallFailed, Decision::Error)
+                        .tool(tool)
+                        .principal(principal)
+                        .reason(&reason),
                 );
                 self.reply_error(ErrorCode::Upstream, reason).await
             }
@@ -256,28 +339,287 @@ impl Session {
     }
 
     fn record(&self, event: Event, decision: Decision) -> Record<'static> {
-        Record::new(event, decision).peer(self.peer.pid, self.peer.uid, self.peer.gid)
+        let pid = if self.sender_pid > 0 {
+            self.sender_pid
+        } else {
+            self.peer.pid
+        };
+        Record::new(event, decision).peer(pid, self.peer.uid, self.peer.gid)
     }
 
-    fn audit(
-        &self,
-        event: Event,
-        decision: Decision,
-        tool: &str,
-        principal: Option<&str>,
-        reason: &str,
-        status: Option<u16>,
-    ) {
-        let mut record = self.record(event, decision).tool(tool).reason(reason);
-        record.principal = principal;
-        record.status = status;
-        let _ = self.broker.audit.must_record(&record);
+    /// Write a record, with the bound token's id and task when there is
+    /// one. A failure is reported by the audit sink itself.
+    fn audit_token(&self, record: Record<'_>) {
+        let _ = self.must_audit_token(record);
+    }
+
+    fn must_audit_token(&self, record: Record<'_>) -> Result<(), crate::audit::AuditError> {
+        match &self.bound {
+            Some(bound) => self
+                .broker
+                .audit
+                .must_record(&record.token(&bound.id_hex).task(&bound.task_hex)),
+            None => self.broker.audit.must_record(&record),
+        }
+    }
+
+    /// The token authority, or the denial that tokens are disabled.
+    fn tokens(&self) -> Result<&Tokens, PolicyDenial> {
+        self.broker.tokens.as_ref().ok_or_else(|| PolicyDenial {
+            reason: "tokens are disabled: the broker has no state directory \
+                     (set state_dir or run it with StateDirectory=)"
+                .into(),
+        })
+    }
+
+    async fn bind(&mut self, bind: Bind) -> Next {
+        if self.bound.is_some() {
+            return self
+                .deny(
+                    Event::Bind,
+                    "bind denied: this connection is already bound".into(),
+                )
+                .await;
+        }
+        let verified = match self.tokens() {
+            Ok(tokens) => tokens.verify(&self.peer.caller(), &bind.token, token::now()),
+            Err(denial) => Err(BindRefused {
+                denial,
+                token: None,
+            }),
+        };
+        let bound = match verified {
+            Ok(bound) => Arc::new(bound),
+            Err(BindRefused {
+                denial,
+                token: Some(token),
+            }) => {
+                // The signature checked out, so its id and task are the
+                // token's own: record the refusal under them.
+                self.audit_token(
+                    self.record(Event::Bind, Decision::Deny)
+                        .reason(&denial.reason)
+                        .token(&token.id_hex)
+                        .task(&token.task_hex),
+                );
+                return self
+                    .send(&Response::Denied(Denial {
+                        reason: denial.reason,
+                    }))
+                    .await;
+            }
+            Err(BindRefused {
+                denial,
+                token: None,
+            }) => {
+                return self.deny(Event::Bind, denial.reason).await;
+            }
+        };
+        let body = &bound.verified.body;
+        let reply = Response::Bound(Bound {
+            id: body.id,
+            task: body.task,
+            expires: body.expires,
+        });
+        self.bound = Some(Arc::clone(&bound));
+        if self
+            .must_audit_token(
+                self.record(Event::Bind, Decision::Allow)
+                    .principal(&body.issuer),
+            )
+            .is_err()
+        {
+            self.bound = None;
+            return self
+                .reply_error(ErrorCode::Internal, "the audit trail is unavailable".into())
+                .await;
+        }
+        self.send(&reply).await
+    }
+
+    /// Serve a passed socket as a new channel of this bound session. No
+    /// reply goes out on this connection, which other processes share: a
+    /// bad channel is closed, and its creator sees that on its own end.
+    fn channel(&mut self, mut fds: Vec<std::os::fd::OwnedFd>) -> Next {
+        let reason = match (&self.bound, fds.len()) {
+            (None, _) => Some("channel refused: only a bound connection can pass channels"),
+            (Some(_), 1) => None,
+            (Some(_), _) => Some("channel refused: a Channel message carries exactly one socket"),
+        };
+        if let Some(reason) = reason {
+            self.audit_token(self.record(Event::Refused, Decision::Deny).reason(reason));
+            return Next::Continue;
+        }
+        let (Some(fd), Some(bound)) = (fds.pop(), self.bound.clone()) else {
+            return Next::Continue;
+        };
+        let live = self
+            .tokens()
+            .and_then(|t| t.check_live(&self.peer.caller(), &bound, token::now()));
+        let refused = match (live, bound.open_channel()) {
+            (Err(denial), _) => Some(format!("channel refused: {}", denial.reason)),
+            (Ok(()), None) => Some(format!(
+                "channel refused: the session already has {} channels open",
+                token::MAX_CHANNELS_PER_SESSION
+            )),
+            (Ok(()), Some(slot)) => {
+                match crate::listener::adopt_channel(fd, self.peer.uid, self.peer.gid) {
+                    Ok(conn) => {
+                        let broker = Arc::clone(&self.broker);
+                        let sessions = self.sessions.clone();
+                        let channel = ChannelOf { bound, _slot: slot };
+                        self.sessions.tracker.spawn(serve_connection(
+                            conn,
+                            broker,
+                            sessions,
+                            Some(channel),
+                        ));
+                        None
+                    }
+                    Err(e) => Some(format!("channel refused: {e}")),
+                }
+            }
+        };
+        if let Some(reason) = refused {
+            self.audit_token(self.record(Event::Refused, Decision::Deny).reason(&reason));
+        }
+        Next::Continue
+    }
+
+    async fn mint(&mut self, mint: Mint) -> Next {
+        if self.bound.is_some() {
+            return self
+                .deny(
+                    Event::Mint,
+                    "mint denied: a bound connection acts only with its token's authority".into(),
+                )
+                .await;
+        }
+        let policy = self.broker.policy();
+        let minted = self.tokens().and_then(|t| {
+            off_reactor(|| t.mint(&policy, &self.peer.caller(), &mint, token::now()))
+        });
+        match minted {
+            Ok(minted) => {
+                let id = minted.id.to_string();
+                let task = hex(&keyward_proto::token::task_hash(&mint.task));
+                let tools = mint.tools.join(",");
+                let record = self
+                    .record(Event::Mint, Decision::Allow)
+                    .tool(&tools)
+                    .token(&id)
+                    .task(&task);
+                if self.broker.audit.must_record(&record).is_err() {
+                    return self
+                        .reply_error(ErrorCode::Internal, "the audit trail is unavailable".into())
+                        .await;
+                }
+                self.send(&Response::Minted(minted)).await
+            }
+            Err(denial) => self.deny(Event::Mint, denial.reason).await,
+        }
+    }
+
+    async fn attenuate(&mut self, attenuate: Attenuate) -> Next {
+        let Some(bound) = self.bound.clone() else {
+            return self
+                .deny(
+                    Event::Attenuate,
+                    "attenuation denied: bind the token to attenuate first".into(),
+                )
+                .await;
+        };
+        let policy = self.broker.policy();
+        let caller = self.peer.caller();
+        let minted = self.tokens().and_then(|t| {
+            off_reactor(|| t.attenuate(&policy, &caller, &bound, &attenuate, token::now()))
+        });
+        match minted {
+            Ok(minted) => {
+                let child = minted.id.to_string();
+                let reason = format!("child token {child}");
+                if self
+                    .must_audit_token(
+                        self.record(Event::Attenuate, Decision::Allow)
+                            .reason(&reason),
+                    )
+                    .is_err()
+                {
+                    return self
+                        .reply_error(ErrorCode::Internal, "the audit trail is unavailable".into())
+                        .await;
+                }
+                self.send(&Response::Minted(minted)).await
+            }
+            Err(denial) => self.deny(Event::Attenuate, denial.reason).await,
+        }
+    }
+
+    async fn tools(&mut self) -> Next {
+        let policy = self.broker.policy();
+        let caller = self.peer.caller();
+        let tools = match (&self.bound, self.tokens()) {
+            (Some(bound), Ok(tokens)) => tokens.tools(&policy, &caller, bound, token::now()),
+            (Some(_), Err(denial)) => Err(denial),
+            (None, _) => Ok(token::principal_tools(&policy, &caller)),
+        };
+        match tools {
+            Ok(tools) => self.send(&Response::ToolList(ToolList { tools })).await,
+            Err(denial) => {
+                self.send(&Response::Denied(Denial {
+                    reason: denial.reason,
+                }))
+                .await
+            }
+        }
+    }
+
+    async fn revoke(&mut self, revoke: Revoke) -> Next {
+        if self.bound.is_some() {
+            return self
+                .deny(
+                    Event::Revoke,
+                    "revocation denied: a bound connection acts only with its token's authority"
+                        .into(),
+                )
+                .await;
+        }
+        let policy = self.broker.policy();
+        let revoked = self.tokens().and_then(|t| {
+            off_reactor(|| t.revoke(&policy, &self.peer.caller(), revoke.id, token::now()))
+        });
+        let id = revoke.id.to_string();
+        match revoked {
+            Ok(()) => {
+                self.audit_token(self.record(Event::Revoke, Decision::Allow).token(&id));
+                self.send(&Response::Revoked(Revoked { id: revoke.id }))
+                    .await
+            }
+            Err(denial) => {
+                self.audit_token(
+                    self.record(Event::Revoke, Decision::Deny)
+                        .token(&id)
+                        .reason(&denial.reason),
+                );
+                self.send(&Response::Denied(Denial {
+                    reason: denial.reason,
+                }))
+                .await
+            }
+        }
+    }
+
+    /// Record a denial of `event` and send it.
+    async fn deny(&mut self, event: Event, reason: String) -> Next {
+        self.audit_token(self.record(event, Decision::Deny).reason(&reason));
+        self.send(&Response::Denied(Denial { reason })).await
     }
 
     /// Refuse a message before any policy decision, then close.
     async fn protocol_error(&mut self, code: ErrorCode, message: String) -> Next {
         refuse(&self.broker, &self.peer, &message);
         let _ = reply_error(&self.conn, code, message).await;
+        self.conn.drain();
         Next::Close
     }
 
@@ -291,6 +633,15 @@ impl Session {
             Ok(()) => Next::Continue,
             Err(_) => Next::Close,
         }
+    }
+}
+
+/// Run a token operation that may write and fsync the state file without
+/// stalling the other tasks of the reactor thread it runs on.
+fn off_reactor<T>(op: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(op),
+        _ => op(),
     }
 }
 

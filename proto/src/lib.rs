@@ -12,6 +12,9 @@
 //! describe, and must reject trailing bytes and unknown variants with a
 //! typed [`DecodeError`] that carries nothing the peer wrote.
 //!
+//! [`token`] holds the capability-token format: signed, bound to a task,
+//! an audience, an expiry and exact tool/parameter constraints.
+//!
 //! Tests: round trips and golden bytes pin the encoding (a format change is
 //! a deliberate act); property tests decode arbitrary bytes, every
 //! truncation and every extension of valid frames.
@@ -20,10 +23,12 @@
 mod bounded;
 mod codec;
 mod message;
+pub mod token;
 
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use message::{
-    Call, CallResult, Denial, ErrorCode, ErrorReply, Header, Hello, Param, Request, Response, Value,
+    Attenuate, Bind, Bound, Call, CallResult, Denial, ErrorCode, ErrorReply, Header, Hello, Mint,
+    Minted, Param, ParamInfo, Request, Response, Revoke, Revoked, ToolInfo, ToolList, Value,
 };
 
 /// The protocol version this build speaks; a `Hello` with any other version

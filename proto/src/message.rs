@@ -6,13 +6,31 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::token::{Audience, ParamConstraint, TokenId};
+
 /// What a client sends.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
 pub enum Request {
     /// First message on every connection.
     Hello(Hello),
-    /// Perform a tool call with the caller's authority.
+    /// Perform a tool call: with the caller's principal authority, or on a
+    /// bound connection with the bound token's authority alone.
     Call(Call),
+    /// Bind a token to this connection: from now on it (and every channel
+    /// passed over it) acts only with that token's authority.
+    Bind(Bind),
+    /// Carries exactly one connected `SOCK_SEQPACKET` socket (`SCM_RIGHTS`)
+    /// that the broker serves as a new channel of this connection's bound
+    /// session. No reply is sent on this connection.
+    Channel,
+    /// Mint a token (principals only, on an unbound connection).
+    Mint(Mint),
+    /// Mint a strict subset of this connection's bound token.
+    Attenuate(Attenuate),
+    /// List the tools this connection may call, with their constraints.
+    Tools,
+    /// Revoke a token and all its descendants.
+    Revoke(Revoke),
 }
 
 /// What the broker answers; exactly one per request.
@@ -26,6 +44,14 @@ pub enum Response {
     Denied(Denial),
     /// The request could not be served; see the code.
     Error(ErrorReply),
+    /// The token is bound to this connection.
+    Bound(Bound),
+    /// A new token (from `Mint` or `Attenuate`).
+    Minted(Minted),
+    /// The answer to `Tools`.
+    ToolList(ToolList),
+    /// The token is revoked.
+    Revoked(Revoked),
 }
 
 /// Version exchange.
@@ -148,4 +174,119 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The peer exceeded a concurrency or rate limit.
     Busy,
+}
+
+/// `Bind`: the token string. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    pub token: String,
+}
+
+impl fmt::Debug for Bind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Bind { token: [token] }")
+    }
+}
+
+/// `Mint`: what the new token may do, for whom, for how long.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Mint {
+    /// The tools the token may call.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub tools: Vec<String>,
+    /// Constraints, each applied to every listed tool that has the
+    /// parameter (at least one must).
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub params: Vec<ParamConstraint>,
+    /// Lifetime in seconds; the broker's default when `None`. Never more
+    /// than the policy's `max_token_ttl`.
+    pub ttl_secs: Option<u64>,
+    pub max_uses: Option<u32>,
+    /// The task description; its blake3 hash goes in the token.
+    pub task: String,
+    /// Who may present it; the minting caller's uid when `None`.
+    pub audience: Option<Audience>,
+    /// Pin the token to exactly the one call its `Exact` constraints
+    /// describe (sets `call_hash`).
+    pub exact_call: bool,
+}
+
+/// `Attenuate`: how to narrow the bound token. Everything is optional; the
+/// child keeps the parent's constraints (and task) and adds these.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Attenuate {
+    /// Keep only these tools (all of the parent's when empty).
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub tools: Vec<String>,
+    /// Further constraints, applied to every kept tool that has the
+    /// parameter.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub params: Vec<ParamConstraint>,
+    pub ttl_secs: Option<u64>,
+    pub max_uses: Option<u32>,
+}
+
+/// `Revoke`: the token id.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Revoke {
+    pub id: TokenId,
+}
+
+/// `Bound`: the bound token's id, task hash and expiry.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Bound {
+    pub id: TokenId,
+    pub task: [u8; 32],
+    pub expires: u64,
+}
+
+/// `Minted`: a new token. `Debug` never shows the token string.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Minted {
+    pub token: String,
+    pub id: TokenId,
+    pub expires: u64,
+}
+
+impl fmt::Debug for Minted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Minted")
+            .field("token", &"[token]")
+            .field("id", &self.id)
+            .field("expires", &self.expires)
+            .finish()
+    }
+}
+
+/// `Revoked`: the id now revoked.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Revoked {
+    pub id: TokenId,
+}
+
+/// `ToolList`: every tool the connection may call.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ToolList {
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub tools: Vec<ToolInfo>,
+}
+
+/// One callable tool and what its parameters must satisfy.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ToolInfo {
+    pub name: String,
+    pub description: String,
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub params: Vec<ParamInfo>,
+}
+
+/// One parameter: type, whether required, and every rule that applies
+/// (policy first, then the token's), in words.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ParamInfo {
+    pub name: String,
+    pub ty: String,
+    pub required: bool,
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub rules: Vec<String>,
 }

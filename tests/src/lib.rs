@@ -61,6 +61,8 @@ pub struct Broker {
     pub socket: PathBuf,
     pub child: Option<Child>,
     audit_path: PathBuf,
+    config_path: PathBuf,
+    run_as: Option<u32>,
 }
 
 /// What a test broker is started with.
@@ -141,27 +143,53 @@ impl Broker {
         let config_path = dir.path().join("broker.toml");
         std::fs::write(&config_path, config).unwrap();
         let audit_path = dir.path().join("audit.log");
-        let audit = std::fs::File::create(&audit_path).unwrap();
+        let mut broker = Broker {
+            socket,
+            dir,
+            child: None,
+            audit_path,
+            config_path,
+            run_as: setup.run_as,
+        };
+        broker.launch();
+        broker
+    }
+
+    /// Start the broker process (its audit output appended to audit.log).
+    fn launch(&mut self) {
+        let audit = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.audit_path)
+            .unwrap();
         let mut cmd = Command::new(binary("keyward-broker"));
         cmd.arg("serve")
             .arg("--config")
-            .arg(&config_path)
+            .arg(&self.config_path)
+            .arg("--audit")
+            .arg("stderr")
             .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(audit);
-        if let Some(uid) = setup.run_as {
+        if let Some(uid) = self.run_as {
             cmd.uid(uid).gid(uid);
         }
-        let child = cmd.spawn().unwrap();
-        Broker {
-            socket,
-            dir,
-            child: Some(child),
-            audit_path,
-        }
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    /// `kill -9` the broker, then start it again on the same config and
+    /// state, and wait until it serves.
+    pub fn kill9_and_restart(mut self) -> Broker {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        self.launch();
+        self.wait_ready()
     }
 
     /// Wait until the socket accepts a `Hello`; panics with the broker's
@@ -359,12 +387,15 @@ impl RawConn {
     pub fn recv(&self) -> Option<keyward_proto::Response> {
         use std::os::fd::AsRawFd;
         let mut buf = vec![0u8; keyward_proto::MAX_MESSAGE + 1];
-        let n = nix::sys::socket::recv(
+        let n = match nix::sys::socket::recv(
             self.fd.as_raw_fd(),
             &mut buf,
             nix::sys::socket::MsgFlags::empty(),
-        )
-        .unwrap();
+        ) {
+            // The broker closed with our message unread.
+            Err(nix::Error::ECONNRESET) => return None,
+            other => other.unwrap(),
+        };
         if n == 0 {
             return None;
         }

@@ -817,7 +817,6 @@ fn every_attack_fails_inside_agent_shim_run() {
 /// audience is the orchestrator's uid, checked against the kernel's
 /// credentials.
 #[test]
-#[ignore = "needs issue 3 tokens"]
 fn a_token_copied_out_is_refused_for_another_uid() {
     keyward_tests::require_root();
     let lab = Lab::new();
@@ -842,7 +841,6 @@ fn a_token_copied_out_is_refused_for_another_uid() {
 /// (no socket), and not over its bound channel (a bound session carries
 /// the token's authority only).
 #[test]
-#[ignore = "needs issue 3 tokens"]
 fn the_sandbox_cannot_mint_as_the_orchestrator() {
     keyward_tests::require_root();
     let lab = Lab::new();

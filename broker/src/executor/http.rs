@@ -497,6 +497,8 @@ mod tests {
             call_timeout: Duration::from_secs(10),
             max_response_bytes: 60_000,
             max_connections_per_uid: 8,
+            admin_uids: Vec::new(),
+            signing_key: None,
         }
     }
 

@@ -89,7 +89,7 @@ fn apply_layer(layer: &str) -> Result<(), String> {
 
 /// The call a well-behaved sub-agent makes: `echo`, over its own channel.
 fn legit_call() {
-    let result = agent_shim::client::Client::from_env_or_socket()
+    let result = agent_shim::client::from_env_or_socket()
         .and_then(|mut c| c.call("echo", &[("message".into(), "legit".into())]));
     match result {
         Ok(keyward_proto::Response::Done(done)) => {

@@ -10,6 +10,9 @@
 //! - `kw-test-peer hold SOCKET UID N`: as UID, open N connections and say
 //!   Hello on each, then print the outcome of an (N+1)th, and keep them
 //!   all open until stdin closes.
+//! - `kw-test-peer channels N` (inside `agent-shim run`): open N channels
+//!   over `$KEYWARD_FD` at once, call `echo` on each, and print how many
+//!   worked.
 //! - `kw-test-peer pingpong SOCKET`: bind SOCKET (`SOCK_SEQPACKET`), accept
 //!   one connection and send every message straight back until it closes:
 //!   the raw baseline for the round-trip benchmark.
@@ -43,6 +46,7 @@ fn main() {
         "handoff" => handoff(socket, &args[3]),
         "hold" => hold(socket, args[3].parse().unwrap(), args[4].parse().unwrap()),
         "pingpong" => pingpong(socket),
+        "channels" => channels(args[2].parse().unwrap()),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -57,13 +61,10 @@ fn hold(socket: &std::path::Path, uid: u32, n: usize) {
         })
         .collect();
     let extra = RawConn::connect(socket);
-    // The broker may refuse (and close) before reading anything, so a
-    // failed send is expected; the reply is what counts.
-    let hello = keyward_proto::encode(&keyward_proto::Request::Hello(keyward_proto::Hello {
-        version: keyward_proto::PROTOCOL_VERSION,
-    }))
-    .unwrap();
-    let _ = extra.send(&hello);
+    // A refused connection is answered at once, before the broker reads
+    // anything (sending first could leave unread data at the broker's
+    // close, which the kernel reports here as ECONNRESET). An admitted one
+    // would wait for a Hello and close at its deadline: "closed".
     let reply = extra.recv();
     println!(
         "{}",
@@ -127,4 +128,22 @@ fn pingpong(socket: &std::path::Path) {
         }
         send(conn, &buf[..n], MsgFlags::MSG_NOSIGNAL).unwrap();
     }
+}
+
+fn channels(n: usize) {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        match agent_shim::client::from_env_or_socket() {
+            Ok(client) => open.push(client),
+            Err(_) => break,
+        }
+    }
+    let params = [("message".to_owned(), "x".to_owned())];
+    let mut working = 0;
+    for client in &mut open {
+        if matches!(client.call("echo", &params), Ok(Response::Done(_))) {
+            working += 1;
+        }
+    }
+    println!("{working}");
 }

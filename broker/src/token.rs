@@ -1,0 +1,959 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Capability tokens on the broker side: mint, verify, bind, use,
+//! attenuate, revoke.
+//!
+//! Authority flows one way: a principal mints a token only for tools in
+//! its `may_delegate`, within each tool's policy and the TTL cap; a holder
+//! may attenuate it to a strict subset; a use must satisfy a grant *and*
+//! the tool's policy *and* the issuer's current `may_delegate`, so a token
+//! can narrow policy but never widen it, and a policy change takes effect
+//! for tokens already out. Everything that decides is here; the session
+//! only routes messages.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keyward_proto::token::{
+    self, Audience, Constraint, Grant, ParamConstraint, TokenBody, TokenId, Verified,
+};
+use keyward_proto::{Attenuate, Call, Mint, Minted, ParamInfo, ToolInfo, Value};
+
+use crate::config::ParamType;
+use crate::credential::Credentials;
+use crate::keys::{KeyError, Keys};
+use crate::policy::{
+    compile_pattern, describe_rule, show_str, type_name, AuthorizedCall, Caller, Denial, Policy,
+    Tool, TypedValue,
+};
+use crate::state::{MintRecord, StateError, TokenState, UseError};
+
+/// Lifetime of a minted token when the minter asks for none.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(5 * 60);
+/// Longest attenuation chain.
+pub const MAX_LINEAGE: usize = 16;
+/// Most grants in one token.
+const MAX_GRANTS: usize = 64;
+/// Most constraints in one grant.
+const MAX_CONSTRAINTS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSetupError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("signing_key names credential {0:?}, which was not loaded")]
+    MissingCredential(String),
+    #[error("no state directory: set state_dir in [broker] (or StateDirectory= under systemd)")]
+    NoStateDirectory,
+}
+
+/// Most children one bound session may attenuate.
+pub const MAX_ATTENUATIONS_PER_SESSION: u32 = 64;
+/// Most channels open at once over one bound session.
+pub const MAX_CHANNELS_PER_SESSION: usize = 16;
+
+/// A verified token bound to a session (shared by its channels), with the
+/// id and task hash as audit records show them (computed once, at bind),
+/// and the session's use of attenuation and channels.
+#[derive(Debug)]
+pub struct BoundToken {
+    pub verified: Verified,
+    pub id_hex: String,
+    pub task_hex: String,
+    attenuations: AtomicU32,
+    channels: AtomicUsize,
+}
+
+/// A channel slot of a bound session; released on drop.
+#[derive(Debug)]
+pub struct ChannelSlot(std::sync::Arc<BoundToken>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.channels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A refused bind: the denial, and the token when its signature was good
+/// (so the refusal can be audited under its id).
+#[derive(Debug)]
+pub struct BindRefused {
+    pub denial: Denial,
+    pub token: Option<Box<BoundToken>>,
+}
+
+impl BoundToken {
+    fn new(verified: Verified) -> BoundToken {
+        BoundToken {
+            id_hex: verified.body.id.to_string(),
+            task_hex: token::hex(&verified.body.task),
+            verified,
+            attenuations: AtomicU32::new(0),
+            channels: AtomicUsize::new(0),
+        }
+    }
+
+    /// Reserve a channel slot, or `None` at [`MAX_CHANNELS_PER_SESSION`].
+    pub fn open_channel(self: &std::sync::Arc<Self>) -> Option<ChannelSlot> {
+        let taken = self.channels.fetch_add(1, Ordering::Relaxed);
+        let slot = ChannelSlot(std::sync::Arc::clone(self));
+        (taken < MAX_CHANNELS_PER_SESSION).then_some(slot)
+    }
+
+    pub fn id(&self) -> TokenId {
+        self.verified.body.id
+    }
+}
+
+/// The broker's token authority: its key and its persistent state.
+#[derive(Debug)]
+pub struct Tokens {
+    keys: Keys,
+    state: TokenState,
+    /// Compiled token patterns, by source text.
+    patterns: Mutex<HashMap<String, regex::Regex>>,
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The state directory: `$STATE_DIRECTORY` (systemd's `StateDirectory=`)
+/// or the configured one.
+pub fn state_directory(configured: Option<&Path>) -> Option<PathBuf> {
+    std::env::var_os("STATE_DIRECTORY")
+        .filter(|v| !v.is_empty())
+        // systemd may pass several, colon-separated: the first is ours.
+        .map(|v| PathBuf::from(v.to_string_lossy().split(':').next().unwrap_or_default()))
+        .or_else(|| configured.map(Path::to_path_buf))
+}
+
+fn deny(reason: String) -> Denial {
+    Denial { reason }
+}
+
+impl Tokens {
+    /// Open the state directory and load (or generate) the signing key.
+    pub fn open(
+        policy: &Policy,
+        state_dir: &Path,
+        credentials: &Credentials,
+    ) -> Result<Tokens, TokenSetupError> {
+        let keys = match &policy.broker.signing_key {
+            Some(name) => {
+                let secret = credentials
+                    .get(name)
+                    .ok_or_else(|| TokenSetupError::MissingCredential(name.clone()))?;
+                Keys::from_credential(name, secret)?
+            }
+            None => Keys::load_or_create(state_dir)?,
+        };
+        Ok(Tokens {
+            keys,
+            state: TokenState::open(state_dir)?,
+            patterns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    // -- mint ---------------------------------------------------------------
+
+    /// Mint a token for a principal caller.
+    pub fn mint(
+        &self,
+        policy: &Policy,
+        caller: &Caller,
+        request: &Mint,
+        now: u64,
+    ) -> Result<Minted, Denial> {
+        let refuse = |why: String| deny(format!("mint denied: {why}"));
+        if request.tools.is_empty() {
+            return Err(refuse("the token would grant no tool".into()));
+        }
+        if request.tools.len() > MAX_GRANTS {
+            return Err(refuse(format!("more than {MAX_GRANTS} tools")));
+        }
+        let principals: Vec<_> = policy.principals_of(caller).collect();
+        if principals.is_empty() {
+            return Err(refuse(format!(
+                "uid {} (gid {}) is not a principal in the broker policy",
+                caller.uid, caller.gid
+            )));
+        }
+        let issuer = principals
+            .iter()
+            .find(|p| {
+                request
+                    .tools
+                    .iter()
+                    .all(|tool| p.may_delegate.contains(tool))
+            })
+            .ok_or_else(|| {
+                let tool = request
+                    .tools
+                    .iter()
+                    .find(|tool| !principals.iter().any(|p| p.may_delegate.contains(tool)))
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                refuse(format!(
+                    "principal {:?} may not delegate tool {}",
+                    principals
+                        .first()
+                        .map(|p| p.name.as_str())
+                        .unwrap_or_default(),
+                    show_str(tool)
+                ))
+            })?;
+        let mut grants = Vec::with_capacity(request.tools.len());
+        for name in &request.tools {
+            let tool = policy
+                .tool(name)
+                .ok_or_else(|| refuse(format!("unknown tool {}", show_str(name))))?;
+            grants.push(Grant {
+                tool: tool.name.clone(),
+                params: Vec::new(),
+            });
+        }
+        add_constraints(policy, &mut grants, &request.params, false).map_err(refuse)?;
+        let ttl = match request.ttl_secs {
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_TTL.min(policy.broker.max_token_ttl),
+        };
+        if ttl > policy.broker.max_token_ttl {
+            return Err(refuse(format!(
+                "a TTL of {} exceeds the policy's max_token_ttl of {}",
+                humantime::format_duration(ttl),
+                humantime::format_duration(policy.broker.max_token_ttl)
+            )));
+        }
+        if ttl.is_zero() {
+            return Err(refuse("a TTL of zero".into()));
+        }
+        if request.max_uses == Some(0) {
+            return Err(refuse("max_uses of zero".into()));
+        }
+        let call_hash = if request.exact_call {
+            Some(exact_call_hash(policy, &grants).map_err(refuse)?)
+        } else {
+            None
+        };
+        let body = TokenBody {
+            id: random_id().map_err(refuse)?,
+            issuer: issuer.name.clone(),
+            task: token::task_hash(&request.task),
+            audience: request.audience.unwrap_or(Audience {
+                uid: caller.uid,
+                gid: None,
+            }),
+            not_before: now,
+            expires: now.saturating_add(ttl.as_secs()),
+            max_uses: request.max_uses,
+            grants,
+            call_hash,
+            parent: None,
+            lineage: Vec::new(),
+        };
+        self.issue(body, now).map_err(refuse)
+    }
+
+    fn issue(&self, body: TokenBody, now: u64) -> Result<Minted, String> {
+        let token = token::issue(&body, self.keys.signing());
+        // A token its own broker would refuse, or that does not fit in a
+        // reply, is never recorded or handed out.
+        if token.len() > token::MAX_TOKEN_LEN {
+            return Err(format!(
+                "the token would be {} bytes, more than the {}-byte limit",
+                token.len(),
+                token::MAX_TOKEN_LEN
+            ));
+        }
+        self.state
+            .record_mint(
+                body.id,
+                MintRecord {
+                    issuer: body.issuer.clone(),
+                    expires: body.expires,
+                    max_uses: body.max_uses,
+                },
+                now,
+            )
+            .map_err(|e| format!("cannot record the token: {e}"))?;
+        Ok(Minted {
+            token,
+            id: body.id,
+            expires: body.expires,
+        })
+    }
+
+    // -- verify and bind ----------------------------------------------------
+
+    /// Check everything about a presented token that does not depend on a
+    /// particular call: signature, time, audience against the caller's
+    /// kernel identity, revocation.
+    pub fn verify(
+        &self,
+        caller: &Caller,
+        token: &str,
+        now: u64,
+    ) -> Result<BoundToken, BindRefused> {
+        let verified = token::verify(token, &self.keys.verifying()).map_err(|e| BindRefused {
+            denial: deny(format!("token denied: {e}")),
+            token: None,
+        })?;
+        let bound = BoundToken::new(verified);
+        match self.check_live(caller, &bound, now) {
+            Ok(()) => Ok(bound),
+            Err(denial) => Err(BindRefused {
+                denial,
+                token: Some(Box::new(bound)),
+            }),
+        }
+    }
+
+    /// The checks a bound token must pass again at every use.
+    pub fn check_live(&self, caller: &Caller, bound: &BoundToken, now: u64) -> Result<(), Denial> {
+        let now = self.state.clock(now);
+        let body = &bound.verified.body;
+        let id = body.id;
+        if now < body.not_before {
+            return Err(deny(format!("token {id} denied: it is not valid yet")));
+        }
+        if now >= body.expires {
+            return Err(deny(format!("token {id} denied: it has expired")));
+        }
+        if caller.uid != body.audience.uid || body.audience.gid.is_some_and(|g| g != caller.gid) {
+            return Err(deny(format!(
+                "token {id} denied: it was issued for uid {}, not uid {}",
+                body.audience.uid, caller.uid
+            )));
+        }
+        if let Some(revoked) = self
+            .state
+            .revoked_among(body.lineage.iter().chain(std::iter::once(&id)))
+        {
+            return Err(deny(if revoked == id {
+                format!("token {id} denied: it has been revoked")
+            } else {
+                format!("token {id} denied: its parent token {revoked} has been revoked")
+            }));
+        }
+        Ok(())
+    }
+
+    // -- use -----------------------------------------------------------------
+
+    /// Authorize a call made with a bound token: live checks, a grant for
+    /// the tool, the tool's policy, the grant's constraints, the call hash,
+    /// the issuer's current right to delegate, and finally one use.
+    pub fn authorize(
+        &self,
+        policy: &Policy,
+        caller: &Caller,
+        bound: &BoundToken,
+        call: &Call,
+        now: u64,
+    ) -> Result<AuthorizedCall, Denial> {
+        self.check_live(caller, bound, now)?;
+        let body = &bound.verified.body;
+        let id = body.id;
+        let denied = |why: String| deny(format!("call denied: token {id} {why}"));
+        let grant = body
+            .grants
+            .iter()
+            .find(|g| g.tool == call.tool)
+            .ok_or_else(|| denied(format!("does not grant tool {}", show_str(&call.tool))))?;
+        let tool = policy.tool(&grant.tool).ok_or_else(|| {
+            denied(format!(
+                "grants tool {:?}, which the policy no longer has",
+                grant.tool
+            ))
+        })?;
+        let issuer_may = policy
+            .principal(&body.issuer)
+            .is_some_and(|p| p.may_delegate.iter().any(|t| *t == tool.name));
+        if !issuer_may {
+            return Err(denied(format!(
+                "was issued by {:?}, which may no longer delegate tool {}",
+                body.issuer, tool.name
+            )));
+        }
+        // The tool's own policy first: a token never widens it.
+        let params = tool.check_params(&call.params)?;
+        for pc in &grant.params {
+            let value = params.get(&pc.name);
+            let ok = match value {
+                Some(value) => self.satisfies(value, &pc.constraint),
+                None => false,
+            };
+            if !ok {
+                let secret = tool.params.get(&pc.name).is_some_and(|p| p.secret);
+                let shown = match (value, secret) {
+                    (_, true) => "[secret]".to_owned(),
+                    (Some(TypedValue::Str(s)), false) => show_str(s),
+                    (Some(v), false) => v.to_text(),
+                    (None, false) => "(absent)".to_owned(),
+                };
+                return Err(denied(format!(
+                    "limits parameter {:?} of tool {} to {}; {} is outside it",
+                    pc.name,
+                    tool.name,
+                    describe_constraint(&pc.constraint, secret),
+                    shown
+                )));
+            }
+        }
+        if let Some(expected) = body.call_hash {
+            if call_hash_of(&tool.name, &params) != expected {
+                return Err(denied(
+                    "is good for exactly one call, and this is not it".into(),
+                ));
+            }
+        }
+        self.consume(bound).map_err(denied)?;
+        Ok(AuthorizedCall {
+            tool: std::sync::Arc::clone(tool),
+            principal: body.issuer.clone(),
+            params,
+        })
+    }
+
+    /// Count a use against the token and every limited ancestor.
+    fn consume(&self, bound: &BoundToken) -> Result<(), String> {
+        let body = &bound.verified.body;
+        let mut limits = Vec::new();
+        if let Some(max) = body.max_uses {
+            limits.push((body.id, max));
+        }
+        for ancestor in &body.lineage {
+            if let Some(max) = self.state.minted(ancestor).and_then(|m| m.max_uses) {
+                limits.push((*ancestor, max));
+            }
+        }
+        match self.state.consume(&limits, now()) {
+            Ok(()) => Ok(()),
+            Err(UseError::Exhausted(id)) if id == body.id => Err(format!(
+                "has used all of its {} uses",
+                body.max_uses.unwrap_or(0)
+            )),
+            Err(UseError::Exhausted(id)) => Err(format!("has a parent {id} with no uses left")),
+            Err(UseError::State(e)) => Err(format!("could not be counted: {e}")),
+        }
+    }
+
+    fn satisfies(&self, value: &TypedValue, constraint: &Constraint) -> bool {
+        match (constraint, value) {
+            (Constraint::Any, _) => true,
+            (Constraint::Exact(v), value) => wire_eq(v, value),
+            (Constraint::OneOf(vs), value) => vs.iter().any(|v| wire_eq(v, value)),
+            (Constraint::Prefix(p), TypedValue::Str(s)) => s.starts_with(p.as_str()),
+            (Constraint::Range { min, max }, TypedValue::Int(i)) => min <= i && i <= max,
+            (Constraint::Pattern(p), TypedValue::Str(s)) => self.pattern_matches(p, s),
+            _ => false,
+        }
+    }
+
+    fn pattern_matches(&self, pattern: &str, s: &str) -> bool {
+        let mut cache = self.patterns.lock().unwrap_or_else(|p| p.into_inner());
+        if !cache.contains_key(pattern) {
+            let Ok(re) = compile_pattern(pattern) else {
+                return false;
+            };
+            if cache.len() >= 1024 {
+                cache.clear();
+            }
+            cache.insert(pattern.to_owned(), re);
+        }
+        cache.get(pattern).is_some_and(|re| re.is_match(s))
+    }
+
+    // -- attenuate ----------------------------------------------------------
+
+    /// Mint a strict subset of a bound token for its holder.
+    pub fn attenuate(
+        &self,
+        policy: &Policy,
+        caller: &Caller,
+        bound: &BoundToken,
+        request: &Attenuate,
+        now: u64,
+    ) -> Result<Minted, Denial> {
+        let parent = &bound.verified.body;
+        let refuse = |why: String| deny(format!("attenuation denied: {why}"));
+        self.check_live(caller, bound, now)
+            .map_err(|d| refuse(d.reason))?;
+        if bound.attenuations.fetch_add(1, Ordering::Relaxed) >= MAX_ATTENUATIONS_PER_SESSION {
+            return Err(refuse(format!(
+                "this session has already attenuated {MAX_ATTENUATIONS_PER_SESSION} tokens"
+            )));
+        }
+        if parent.lineage.len() >= MAX_LINEAGE {
+            return Err(refuse(format!(
+                "the chain is already {MAX_LINEAGE} tokens deep"
+            )));
+        }
+        for tool in &request.tools {
+            if !parent.grants.iter().any(|g| g.tool == *tool) {
+                return Err(refuse(format!(
+                    "the token does not grant tool {}, so a child cannot",
+                    show_str(tool)
+                )));
+            }
+        }
+        let mut grants: Vec<Grant> = parent
+            .grants
+            .iter()
+            .filter(|g| request.tools.is_empty() || request.tools.contains(&g.tool))
+            .cloned()
+            .collect();
+        add_constraints(policy, &mut grants, &request.params, true).map_err(refuse)?;
+        let expires = match request.ttl_secs {
+            Some(secs) => now.saturating_add(secs),
+            None => parent.expires,
+        };
+        if expires > parent.expires {
+            return Err(refuse(format!(
+                "the child would outlive its parent (which expires in {}s)",
+                parent.expires.saturating_sub(now)
+            )));
+        }
+        let remaining = parent
+            .max_uses
+            .map(|max| max.saturating_sub(self.state.uses(&parent.id)));
+        let max_uses = match (request.max_uses, remaining) {
+            (Some(0), _) => return Err(refuse("max_uses of zero".into())),
+            (Some(asked), Some(left)) if asked > left => {
+                return Err(refuse(format!(
+                    "{asked} uses asked, but the token has only {left} left"
+                )))
+            }
+            (Some(asked), _) => Some(asked),
+            (None, left) => left,
+        };
+        if max_uses == Some(0) {
+            return Err(refuse("the token has no uses left".into()));
+        }
+        let mut lineage = parent.lineage.clone();
+        lineage.push(parent.id);
+        let body = TokenBody {
+            id: random_id().map_err(refuse)?,
+            issuer: parent.issuer.clone(),
+            // The same task: every record of a descendant joins the
+            // task's trail.
+            task: parent.task,
+            audience: parent.audience,
+            not_before: now,
+            expires,
+            max_uses,
+            grants,
+            call_hash: parent.call_hash,
+            parent: Some(bound.verified.hash),
+            lineage,
+        };
+        self.issue(body, now).map_err(refuse)
+    }
+
+    // -- revoke ---------------------------------------------------------------
+
+    /// Revoke a token: root, an admin uid, or the token's issuer.
+    pub fn revoke(
+        &self,
+        policy: &Policy,
+        caller: &Caller,
+        id: TokenId,
+        now: u64,
+    ) -> Result<(), Denial> {
+        let refuse = |why: String| deny(format!("revocation of {id} denied: {why}"));
+        let admin = caller.uid == 0 || policy.broker.admin_uids.contains(&caller.uid);
+        if !admin {
+            let record = self
+                .state
+                .minted(&id)
+                .ok_or_else(|| refuse("this broker did not mint it (or it has expired)".into()))?;
+            let is_issuer = policy
+                .principals_of(caller)
+                .any(|p| p.name == record.issuer);
+            if !is_issuer {
+                return Err(refuse(format!(
+                    "only root, an admin uid or its issuer {:?} may revoke it",
+                    record.issuer
+                )));
+            }
+        }
+        self.state
+            .revoke(id, now)
+            .map_err(|e| refuse(format!("cannot record it: {e}")))
+    }
+
+    // -- tools ---------------------------------------------------------------
+
+    /// What a bound token allows, tool by tool.
+    pub fn tools(
+        &self,
+        policy: &Policy,
+        caller: &Caller,
+        bound: &BoundToken,
+        now: u64,
+    ) -> Result<Vec<ToolInfo>, Denial> {
+        self.check_live(caller, bound, now)?;
+        let body = &bound.verified.body;
+        Ok(body
+            .grants
+            .iter()
+            .filter_map(|grant| {
+                let tool = policy.tool(&grant.tool)?;
+                let may = policy
+                    .principal(&body.issuer)
+                    .is_some_and(|p| p.may_delegate.iter().any(|t| *t == tool.name));
+                may.then(|| describe_tool(tool, &grant.params))
+            })
+            .collect())
+    }
+}
+
+/// What a principal caller may call directly.
+pub fn principal_tools(policy: &Policy, caller: &Caller) -> Vec<ToolInfo> {
+    let mut names: Vec<&str> = policy
+        .principals_of(caller)
+        .flat_map(|p| p.may_call.iter().map(String::as_str))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|name| policy.tool(name))
+        .map(|tool| describe_tool(tool, &[]))
+        .collect()
+}
+
+fn describe_tool(tool: &Tool, constraints: &[ParamConstraint]) -> ToolInfo {
+    ToolInfo {
+        name: tool.name.clone(),
+        description: tool.description.clone().unwrap_or_default(),
+        params: tool
+            .params
+            .iter()
+            .map(|(name, spec)| ParamInfo {
+                name: name.clone(),
+                ty: type_name(spec.ty).to_owned(),
+                required: spec.default.is_none(),
+                rules: spec
+                    .rules
+                    .iter()
+                    .map(|r| rule_text(r, spec.secret))
+                    .chain(constraints.iter().filter(|c| c.name == *name).map(|c| {
+                        format!("token: {}", describe_constraint(&c.constraint, spec.secret))
+                    }))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn rule_text(rule: &crate::policy::Rule, secret: bool) -> String {
+    use crate::policy::Rule;
+    match rule {
+        Rule::Pattern(re) if !secret => {
+            // Compiled anchored as ^(?:PATTERN)$; show what the admin wrote.
+            let full = re.as_str();
+            let written = full
+                .strip_prefix("^(?:")
+                .and_then(|p| p.strip_suffix(")$"))
+                .unwrap_or(full);
+            format!("pattern {written}")
+        }
+        Rule::MaxLen(n) => format!("max_len {n}"),
+        Rule::Min(n) => format!("min {n}"),
+        Rule::Max(n) => format!("max {n}"),
+        other => describe_rule(other, secret)
+            .trim_start_matches("is not ")
+            .trim_start_matches("does not ")
+            .to_owned(),
+    }
+}
+
+/// A constraint in words, e.g. `exactly "a@example.com"`.
+pub fn describe_constraint(c: &Constraint, secret: bool) -> String {
+    let value = |v: &Value| match (v, secret) {
+        (_, true) => "[secret]".to_owned(),
+        (Value::Str(s), false) => show_str(s),
+        (Value::Int(i), false) => i.to_string(),
+        (Value::Bool(b), false) => b.to_string(),
+    };
+    match c {
+        Constraint::Any => "any value".into(),
+        Constraint::Exact(v) => format!("exactly {}", value(v)),
+        Constraint::OneOf(vs) => format!(
+            "one of ({})",
+            vs.iter().map(value).collect::<Vec<_>>().join(", ")
+        ),
+        Constraint::Prefix(p) if secret => format!("a prefix of {} bytes", p.len()),
+        Constraint::Prefix(p) => format!("prefix {}", show_str(p)),
+        Constraint::Pattern(_) if secret => "a pattern".into(),
+        Constraint::Pattern(p) => format!("pattern {}", show_str(p)),
+        Constraint::Range { min, max } => format!("range {min}..={max}"),
+    }
+}
+
+/// Add each requested constraint to every grant whose tool has the
+/// parameter, checked against the tool's policy (values converted to the
+/// parameter's type) and, when `narrowing`, against the constraints the
+/// grant already has: one that provably admits more is refused.
+fn add_constraints(
+    policy: &Policy,
+    grants: &mut [Grant],
+    requested: &[ParamConstraint],
+    narrowing: bool,
+) -> Result<(), String> {
+    for pc in requested {
+        let mut applied = false;
+        for grant in grants.iter_mut() {
+            let Some(tool) = policy.tool(&grant.tool) else {
+                continue;
+            };
+            let Some(spec) = tool.params.get(&pc.name) else {
+                continue;
+            };
+            let constraint = normalize_constraint(tool, &pc.name, spec.ty, &pc.constraint)?;
+            if narrowing {
+                for existing in grant.params.iter().filter(|e| e.name == pc.name) {
+                    if is_wider(&constraint, &existing.constraint) {
+                        return Err(format!(
+                            "{} for parameter {:?} of tool {} is wider than the token's {}",
+                            describe_constraint(&constraint, spec.secret),
+                            pc.name,
+                            tool.name,
+                            describe_constraint(&existing.constraint, spec.secret)
+                        ));
+                    }
+                }
+            }
+            grant.params.push(ParamConstraint {
+                name: pc.name.clone(),
+                constraint,
+            });
+            if grant.params.len() > MAX_CONSTRAINTS {
+                return Err(format!("more than {MAX_CONSTRAINTS} constraints"));
+            }
+            applied = true;
+        }
+        if !applied {
+            return Err(format!(
+                "no tool of the token has a parameter {}",
+                show_str(&pc.name)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Check one constraint against the tool's policy for that parameter:
+/// values must pass the policy (so converted to its type), ranges must lie
+/// within its min/max, prefixes must extend its prefix. A constraint that
+/// could admit a value the policy refuses is "wider" and refused.
+fn normalize_constraint(
+    tool: &Tool,
+    name: &str,
+    ty: ParamType,
+    constraint: &Constraint,
+) -> Result<Constraint, String> {
+    use crate::policy::Rule;
+    let spec = tool
+        .params
+        .get(name)
+        .ok_or_else(|| format!("tool {} has no parameter {}", tool.name, show_str(name)))?;
+    let wider = |what: String| {
+        format!(
+            "{what} for parameter {name:?} is wider than the policy of tool {}",
+            tool.name
+        )
+    };
+    let check_value = |v: &Value| -> Result<Value, String> {
+        tool.check_param(name, v)
+            .map(|(_, typed)| typed.to_wire())
+            .map_err(|d| d.reason.trim_start_matches("call denied: ").to_owned())
+    };
+    let type_is = |want: ParamType, what: &str| -> Result<(), String> {
+        if ty == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "a {what} constraint does not fit parameter {name:?} of type {}",
+                type_name(ty)
+            ))
+        }
+    };
+    Ok(match constraint {
+        Constraint::Any => Constraint::Any,
+        Constraint::Exact(v) => Constraint::Exact(check_value(v)?),
+        Constraint::OneOf(vs) => {
+            if vs.is_empty() {
+                return Err(format!("an empty one_of for parameter {name:?}"));
+            }
+            Constraint::OneOf(vs.iter().map(check_value).collect::<Result<_, _>>()?)
+        }
+        Constraint::Range { min, max } => {
+            type_is(ParamType::Int, "range")?;
+            if min > max {
+                return Err(format!("range {min}..={max} for {name:?} is empty"));
+            }
+            for rule in &spec.rules {
+                match rule {
+                    Rule::Min(pmin) if min < pmin => {
+                        return Err(wider(format!("range {min}..={max} (policy min {pmin})")))
+                    }
+                    Rule::Max(pmax) if max > pmax => {
+                        return Err(wider(format!("range {min}..={max} (policy max {pmax})")))
+                    }
+                    _ => {}
+                }
+            }
+            Constraint::Range {
+                min: *min,
+                max: *max,
+            }
+        }
+        Constraint::Prefix(p) => {
+            type_is(ParamType::String, "prefix")?;
+            for rule in &spec.rules {
+                match rule {
+                    Rule::Prefix(pp) if !p.starts_with(pp.as_str()) => {
+                        return Err(wider(if spec.secret {
+                            "a prefix that does not extend the policy's".to_owned()
+                        } else {
+                            format!("prefix {} (policy prefix {})", show_str(p), show_str(pp))
+                        }))
+                    }
+                    Rule::MaxLen(n) if p.len() > *n => {
+                        return Err(format!(
+                            "prefix for {name:?} is longer than its max_len of {n}"
+                        ))
+                    }
+                    Rule::OneOf(values)
+                        if !values.iter().any(
+                            |v| matches!(v, TypedValue::Str(s) if s.starts_with(p.as_str())),
+                        ) =>
+                    {
+                        return Err(format!(
+                            "prefix for {name:?} matches none of the policy's allowed values"
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            Constraint::Prefix(p.clone())
+        }
+        Constraint::Pattern(p) => {
+            type_is(ParamType::String, "pattern")?;
+            compile_pattern(p).map_err(|_| format!("pattern for {name:?} is not a valid regex"))?;
+            // The policy's own pattern still applies at every use, so a
+            // token pattern can only intersect it.
+            Constraint::Pattern(p.clone())
+        }
+    })
+}
+
+/// Whether `new` provably admits a value `existing` refuses (checked where
+/// it can be decided; patterns are intersected at use instead).
+fn is_wider(new: &Constraint, existing: &Constraint) -> bool {
+    use Constraint::*;
+    let values_outside = |vs: &[Value]| vs.iter().any(|v| !admits(existing, v).unwrap_or(true));
+    match (new, existing) {
+        (_, Any) => false,
+        (Any, _) => true,
+        (Exact(v), _) => values_outside(std::slice::from_ref(v)),
+        (OneOf(vs), _) => values_outside(vs),
+        (
+            Range { min, max },
+            Range {
+                min: emin,
+                max: emax,
+            },
+        ) => min < emin || max > emax,
+        (Range { .. }, Exact(_) | OneOf(_)) => true,
+        (Prefix(p), Prefix(ep)) => !p.starts_with(ep.as_str()),
+        (Prefix(_), Exact(_) | OneOf(_)) => true,
+        _ => false,
+    }
+}
+
+/// Whether a constraint admits a value, where decidable without a regex.
+fn admits(c: &Constraint, v: &Value) -> Option<bool> {
+    Some(match (c, v) {
+        (Constraint::Any, _) => true,
+        (Constraint::Exact(e), v) => e == v,
+        (Constraint::OneOf(vs), v) => vs.contains(v),
+        (Constraint::Prefix(p), Value::Str(s)) => s.starts_with(p.as_str()),
+        (Constraint::Range { min, max }, Value::Int(i)) => min <= i && i <= max,
+        (Constraint::Pattern(_), _) => return None,
+        _ => false,
+    })
+}
+
+fn wire_eq(v: &Value, typed: &TypedValue) -> bool {
+    match (v, typed) {
+        (Value::Str(a), TypedValue::Str(b)) => a == b,
+        (Value::Int(a), TypedValue::Int(b)) => a == b,
+        (Value::Bool(a), TypedValue::Bool(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// The canonical hash of an authorized call: tool and every typed
+/// parameter (defaults included), sorted by name.
+pub fn call_hash_of(
+    tool: &str,
+    params: &std::collections::BTreeMap<String, TypedValue>,
+) -> [u8; 32] {
+    let wire: Vec<(String, Value)> = params
+        .iter()
+        .map(|(name, value)| (name.clone(), value.to_wire()))
+        .collect();
+    token::call_hash(tool, &wire)
+}
+
+/// For `exact_call`: the one call the grant's `Exact` constraints spell
+/// out, through the tool's policy, hashed.
+fn exact_call_hash(policy: &Policy, grants: &[Grant]) -> Result<[u8; 32], String> {
+    let [grant] = grants else {
+        return Err("an exact-call token must grant exactly one tool".into());
+    };
+    let tool = policy
+        .tool(&grant.tool)
+        .ok_or_else(|| format!("unknown tool {}", show_str(&grant.tool)))?;
+    let mut params = Vec::new();
+    for pc in &grant.params {
+        match &pc.constraint {
+            Constraint::Exact(v) => params.push(keyward_proto::Param {
+                name: pc.name.clone(),
+                value: v.clone(),
+            }),
+            _ => {
+                return Err(format!(
+                    "an exact-call token pins every parameter with exact values; {:?} is not",
+                    pc.name
+                ))
+            }
+        }
+    }
+    let typed = tool
+        .check_params(&params)
+        .map_err(|d| d.reason.trim_start_matches("call denied: ").to_owned())?;
+    Ok(call_hash_of(&tool.name, &typed))
+}
+
+fn random_id() -> Result<TokenId, String> {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| format!("no randomness for a token id: {e}"))?;
+    Ok(TokenId(id))
+}
