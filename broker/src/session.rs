@@ -260,9 +260,15 @@ impl Session {
         let policy = self.broker.policy();
         let shown_tool = shown_name(&call.tool);
         let decided = match (&self.bound, self.tokens()) {
-            (Some(bound), Ok(tokens)) => off_reactor(|| {
-                tokens.authorize(&policy, &self.peer.caller(), bound, &call, token::now())
-            }),
+            (Some(bound), Ok(tokens)) => {
+                let authorize =
+                    || tokens.authorize(&policy, &self.peer.caller(), bound, &call, token::now());
+                if bound.counts_uses() {
+                    off_reactor(authorize)
+                } else {
+                    authorize()
+                }
+            }
             (Some(_), Err(denial)) => Err(denial),
             (None, _) => policy.authorize(&self.peer.caller(), &call),
         };

@@ -107,6 +107,13 @@ impl BoundToken {
     pub fn id(&self) -> TokenId {
         self.verified.body.id
     }
+
+    /// Whether a use may write the state file: when the token or an
+    /// ancestor (whose limit lives in the state) counts uses.
+    pub fn counts_uses(&self) -> bool {
+        let body = &self.verified.body;
+        body.max_uses.is_some() || !body.lineage.is_empty()
+    }
 }
 
 /// The broker's token authority: its key and its persistent state.

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use agent_shim::client::Client;
 use keyward_proto::{Bind, Mint, Request, Response};
+use keyward_tests::bench::{micros, Stats, ECHO_CONFIG};
 use keyward_tests::Broker;
 
 const WARMUP: usize = 2_000;
@@ -28,43 +29,6 @@ const WARMUP: usize = 2_000;
 /// the same machine state (on a VM, wake-up latency drifts with load).
 const ROUNDS: usize = 60_000;
 const BLOCK: usize = 1_000;
-
-const CONFIG: &str = r#"
-[broker]
-socket = "{socket}"
-socket_mode = "0666"
-state_dir = "{dir}/state"
-
-[[principal]]
-name = "bench"
-uids = [0]
-may_call = ["echo"]
-may_delegate = ["echo"]
-
-[[tool]]
-name = "echo"
-kind = "echo"
-params.message = { type = "string", max_len = 100 }
-"#;
-
-struct Stats {
-    p50: Duration,
-    p90: Duration,
-    p99: Duration,
-    mean: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
-    let total: Duration = samples.iter().sum();
-    Stats {
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
-        mean: total / samples.len() as u32,
-    }
-}
 
 /// Measure several kinds of round trip in interleaved blocks of [`BLOCK`]
 /// rounds each, [`ROUNDS`] per kind in all, after a warm-up of each.
@@ -85,7 +49,7 @@ fn measure_interleaved(kinds: &mut [&mut dyn FnMut()]) -> Vec<Stats> {
             }
         }
     }
-    samples.into_iter().map(stats).collect()
+    samples.into_iter().map(Stats::of).collect()
 }
 
 /// Measure one kind on its own (for slow kinds).
@@ -99,7 +63,7 @@ fn measure(rounds: usize, mut round: impl FnMut()) -> Stats {
         round();
         samples.push(start.elapsed());
     }
-    stats(samples)
+    Stats::of(samples)
 }
 
 struct Figures {
@@ -157,7 +121,7 @@ fn pingpong_peer(dir: &std::path::Path) -> (std::process::Child, std::os::fd::Ow
 
 fn figures() -> Figures {
     use nix::sys::socket::{recv, send, MsgFlags};
-    let broker = Broker::start(CONFIG, &[]);
+    let broker = Broker::start(ECHO_CONFIG, &[]);
     let (mut server, raw_fd) = pingpong_peer(broker.dir.path());
     let mut client = Client::connect(&broker.socket).unwrap();
     let mint = Request::Mint(Mint {
@@ -217,6 +181,17 @@ fn figures() -> Figures {
     }
 }
 
+/// Run the bench, and every process it starts (broker, ping-pong peer),
+/// on CPU 0. Where the two ends of a round trip land on different vCPUs, a
+/// wake-up crosses CPUs, and on a VM that costs tens of microseconds and
+/// swamps what is being measured; which placement the scheduler picks
+/// varies from run to run. On one CPU every kind is measured the same way.
+fn pin_to_one_cpu() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
 fn main() {
     // `cargo test --benches` runs this binary without --bench; keep that
     // fast by only measuring when invoked by `cargo bench`.
@@ -224,9 +199,9 @@ fn main() {
         println!("roundtrip: skipped (run with `cargo bench`)");
         return;
     }
+    pin_to_one_cpu();
     let b = figures();
     let raw = &b.raw;
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
         "round trip over SOCK_SEQPACKET: {ROUNDS} rounds of each kind, interleaved in blocks \
          of {BLOCK}, after {WARMUP} warm-up"
@@ -243,21 +218,21 @@ fn main() {
     ] {
         println!(
             "{name:<30} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
-            us(s.p50),
-            us(s.p90),
-            us(s.p99),
-            us(s.mean)
+            micros(s.p50),
+            micros(s.p90),
+            micros(s.p99),
+            micros(s.mean)
         );
     }
     println!("* measured on its own, {} rounds", ROUNDS / 20);
     println!(
         "ratio brokered/raw at p50: {:.2}x (target <= 1.5x)",
-        us(b.direct.p50) / us(raw.p50)
+        micros(b.direct.p50) / micros(raw.p50)
     );
     println!(
         "token: a bound call costs {:+.2} µs over a direct call at p50; \
          the signature check alone is {:.2} µs, paid once per Bind",
-        us(b.bound.p50) - us(b.direct.p50),
-        us(b.verify)
+        micros(b.bound.p50) - micros(b.direct.p50),
+        micros(b.verify)
     );
 }

@@ -13,45 +13,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keyward_tests::bench::{Stats, ECHO_CONFIG};
 use keyward_tests::{binary, Broker};
 
 const WARMUP: usize = 20;
 const RUNS: usize = 300;
-
-const CONFIG: &str = r#"
-[broker]
-socket = "{socket}"
-socket_mode = "0666"
-state_dir = "{dir}/state"
-
-[[principal]]
-name = "bench"
-uids = [0]
-may_call = ["echo"]
-may_delegate = ["echo"]
-
-[[tool]]
-name = "echo"
-kind = "echo"
-params.message = { type = "string", max_len = 100 }
-"#;
-
-struct Stats {
-    p50: Duration,
-    p90: Duration,
-    mean: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
-    let total: Duration = samples.iter().sum();
-    Stats {
-        p50: at(0.50),
-        p90: at(0.90),
-        mean: total / samples.len() as u32,
-    }
-}
 
 /// Spawn and wait for `argv` RUNS times (after WARMUP); every run must
 /// exit 0.
@@ -72,7 +38,7 @@ fn measure(argv: &[&str], socket: &Path) -> Stats {
     for _ in 0..WARMUP {
         run();
     }
-    stats((0..RUNS).map(|_| run()).collect())
+    Stats::of((0..RUNS).map(|_| run()).collect())
 }
 
 fn us(d: Duration) -> String {
@@ -81,7 +47,7 @@ fn us(d: Duration) -> String {
 
 fn main() {
     keyward_tests::require_root();
-    let broker = Broker::start(CONFIG, &[]);
+    let broker = Broker::start(ECHO_CONFIG, &[]);
     let shim = binary("agent-shim");
     let shim = shim.to_str().unwrap();
     let minted = Command::new(shim)

@@ -7,6 +7,7 @@
 //! peers: the shim is started with `setgid`/`setuid` to a test uid.
 #![allow(clippy::unwrap_used, missing_debug_implementations)]
 
+pub mod bench;
 pub mod upstream;
 
 use std::io::Read;
