@@ -11,11 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use zeroize::Zeroizing;
 
+use crate::access;
 use crate::redact::{RedactError, Redactor};
 
 /// Shortest accepted secret, in bytes (after trimming one trailing
@@ -96,8 +97,10 @@ pub enum CredentialError {
     NoDirectory,
     #[error("credential directory {path}: {message}")]
     Directory { path: PathBuf, message: String },
-    #[error("credential directory {path} is group- or world-accessible (mode {mode:04o}); chmod 0700 it")]
-    DirectoryMode { path: PathBuf, mode: u32 },
+    #[error(
+        "credential directory {path} {who}; only the broker (and root) may read it: chmod 0700 it"
+    )]
+    DirectoryMode { path: PathBuf, who: String },
     #[error("credential directory {path}: {source}")]
     DirectoryStat {
         path: PathBuf,
@@ -275,22 +278,27 @@ fn is_plain_relative(file: &Path) -> bool {
 
 /// The directory must be a directory that neither group nor others can
 /// read, write or search.
+/// The directory must be one only the broker (and root) can list or
+/// change: by its mode, or by its ACL where it has one (as systemd's
+/// credential directories do).
 fn check_directory(dir: &Path) -> Result<(), CredentialError> {
-    let meta = std::fs::metadata(dir).map_err(|source| CredentialError::DirectoryStat {
+    let stat_error = |source| CredentialError::DirectoryStat {
         path: dir.to_owned(),
         source,
-    })?;
+    };
+    let meta = std::fs::metadata(dir).map_err(stat_error)?;
     if !meta.is_dir() {
         return Err(CredentialError::Directory {
             path: dir.to_owned(),
             message: "is not a directory".to_owned(),
         });
     }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o066 != 0 {
+    let handle = File::open(dir).map_err(stat_error)?;
+    let meta = handle.metadata().map_err(stat_error)?;
+    if let Some(who) = access::others_with_access(&handle, &meta, access::READ | access::WRITE) {
         return Err(CredentialError::DirectoryMode {
             path: dir.to_owned(),
-            mode,
+            who,
         });
     }
     Ok(())
@@ -329,11 +337,9 @@ fn read_secret(name: &str, path: &Path) -> Result<Secret, CredentialError> {
     if !meta.file_type().is_file() {
         return Err(file_error("is not a regular file".to_owned()));
     }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(file_error(format!(
-            "is group- or world-accessible (mode {mode:04o}); chmod 0600 it"
-        )));
+    let all = access::READ | access::WRITE | access::EXECUTE;
+    if let Some(who) = access::others_with_access(&file, &meta, all) {
+        return Err(file_error(format!("{who}; chmod 0600 it")));
     }
     let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
     if size > MAX_SECRET_LEN {
@@ -504,10 +510,7 @@ mod tests {
         write(dir.path(), "a", VALUE.as_bytes(), 0o600);
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let err = load_one(dir.path(), "a").unwrap_err().to_string();
-        assert!(
-            err.contains("group- or world-accessible (mode 0755)"),
-            "{err}"
-        );
+        assert!(err.contains("accessible to anyone (mode 0755)"), "{err}");
         assert!(err.contains(&dir.path().display().to_string()), "{err}");
     }
 

@@ -7,13 +7,14 @@
 //! is what `keyward-broker pubkey` prints.
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use zeroize::Zeroizing;
 
+use crate::access;
 use crate::credential::Secret;
 
 /// File name of the generated key in the state directory.
@@ -27,8 +28,8 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("signing key {path} is group- or world-accessible (mode {mode:04o}); chmod 0600 it")]
-    Mode { path: PathBuf, mode: u32 },
+    #[error("signing key {path} {who}; chmod 0600 it")]
+    Mode { path: PathBuf, who: String },
     #[error("signing key {0}: expected 32 raw bytes or their base64")]
     Format(String),
     #[error("no signing key in {0} yet: start the broker once to generate it")]
@@ -37,10 +38,13 @@ pub enum KeyError {
     Random(String),
 }
 
-/// The signing key and its public half. The private key is zeroized on
-/// drop (ed25519-dalek's `zeroize` feature) and never printed.
+/// The signing key and its public half. The private key's bytes live in
+/// a [`Secret`] — locked pages, excluded from core dumps, zeroized on
+/// drop — and a `SigningKey` is built from them only for the moment of a
+/// signature (it zeroizes itself on drop). Never printed.
 pub struct Keys {
-    signing: SigningKey,
+    secret: Secret,
+    verifying: VerifyingKey,
 }
 
 impl std::fmt::Debug for Keys {
@@ -97,8 +101,10 @@ impl Keys {
 
     fn from_raw(raw: &[u8]) -> Option<Keys> {
         let bytes: &[u8; 32] = raw.try_into().ok()?;
+        let verifying = SigningKey::from_bytes(bytes).verifying_key();
         Some(Keys {
-            signing: SigningKey::from_bytes(bytes),
+            secret: Secret::new(Zeroizing::new(bytes.to_vec())),
+            verifying,
         })
     }
 
@@ -113,10 +119,11 @@ impl Keys {
             .open(path)
             .map_err(io)?;
         let meta = file.metadata().map_err(io)?;
-        if meta.mode() & 0o077 != 0 {
+        let all = access::READ | access::WRITE | access::EXECUTE;
+        if let Some(who) = access::others_with_access(&file, &meta, all) {
             return Err(KeyError::Mode {
                 path: path.to_owned(),
-                mode: meta.mode() & 0o7777,
+                who,
             });
         }
         let mut raw = Zeroizing::new(Vec::with_capacity(32));
@@ -152,12 +159,21 @@ impl Keys {
         }
     }
 
-    pub fn signing(&self) -> &SigningKey {
-        &self.signing
+    /// Sign with the private key (held only for this call).
+    pub fn sign_token(&self, body: &keyward_proto::token::TokenBody) -> String {
+        let bytes: [u8; 32] = self
+            .secret
+            .expose()
+            .try_into()
+            .expect("a signing key is 32 bytes: from_raw admits nothing else");
+        let key = SigningKey::from_bytes(&bytes);
+        let mut bytes = bytes;
+        zeroize::Zeroize::zeroize(&mut bytes);
+        keyward_proto::token::issue(body, &key)
     }
 
     pub fn verifying(&self) -> VerifyingKey {
-        self.signing.verifying_key()
+        self.verifying
     }
 
     /// `ed25519:` + base64url of the public key.
@@ -181,7 +197,7 @@ pub fn sync_dir(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn generated_once_then_reloaded() {
@@ -196,7 +212,7 @@ mod tests {
         let meta = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(meta.len(), 32);
-        assert!(!format!("{a:?}").contains(&format!("{:?}", a.signing.to_bytes())));
+        assert!(!format!("{a:?}").contains(&format!("{:?}", a.secret.expose())));
     }
 
     #[test]

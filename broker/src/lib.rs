@@ -16,6 +16,7 @@
 //! package start the real binary and attack it.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod audit;
 pub mod config;
 pub mod credential;

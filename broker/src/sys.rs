@@ -270,3 +270,54 @@ pub fn register(
     // which is what `register_with_interest` requires.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into())
 }
+
+/// The name of the POSIX access ACL extended attribute.
+const ACL_XATTR: &std::ffi::CStr = c"system.posix_acl_access";
+
+/// The POSIX access ACL of an open file, or `None` when it has none (or
+/// its file system has no ACLs).
+pub fn posix_acl(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<u8>>> {
+    // An ACL of 128 entries; larger ones are refused as unreadable (ERANGE).
+    let mut buf = vec![0u8; 4 + 8 * 128];
+    // SAFETY: fgetxattr reads the NUL-terminated name and writes at most
+    // `buf.len()` bytes into `buf`; both outlive the call.
+    let n = unsafe {
+        libc::fgetxattr(
+            fd.as_raw_fd(),
+            ACL_XATTR.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    buf.truncate(usize::try_from(n).unwrap_or(0));
+    Ok(Some(buf))
+}
+
+/// Set a file's POSIX access ACL (tests build ACLs with it).
+#[cfg(test)]
+pub fn set_posix_acl(path: &std::path::Path, acl: &[u8]) -> io::Result<()> {
+    let path =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: setxattr reads the NUL-terminated path and name and
+    // `acl.len()` bytes of `acl`; all outlive the call.
+    let ret = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            ACL_XATTR.as_ptr(),
+            acl.as_ptr().cast(),
+            acl.len(),
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

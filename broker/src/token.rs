@@ -275,7 +275,7 @@ impl Tokens {
     }
 
     fn issue(&self, body: TokenBody, now: u64) -> Result<Minted, String> {
-        let token = token::issue(&body, self.keys.signing());
+        let token = self.keys.sign_token(&body);
         // A token its own broker would refuse, or that does not fit in a
         // reply, is never recorded or handed out.
         if token.len() > token::MAX_TOKEN_LEN {
