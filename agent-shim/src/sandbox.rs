@@ -186,6 +186,17 @@ pub enum SandboxError {
     },
     #[error("waiting for the sandbox: {0}")]
     Wait(#[source] io::Error),
+    #[error(
+        "refusing to run the sandbox as root: it could still read what root owns; \
+         run agent-shim run as the unprivileged user the sub-agent should be"
+    )]
+    Root,
+    #[error("prctl(PR_SET_DUMPABLE, 0): {0}")]
+    Undumpable(#[source] io::Error),
+    #[error("prctl(PR_SET_CHILD_SUBREAPER): {0}")]
+    Subreaper(#[source] io::Error),
+    #[error("cannot drop capabilities: {0}")]
+    Capabilities(#[source] io::Error),
 }
 
 impl SandboxError {
@@ -217,13 +228,18 @@ struct Plan {
 /// Run `options.command` in the sandbox; returns the exit status to end
 /// with. Errors are for failures before the program started.
 pub fn run(options: &RunOptions) -> Result<u8, SandboxError> {
+    refuse_root()?;
+    keep_parent_private()?;
     let token = read_token(&options.token)?;
     let plan = prepare(options, token.is_some())?;
+    warn_unscoped(&plan);
     let channel = match &token {
         Some(token) => Some(connect_and_bind(token)?),
         None => None,
     };
     drop(token);
+    sys::default_sigchld().map_err(SandboxError::BlockSignals)?;
+    become_subreaper()?;
     let old_mask = block_forwarded_signals()?;
     let parent = getpid();
     match sys::fork().map_err(SandboxError::Fork)? {
@@ -242,6 +258,43 @@ pub fn run(options: &RunOptions) -> Result<u8, SandboxError> {
             supervise(child)
         }
     }
+}
+
+/// A sandbox whose processes run as root can read and write whatever root
+/// owns inside the paths Landlock allows, whatever capabilities it drops:
+/// run the sub-agent as an unprivileged user.
+fn refuse_root() -> Result<(), SandboxError> {
+    if nix::unistd::geteuid().is_root() {
+        return Err(SandboxError::Root);
+    }
+    Ok(())
+}
+
+/// The shim holds the token (and, from `$KEYWARD_TOKEN`, has it in its
+/// environment block): no process of its uid may read its memory or
+/// `/proc/<pid>/environ`. The sandboxed program is exec'd afresh and is
+/// not affected.
+fn keep_parent_private() -> Result<(), SandboxError> {
+    nix::sys::prctl::set_dumpable(false).map_err(|e| SandboxError::Undumpable(e.into()))
+}
+
+/// Without Landlock ABI 6 the sandbox can signal the orchestrator and
+/// reach abstract sockets: say so every time, not only with `--verbose`.
+fn warn_unscoped(plan: &Plan) {
+    if plan.fs.is_some() && !plan.support.scopes() {
+        eprintln!(
+            "agent-shim: warning: this kernel's Landlock (ABI {}) cannot scope signals and \
+             abstract sockets; the sandbox can signal processes of your uid",
+            plan.support.abi
+        );
+    }
+}
+
+/// Orphaned descendants of the program are re-parented to the shim, so
+/// that it can kill them when the program exits: nothing started in the
+/// sandbox outlives it (`PR_SET_PDEATHSIG` covers only the direct child).
+fn become_subreaper() -> Result<(), SandboxError> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| SandboxError::Subreaper(e.into()))
 }
 
 /// The token from `--token`, `--token-file` or `$KEYWARD_TOKEN`; `--token`
@@ -450,6 +503,7 @@ fn enter_sandbox(
     // The environment is replaced at exec by `plan.env`.
     disable_core_dumps()?;
     forbid_new_privileges()?;
+    drop_capabilities()?;
     let landlock = plan.fs.as_ref().map(restrict_filesystem).transpose()?;
     if let Some(filter) = &plan.filter {
         restrict_syscalls(filter)?;
@@ -496,6 +550,12 @@ fn keep_only_channel(channel: Option<OwnedFd>) -> Result<(), SandboxError> {
 /// No core dump can carry anything out.
 fn disable_core_dumps() -> Result<(), SandboxError> {
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| SandboxError::CoreLimit(e.into()))
+}
+
+/// Whatever capabilities the shim was given (file capabilities, ambient
+/// ones) stay outside the sandbox.
+fn drop_capabilities() -> Result<(), SandboxError> {
+    sys::drop_capabilities().map_err(SandboxError::Capabilities)
 }
 
 /// No set-uid or file-capability program can regain privileges (and the
@@ -598,11 +658,33 @@ fn supervise(child: Pid) -> Result<u8, SandboxError> {
             forward(child, signal);
             continue;
         }
-        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(u8::try_from(code).unwrap_or(u8::MAX)),
-            Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(128u8.saturating_add(signal as u8)),
-            Ok(_) => {}
-            Err(nix::Error::EINTR) => {}
+        // Reap everything that has exited: the program, or orphans its
+        // descendants left (re-parented to the subreaper shim).
+        if let Some(status) = reap(child)? {
+            // The program is gone; so is everything it started.
+            sys::kill_descendants();
+            return Ok(status);
+        }
+    }
+}
+
+/// Reap every exited child; the program's exit status (or 128 + its
+/// signal) if it was among them.
+fn reap(program: Pid) -> Result<Option<u8>, SandboxError> {
+    let mut program_status = None;
+    loop {
+        match waitpid(
+            Pid::from_raw(-1),
+            Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+        ) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == program => {
+                program_status = Some(u8::try_from(code).unwrap_or(u8::MAX));
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == program => {
+                program_status = Some(128u8.saturating_add(signal as u8));
+            }
+            Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => return Ok(program_status),
+            Ok(_) | Err(nix::Error::EINTR) => {}
             Err(e) => return Err(SandboxError::Wait(e.into())),
         }
     }

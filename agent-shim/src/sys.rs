@@ -234,6 +234,118 @@ fn argument_area() -> io::Result<(usize, usize)> {
     Ok((field(48)?, field(49)?))
 }
 
+/// Restore the default action of `SIGCHLD`. An ignored `SIGCHLD` survives
+/// exec, and with it the kernel reaps children itself and sends no signal:
+/// the shim would wait for a `SIGCHLD` that never comes.
+pub fn default_sigchld() -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installing SIG_DFL runs no handler code, so none of the
+    // signal-safety rules that make `sigaction` unsafe can be broken.
+    unsafe { sigaction(Signal::SIGCHLD, &default) }?;
+    Ok(())
+}
+
+/// Drop every capability this process holds: the ambient set, then the
+/// effective, permitted and inheritable sets (with no_new_privs set, the
+/// bounding set no longer matters: nothing exec'd can gain capabilities).
+/// A process may always drop its own capabilities.
+pub fn drop_capabilities() -> io::Result<()> {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    nix::sys::prctl::set_no_new_privs()?;
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads one header and (for version 3) two data structs,
+    // laid out as the kernel's `__user_cap_header_struct` and
+    // `__user_cap_data_struct`; both outlive the call.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Kill and reap every process left below this one (with
+/// `PR_SET_CHILD_SUBREAPER` set, orphaned descendants are re-parented
+/// here). Loops until no child is left, so a process that forks while
+/// being killed is caught on the next pass.
+pub fn kill_descendants() {
+    use nix::sys::wait::WaitStatus;
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    let me = std::process::id();
+    loop {
+        match waitpid(
+            Pid::from_raw(-1),
+            Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+        ) {
+            // Someone is still running: find them (the scan of /proc is
+            // paid only then), kill them, and wait for one to go.
+            Ok(WaitStatus::StillAlive) => {
+                for child in children_of(me) {
+                    let _ = nix::sys::signal::kill(
+                        Pid::from_raw(child),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL));
+            }
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(_) => return, // ECHILD: none left
+        }
+    }
+}
+
+/// The pids whose parent is `parent`, from `/proc/*/stat`.
+fn children_of(parent: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Fields after the parenthesised command: state, ppid.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

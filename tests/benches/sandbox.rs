@@ -4,11 +4,15 @@
 //! `bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all /bin/true`,
 //! measured in the same run. Target: less overhead over bare than bwrap.
 //!
+//! Every row runs as an unprivileged uid (`agent-shim run` refuses root).
+//!
 //! Run: `cargo bench -p keyward-tests --bench sandbox` (as root, after
 //! `cargo build --release --workspace --bins`). The bwrap row needs Debian's
 //! `bubblewrap` package and is skipped with a message without it.
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +23,10 @@ use keyward_tests::{binary, Broker};
 const WARMUP: usize = 20;
 const RUNS: usize = 300;
 
+/// Every row runs as this unprivileged uid: `agent-shim run` refuses root,
+/// and the comparison is fair only if all rows run alike.
+const BENCH_UID: u32 = keyward_tests::PRINCIPAL_UID;
+
 /// Spawn and wait for `argv` RUNS times (after WARMUP); every run must
 /// exit 0.
 fn measure(argv: &[&str], socket: &Path) -> Stats {
@@ -26,6 +34,8 @@ fn measure(argv: &[&str], socket: &Path) -> Stats {
         let start = Instant::now();
         let status = Command::new(argv[0])
             .args(&argv[1..])
+            .uid(BENCH_UID)
+            .gid(BENCH_UID)
             .env("KEYWARD_SOCKET", socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -51,13 +61,21 @@ fn main() {
     let shim = binary("agent-shim");
     let shim = shim.to_str().unwrap();
     let minted = Command::new(shim)
-        .args(["mint", "--tool", "echo"])
+        .args([
+            "mint",
+            "--tool",
+            "echo",
+            "--for-uid",
+            &BENCH_UID.to_string(),
+        ])
         .env("KEYWARD_SOCKET", &broker.socket)
         .output()
         .unwrap();
     assert!(minted.status.success(), "mint: {minted:?}");
     let token_file = broker.dir.path().join("token");
     std::fs::write(&token_file, &minted.stdout).unwrap();
+    std::os::unix::fs::chown(&token_file, Some(BENCH_UID), Some(BENCH_UID)).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let token_file = token_file.to_str().unwrap();
 
     let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
