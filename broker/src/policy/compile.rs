@@ -1,0 +1,585 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Compiling a parsed configuration into a [`Policy`]: every check that
+//! needs judgement, every error collected and located on the line that
+//! sets the offending key.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Located, ParamConfig, ParamType, Source, ToolConfig, ToolKind};
+use crate::executor::http::HttpTool;
+
+use super::{
+    check_value, describe_rule, show_value, type_name, type_with_article, Action, BrokerSettings,
+    Failure, ParamSpec, Policy, Principal, Rule, Tool, TypedValue, MAX_RESPONSE_BYTES_LIMIT,
+};
+
+const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_RESPONSE_BYTES: usize = 60_000;
+const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 32;
+
+/// Compiled-program size cap for a parameter pattern, so that a pattern like
+/// `\w{1000}{1000}` is an error at startup rather than a memory blow-up.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Check and compile a parsed configuration.
+pub(super) fn compile(src: &Source) -> Result<Policy, Vec<Located>> {
+    let mut errors = Vec::new();
+    let broker = compile_broker(src, &mut errors);
+    check_credentials(src, &mut errors);
+    let principals = compile_principals(src, &mut errors);
+    let tools = compile_tools(src, &broker, &mut errors);
+    if errors.is_empty() {
+        Ok(Policy {
+            broker,
+            principals,
+            tools,
+        })
+    } else {
+        // Stable: errors of one line keep the order they were found in.
+        errors.sort_by_key(|e| e.line);
+        Err(errors)
+    }
+}
+
+/// A regex error on one line: the regex crate draws a caret diagram over
+/// several lines and ends with the actual error.
+fn regex_error_summary(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().trim_start_matches("error: ").to_owned())
+        .unwrap_or(text)
+}
+
+/// The span an error message is about, so that `params.to.pattern: ...`
+/// points at the line that sets `params.to` rather than at the `[[tool]]`
+/// header: the line within the entry that sets the key the message's field
+/// path starts with, else the whole entry. Found by reading the text,
+/// because toml's `Spanned` cannot see through dotted keys.
+fn locate(src: &Source, entry: Range<usize>, message: &str) -> Range<usize> {
+    let path = message.split(':').next().unwrap_or_default();
+    let mut parts = path.split(['.', '[']);
+    let first = parts.next().unwrap_or_default();
+    if first.is_empty() {
+        return entry;
+    }
+    if first == "params" {
+        if let Some(span) = parts
+            .next()
+            .and_then(|param| find_key(&src.text, entry.clone(), &["params", param]))
+        {
+            return span;
+        }
+    }
+    find_key(&src.text, entry.clone(), &[first]).unwrap_or(entry)
+}
+
+/// The first line in `within` that sets `keys` (bare keys joined by dots),
+/// as `a.b = ...` or `a.b.c = ...`.
+fn find_key(text: &str, within: Range<usize>, keys: &[&str]) -> Option<Range<usize>> {
+    let mut offset = within.start;
+    for line in text.get(within)?.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if sets_key(trimmed, keys) {
+            let start = offset + (line.len() - trimmed.len());
+            return Some(start..offset + line.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+fn sets_key(line: &str, keys: &[&str]) -> bool {
+    let mut rest = line;
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            match rest.trim_start().strip_prefix('.') {
+                Some(r) => rest = r.trim_start(),
+                None => return false,
+            }
+        }
+        match rest.strip_prefix(key) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    let rest = rest.trim_start();
+    rest.starts_with('=') || rest.starts_with('.')
+}
+
+/// `[broker]` is not spanned in the parsed config: find its header, and
+/// the table runs to the next header.
+fn broker_table(text: &str) -> Option<Range<usize>> {
+    let mut offset = 0;
+    let mut start = None;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        match start {
+            None => {
+                if let Some(rest) = trimmed.strip_prefix("[broker]") {
+                    if rest.trim_start().is_empty() || rest.trim_start().starts_with('#') {
+                        start = Some(offset);
+                    }
+                }
+            }
+            Some(s) if trimmed.starts_with('[') => return Some(s..offset),
+            Some(_) => {}
+        }
+        offset += line.len();
+    }
+    start.map(|s| s..text.len())
+}
+
+fn compile_broker(src: &Source, errors: &mut Vec<Located>) -> BrokerSettings {
+    let cfg = &src.config.broker;
+    let table = broker_table(&src.text);
+    let mut error = |field: &str, message: String| {
+        let message = format!("{field}: {message}");
+        errors.push(match &table {
+            Some(table) => {
+                let span = locate(src, table.clone(), &message);
+                src.error_at(span, "broker", message)
+            }
+            None => Located {
+                file: src.name.clone(),
+                line: None,
+                entry: "broker".to_owned(),
+                message,
+            },
+        });
+    };
+
+    if cfg.socket.as_os_str().is_empty() {
+        error("socket", "must not be empty".to_owned());
+    }
+    if let Some(key) = &cfg.signing_key {
+        if !src.config.credentials.contains_key(key) {
+            error(
+                "signing_key",
+                format!("{key:?} is not a defined [credential.NAME]"),
+            );
+        }
+    }
+    let socket_mode = parse_mode(&cfg.socket_mode).unwrap_or_else(|e| {
+        error("socket_mode", e);
+        0o660
+    });
+    let max_token_ttl = cfg.max_token_ttl.unwrap_or(DEFAULT_MAX_TOKEN_TTL);
+    if max_token_ttl.is_zero() {
+        error("max_token_ttl", "must be longer than zero".to_owned());
+    }
+    let call_timeout = cfg.call_timeout.unwrap_or(DEFAULT_CALL_TIMEOUT);
+    if call_timeout.is_zero() {
+        error("call_timeout", "must be longer than zero".to_owned());
+    }
+    let mut max_response_bytes = cfg.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    if max_response_bytes == 0 || max_response_bytes > MAX_RESPONSE_BYTES_LIMIT {
+        error(
+            "max_response_bytes",
+            format!(
+                "{max_response_bytes} is out of range: must be 1 to {MAX_RESPONSE_BYTES_LIMIT} \
+                 so that a response fits in one 64 KiB message"
+            ),
+        );
+        max_response_bytes = DEFAULT_MAX_RESPONSE_BYTES;
+    }
+    let mut max_connections_per_uid = cfg
+        .max_connections_per_uid
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_UID);
+    if max_connections_per_uid == 0 {
+        error(
+            "max_connections_per_uid",
+            "must be greater than zero".to_owned(),
+        );
+        max_connections_per_uid = DEFAULT_MAX_CONNECTIONS_PER_UID;
+    }
+    BrokerSettings {
+        socket: cfg.socket.clone(),
+        socket_mode,
+        socket_group: cfg.socket_group.clone(),
+        credentials_dir: cfg.credentials_dir.clone(),
+        state_dir: cfg.state_dir.clone(),
+        max_token_ttl,
+        call_timeout,
+        max_response_bytes,
+        max_connections_per_uid,
+        admin_uids: cfg.admin_uids.clone(),
+        signing_key: cfg.signing_key.clone(),
+    }
+}
+
+/// `"0660"` → `0o660`: octal digits only, permission bits only.
+pub(super) fn parse_mode(text: &str) -> Result<u32, String> {
+    let octal =
+        !text.is_empty() && text.len() <= 11 && text.bytes().all(|b| matches!(b, b'0'..=b'7'));
+    let mode = if octal {
+        u32::from_str_radix(text, 8).ok()
+    } else {
+        None
+    };
+    match mode {
+        None => Err(format!("{text:?} is not an octal mode like \"0660\"")),
+        Some(mode) if mode & !0o777 != 0 => Err(format!(
+            "{text:?} sets bits beyond 0777 (setuid, setgid or sticky)"
+        )),
+        Some(mode) => Ok(mode),
+    }
+}
+
+fn check_credentials(src: &Source, errors: &mut Vec<Located>) {
+    for (name, entry) in &src.config.credentials {
+        let label = format!("credential {name:?}");
+        let mut error = |message: String| {
+            let span = locate(src, entry.span(), &message);
+            errors.push(src.error_at(span, label.clone(), message));
+        };
+        if name.is_empty() {
+            error("the credential name must not be empty".to_owned());
+        }
+        let file = entry.get_ref().file.as_os_str();
+        let plain = match file.to_str() {
+            Some(f) => !f.is_empty() && !f.contains(['/', '\0']) && f != "." && f != "..",
+            None => false,
+        };
+        if !plain {
+            error(format!(
+                "file: {file:?} must be a plain file name (no \"/\", not \".\" or \"..\") \
+                 relative to the credentials directory"
+            ));
+        }
+    }
+}
+
+fn compile_principals(src: &Source, errors: &mut Vec<Located>) -> Vec<Principal> {
+    let tool_names: std::collections::BTreeSet<&str> = src
+        .config
+        .tools
+        .iter()
+        .map(|t| t.get_ref().name.as_str())
+        .collect();
+    let mut first_line: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut principals = Vec::new();
+    for (index, entry) in src.config.principals.iter().enumerate() {
+        let cfg = entry.get_ref();
+        let label = entry_label("principal", &cfg.name, index);
+        let mut messages = Vec::new();
+        if cfg.name.is_empty() {
+            messages.push("name: must not be empty".to_owned());
+        } else if let Some(line) = first_line.get(cfg.name.as_str()) {
+            messages.push(format!(
+                "name: a principal of this name is already defined on line {line}"
+            ));
+        } else {
+            first_line.insert(&cfg.name, src.line_of(entry.span().start));
+        }
+        if cfg.uids.is_empty() && cfg.gids.is_empty() {
+            messages.push("uids, gids: at least one uid or gid is required".to_owned());
+        }
+        for (field, list) in [
+            ("may_call", &cfg.may_call),
+            ("may_delegate", &cfg.may_delegate),
+        ] {
+            for tool in list {
+                if !tool_names.contains(tool.as_str()) {
+                    messages.push(format!("{field}: {tool:?} is not a defined tool"));
+                }
+            }
+        }
+        let ok = messages.is_empty();
+        for message in messages {
+            let span = locate(src, entry.span(), &message);
+            errors.push(src.error_at(span, label.clone(), message));
+        }
+        if ok {
+            principals.push(Principal {
+                name: cfg.name.clone(),
+                uids: cfg.uids.clone(),
+                gids: cfg.gids.clone(),
+                may_call: cfg.may_call.clone(),
+                may_delegate: cfg.may_delegate.clone(),
+            });
+        }
+    }
+    principals
+}
+
+/// `tool "send_email"`, or `tool #3` for an entry without a name.
+fn entry_label(kind: &str, name: &str, index: usize) -> String {
+    if name.is_empty() {
+        format!("{kind} #{}", index + 1)
+    } else {
+        format!("{kind} {name:?}")
+    }
+}
+
+fn compile_tools(
+    src: &Source,
+    settings: &BrokerSettings,
+    errors: &mut Vec<Located>,
+) -> BTreeMap<String, Arc<Tool>> {
+    let mut first_line: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut tools = BTreeMap::new();
+    for (index, entry) in src.config.tools.iter().enumerate() {
+        let cfg = entry.get_ref();
+        let label = entry_label("tool", &cfg.name, index);
+        let mut messages = Vec::new();
+
+        if !valid_tool_name(&cfg.name) {
+            messages.push(format!(
+                "name: {:?} is not a valid tool name (1 to 64 of a-z 0-9 _ . -)",
+                cfg.name
+            ));
+        } else if let Some(line) = first_line.get(cfg.name.as_str()) {
+            messages.push(format!(
+                "name: a tool of this name is already defined on line {line}"
+            ));
+        } else {
+            first_line.insert(&cfg.name, src.line_of(entry.span().start));
+        }
+
+        let params = compile_params(&cfg.params, &mut messages);
+
+        let action = match cfg.kind {
+            ToolKind::Echo => {
+                check_echo_fields(cfg, &mut messages);
+                Some(Action::Echo)
+            }
+            ToolKind::Http => {
+                if let Some(credential) = &cfg.credential {
+                    if !src.config.credentials.contains_key(credential) {
+                        messages.push(format!(
+                            "credential: {credential:?} is not defined by any [credential.NAME] entry"
+                        ));
+                    }
+                }
+                match HttpTool::compile(cfg, &params, settings) {
+                    Ok(http) => Some(Action::Http(http)),
+                    Err(http_messages) => {
+                        messages.extend(http_messages);
+                        None
+                    }
+                }
+            }
+        };
+
+        match action {
+            Some(action) if messages.is_empty() => {
+                let tool = Tool {
+                    name: cfg.name.clone(),
+                    description: cfg.description.clone(),
+                    credential: cfg.credential.clone(),
+                    params,
+                    action,
+                };
+                tools.insert(cfg.name.clone(), Arc::new(tool));
+            }
+            _ => {
+                for message in messages {
+                    let span = locate(src, entry.span(), &message);
+                    errors.push(src.error_at(span, label.clone(), message));
+                }
+            }
+        }
+    }
+    tools
+}
+
+/// `^[a-z0-9_.-]{1,64}$`
+pub(super) fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
+}
+
+/// `^[a-z_][a-z0-9_]{0,63}$`
+pub(super) fn valid_param_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && name.len() <= 64
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+/// An echo tool has no credential and none of the http fields.
+fn check_echo_fields(cfg: &ToolConfig, messages: &mut Vec<String>) {
+    let present = [
+        ("credential", cfg.credential.is_some()),
+        ("method", cfg.method.is_some()),
+        ("url", cfg.url.is_some()),
+        ("headers", !cfg.headers.is_empty()),
+        ("body_json", cfg.body_json.is_some()),
+        ("auth", cfg.auth.is_some()),
+        ("timeout", cfg.timeout.is_some()),
+        ("max_response_bytes", cfg.max_response_bytes.is_some()),
+    ];
+    for (field, is_set) in present {
+        if is_set {
+            messages.push(format!("{field}: not allowed for kind \"echo\""));
+        }
+    }
+}
+
+/// Every parameter, each compiled as far as it goes: a parameter with an
+/// error is still in the map (with the rules that did compile) so that the
+/// http compiler does not also report its placeholders as unknown; the
+/// policy as a whole fails on `messages`.
+fn compile_params(
+    configs: &BTreeMap<String, ParamConfig>,
+    messages: &mut Vec<String>,
+) -> BTreeMap<String, ParamSpec> {
+    let mut params = BTreeMap::new();
+    for (name, cfg) in configs {
+        if !valid_param_name(name) {
+            messages.push(format!(
+                "params.{name:?}: not a valid parameter name (a-z or _, then up to 63 of a-z 0-9 _)"
+            ));
+        }
+        let spec = compile_param(&format!("params.{name}"), cfg, messages);
+        params.insert(name.clone(), spec);
+    }
+    params
+}
+
+fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> ParamSpec {
+    let ty = cfg.ty;
+    let is_string = ty == ParamType::String;
+    let is_int = ty == ParamType::Int;
+    let mut not_for_type = |field: &str| {
+        messages.push(format!(
+            "{path}.{field}: not allowed for a parameter of type {}",
+            type_name(ty)
+        ));
+    };
+
+    // Cheap rules first; the pattern, the costliest, runs last, on a string
+    // max_len has already bounded.
+    let mut rules = Vec::new();
+    if let Some(n) = cfg.max_len {
+        if is_string {
+            rules.push(Rule::MaxLen(n));
+        } else {
+            not_for_type("max_len");
+        }
+    }
+    if let Some(prefix) = &cfg.prefix {
+        if is_string {
+            rules.push(Rule::Prefix(prefix.clone()));
+        } else {
+            not_for_type("prefix");
+        }
+    }
+    let mut one_of = None;
+    if let Some(values) = &cfg.one_of {
+        if is_string || is_int {
+            one_of = Some(values);
+        } else {
+            not_for_type("one_of");
+        }
+    }
+    if let Some(min) = cfg.min {
+        if is_int {
+            rules.push(Rule::Min(min));
+        } else {
+            not_for_type("min");
+        }
+    }
+    if let Some(max) = cfg.max {
+        if is_int {
+            rules.push(Rule::Max(max));
+        } else {
+            not_for_type("max");
+        }
+    }
+    let mut pattern = None;
+    if let Some(p) = &cfg.pattern {
+        if is_string {
+            pattern = Some(p);
+        } else {
+            not_for_type("pattern");
+        }
+    }
+
+    if let (true, Some(min), Some(max)) = (is_int, cfg.min, cfg.max) {
+        if min > max {
+            messages.push(format!("{path}.min: {min} is greater than max {max}"));
+        }
+    }
+    if let Some(values) = one_of {
+        if values.is_empty() {
+            messages.push(format!("{path}.one_of: must list at least one value"));
+        }
+        let mut typed = Vec::new();
+        for (i, value) in values.iter().enumerate() {
+            match from_toml(ty, value) {
+                Some(v) => typed.push(v),
+                None => messages.push(format!(
+                    "{path}.one_of[{i}]: must be {}",
+                    type_with_article(ty)
+                )),
+            }
+        }
+        rules.push(Rule::OneOf(typed));
+    }
+    if let Some(p) = pattern {
+        match compile_pattern(p) {
+            Ok(re) => rules.push(Rule::Pattern(re)),
+            Err(e) => messages.push(format!(
+                "{path}.pattern: invalid regex: {}",
+                regex_error_summary(&e)
+            )),
+        }
+    }
+
+    let mut default = None;
+    if let Some(value) = &cfg.default {
+        match from_toml(ty, value) {
+            None => messages.push(format!("{path}.default: must be {}", type_with_article(ty))),
+            Some(v) => match check_value(&rules, &v) {
+                Ok(()) => default = Some(v),
+                Err(Failure::Nul) => {
+                    messages.push(format!("{path}.default: contains a NUL byte"));
+                }
+                Err(Failure::Rule(rule)) => messages.push(format!(
+                    "{path}.default: {} {}",
+                    show_value(&v, cfg.secret),
+                    describe_rule(rule, cfg.secret)
+                )),
+            },
+        }
+    }
+
+    ParamSpec {
+        ty,
+        rules,
+        default,
+        secret: cfg.secret,
+    }
+}
+
+fn from_toml(ty: ParamType, value: &toml::Value) -> Option<TypedValue> {
+    match (ty, value) {
+        (ParamType::String, toml::Value::String(s)) => Some(TypedValue::Str(s.clone())),
+        (ParamType::Int, toml::Value::Integer(i)) => Some(TypedValue::Int(*i)),
+        (ParamType::Bool, toml::Value::Boolean(b)) => Some(TypedValue::Bool(*b)),
+        _ => None,
+    }
+}
+
+/// Compile a pattern to match the whole string, within [`REGEX_SIZE_LIMIT`].
+/// The admin's own text is compiled first so that a syntax error points
+/// into what they wrote, not into our `^(?:...)$` wrapper.
+pub(crate) fn compile_pattern(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    let build = |p: &str| {
+        regex::RegexBuilder::new(p)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_SIZE_LIMIT)
+            .build()
+    };
+    build(pattern)?;
+    build(&format!("^(?:{pattern})$"))
+}
