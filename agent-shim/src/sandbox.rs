@@ -140,6 +140,8 @@ pub enum SandboxError {
     },
     #[error("the token is empty")]
     EmptyToken,
+    #[error("${TOKEN_ENV} is set but is not text, so it cannot be a token")]
+    BadTokenEnv,
     #[error("cannot remove the token from the command line: {0}")]
     ScrubToken(#[source] io::Error),
     #[error("--keep-env {0}: {1}")]
@@ -315,7 +317,10 @@ fn read_token(source: &TokenSource) -> Result<Option<Token>, SandboxError> {
         }
         TokenSource::Env => match std::env::var(TOKEN_ENV) {
             Ok(t) => Zeroizing::new(t),
-            Err(_) => return Ok(None),
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            // Set but unusable: running without the channel the caller
+            // meant to give would be a silent surprise.
+            Err(std::env::VarError::NotUnicode(_)) => return Err(SandboxError::BadTokenEnv),
         },
     };
     let trimmed = text.trim();

@@ -125,3 +125,20 @@ fn an_ignored_sigchld_does_not_hang_the_shim() {
         .unwrap();
     assert_eq!(wait_within(child, Duration::from_secs(20)), Some(0));
 }
+
+#[test]
+fn a_token_variable_that_is_not_text_is_an_error_not_no_token() {
+    use std::os::unix::ffi::OsStrExt;
+    require_root();
+    let ran = Ran::from(
+        shim_run(&["--", "/bin/true"])
+            .env(
+                "KEYWARD_TOKEN",
+                std::ffi::OsStr::from_bytes(b"kw1.\xff\xfe"),
+            )
+            .output()
+            .unwrap(),
+    );
+    assert_ne!(ran.code, Some(0), "{ran:?}");
+    assert!(ran.stderr.contains("KEYWARD_TOKEN"), "{ran:?}");
+}
