@@ -12,6 +12,7 @@ pub mod upstream;
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -59,11 +60,20 @@ pub fn require_root() {
 /// A running broker on a private socket.
 pub struct Broker {
     pub dir: tempfile::TempDir,
+    /// The socket the configuration names (the broker binds it itself).
     pub socket: PathBuf,
+    /// The socket `systemd-socket-activate` listens on, when activated.
+    pub activated: PathBuf,
+    pub config_path: PathBuf,
     pub child: Option<Child>,
+    /// The fake service manager, when started with `notify`.
+    pub notify: Option<Notifications>,
     audit_path: PathBuf,
-    config_path: PathBuf,
     run_as: Option<u32>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    socket_activated: bool,
+    watchdog_usec: Option<u64>,
 }
 
 /// What a test broker is started with.
@@ -77,6 +87,18 @@ pub struct BrokerSetup<'a> {
     pub credentials_mode: u32,
     /// Run the broker as this uid (root when `None`).
     pub run_as: Option<u32>,
+    /// Arguments after `serve --config FILE` (`--audit stderr` unless they
+    /// name an `--audit`).
+    pub args: &'a [&'a str],
+    /// The broker's environment, besides `PATH` (it starts from empty).
+    pub env: Vec<(String, String)>,
+    /// Start under `systemd-socket-activate --seqpacket`, listening at
+    /// [`Broker::activated`], instead of letting the broker bind `{socket}`.
+    pub socket_activated: bool,
+    /// A fake service manager: `NOTIFY_SOCKET` points at it.
+    pub notify: bool,
+    /// `WATCHDOG_USEC` to pass (needs `notify`).
+    pub watchdog_usec: Option<u64>,
 }
 
 impl Default for BrokerSetup<'_> {
@@ -86,6 +108,11 @@ impl Default for BrokerSetup<'_> {
             credentials: &[],
             credentials_mode: 0o700,
             run_as: None,
+            args: &[],
+            env: Vec::new(),
+            socket_activated: false,
+            notify: false,
+            watchdog_usec: None,
         }
     }
 }
@@ -137,23 +164,37 @@ impl Broker {
             std::fs::Permissions::from_mode(setup.credentials_mode),
         )
         .unwrap();
-        let config = setup
-            .config
-            .replace("{socket}", socket.to_str().unwrap())
-            .replace("{dir}", dir.path().to_str().unwrap());
         let config_path = dir.path().join("broker.toml");
-        std::fs::write(&config_path, config).unwrap();
         let audit_path = dir.path().join("audit.log");
+        let notify = setup.notify.then(|| Notifications::bind(dir.path()));
         let mut broker = Broker {
+            activated: run.join("activated.sock"),
             socket,
             dir,
             child: None,
+            notify,
             audit_path,
             config_path,
             run_as: setup.run_as,
+            args: setup.args.iter().map(|a| a.to_string()).collect(),
+            env: setup.env,
+            socket_activated: setup.socket_activated,
+            watchdog_usec: setup.watchdog_usec,
         };
+        broker.rewrite_config(setup.config);
         broker.launch();
         broker
+    }
+
+    /// Write the configuration file, `{socket}` and `{dir}` replaced (the
+    /// next start or SIGHUP reads it).
+    pub fn rewrite_config(&self, config: &str) {
+        let text = config
+            .replace("{socket}", self.socket.to_str().unwrap())
+            .replace("{dir}", self.dir.path().to_str().unwrap());
+        std::fs::write(&self.config_path, text).unwrap();
+        std::fs::set_permissions(&self.config_path, std::fs::Permissions::from_mode(0o644))
+            .unwrap();
     }
 
     /// Start the broker process (its audit output appended to audit.log).
@@ -163,20 +204,34 @@ impl Broker {
             .append(true)
             .open(&self.audit_path)
             .unwrap();
-        let mut cmd = Command::new(binary("keyward-broker"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--audit")
-            .arg("stderr")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
+        let mut cmd = if self.socket_activated {
+            let mut cmd = Command::new("systemd-socket-activate");
+            cmd.arg("--seqpacket").arg("--listen").arg(&self.activated);
+            for (k, v) in &self.env {
+                cmd.arg(format!("--setenv={k}={v}"));
+            }
+            cmd.arg(binary("keyward-broker"));
+            cmd
+        } else {
+            Command::new(binary("keyward-broker"))
+        };
+        cmd.arg("serve").arg("--config").arg(&self.config_path);
+        cmd.args(&self.args);
+        if !self.args.iter().any(|a| a.starts_with("--audit")) {
+            cmd.args(["--audit", "stderr"]);
+        }
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(audit);
+        if let Some(notify) = &self.notify {
+            cmd.env("NOTIFY_SOCKET", &notify.path);
+            if let Some(usec) = self.watchdog_usec {
+                cmd.env("WATCHDOG_USEC", usec.to_string());
+            }
+        }
         if let Some(uid) = self.run_as {
             cmd.uid(uid).gid(uid);
         }
@@ -196,10 +251,18 @@ impl Broker {
     /// Wait until the socket accepts a `Hello`; panics with the broker's
     /// output if it exits or does not come up within 20 s.
     pub fn wait_ready(mut self) -> Broker {
+        let socket = self.socket.clone();
+        self.wait_serving(&socket);
+        self
+    }
+
+    /// Wait until `path` answers a `Hello`; panics with the broker's
+    /// output if it exits first or takes more than 20 s.
+    pub fn wait_serving(&mut self, path: &Path) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if Client::connect(&self.socket).is_ok() {
-                return self;
+            if path.exists() && Client::connect(path).is_ok() {
+                return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("broker exited early ({status}):\n{}", self.audit());
@@ -213,9 +276,37 @@ impl Broker {
         }
     }
 
-    /// Wait for the broker to exit by itself (e.g. a refused start).
+    /// Wait for the broker to exit by itself (e.g. a refused start), at
+    /// most 20 s.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        self.child.as_mut().unwrap().wait().unwrap()
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not exit:\n{}",
+                self.audit()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send the broker a signal.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Everything the broker wrote on stderr (with `--audit stderr`, its
+    /// audit records).
+    pub fn stderr(&self) -> String {
+        self.audit()
+    }
+
+    /// The fake service manager.
+    pub fn notifications(&self) -> &Notifications {
+        self.notify.as_ref().unwrap()
     }
 
     pub fn pid(&self) -> i32 {
@@ -429,4 +520,59 @@ pub fn echo_request(message: &str) -> keyward_proto::Request {
             value: keyward_proto::Value::Str(message.into()),
         }],
     })
+}
+
+/// A fake service manager's notification socket.
+pub struct Notifications {
+    pub path: PathBuf,
+    socket: UnixDatagram,
+}
+
+impl Notifications {
+    fn bind(dir: &Path) -> Notifications {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        // Any uid the broker runs as may send to it.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        Notifications { path, socket }
+    }
+
+    /// The next message, or `None` after `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) => panic!("notify socket: {e}"),
+        }
+    }
+
+    /// Messages until one has the line `line` (returned last); panics
+    /// after `timeout` with what arrived.
+    pub fn until(&self, line: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {line:?} within {timeout:?}; got {seen:?}"
+            );
+            if let Some(message) = self.next(left) {
+                let done = message.lines().any(|l| l == line);
+                seen.push(message);
+                if done {
+                    return seen;
+                }
+            }
+        }
+    }
 }

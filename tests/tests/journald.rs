@@ -14,8 +14,6 @@
 //! to run [`in_private_journal`], which refuses to run anywhere else.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -27,9 +25,9 @@ use serde_json::Value;
 use keyward_broker::journal;
 use keyward_tests::upstream::Upstream;
 use keyward_tests::{
-    assert_no_secret, require_root, shim_command, Ran, PRINCIPAL_UID, SECRET, STRANGER_UID,
+    assert_no_secret, require_root, shim_command, Broker, BrokerSetup, Ran, PRINCIPAL_UID, SECRET,
+    STRANGER_UID,
 };
-use support::{Launch, Service};
 
 /// Set (to the host's mount namespace) only in the re-executed inner test.
 const INNER: &str = "KEYWARD_TEST_PRIVATE_JOURNAL";
@@ -110,12 +108,12 @@ fn in_private_journal() {
 
     let upstream = Upstream::start();
     let config = config(upstream.port);
-    let mut broker = Service::spawn(Launch {
+    let mut broker = Broker::spawn(BrokerSetup {
         config: &config,
         credentials: &[("api.token", SECRET)],
         args: &["--audit", "journald"],
         run_as: Some(BROKER_UID),
-        ..Launch::default()
+        ..BrokerSetup::default()
     });
     let socket = broker.socket.clone();
     broker.wait_serving(&socket);
@@ -341,11 +339,11 @@ fn run(cmd: &mut Command) {
 /// `--audit auto` falls back to stderr.
 fn audit_journald_needs_a_journal() {
     assert!(!Path::new(journal::SOCKET).exists());
-    let mut broker = Service::spawn(Launch {
+    let mut broker = Broker::spawn(BrokerSetup {
         config: &config(9),
         credentials: &[("api.token", SECRET)],
         args: &["--audit", "journald"],
-        ..Launch::default()
+        ..BrokerSetup::default()
     });
     assert_eq!(broker.wait_exit().code(), Some(1));
     let err = broker.stderr();
@@ -355,11 +353,11 @@ fn audit_journald_needs_a_journal() {
     );
     assert!(!broker.socket.exists(), "served without an audit trail");
 
-    let mut broker = Service::spawn(Launch {
+    let mut broker = Broker::spawn(BrokerSetup {
         config: &config(9),
         credentials: &[("api.token", SECRET)],
         args: &["--audit", "auto"],
-        ..Launch::default()
+        ..BrokerSetup::default()
     });
     let socket = broker.socket.clone();
     broker.wait_serving(&socket);
@@ -538,7 +536,7 @@ fn large_entry_goes_by_memfd() {
 /// records flow again without restarting the broker.
 fn audit_failure_refuses_the_call_and_keeps_the_record(
     journald: &mut Journald,
-    broker: &Service,
+    broker: &Broker,
     upstream: &Upstream,
     socket: &Path,
 ) {

@@ -6,16 +6,13 @@
 //! one.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use keyward_tests::{binary, shim_command, Ran, PRINCIPAL_UID};
-use support::{Launch, Service};
+use keyward_tests::{binary, shim_command, Broker, BrokerSetup, Ran, PRINCIPAL_UID};
 
 const CONFIG: &str = r#"
 [broker]
@@ -68,11 +65,11 @@ const LONG: Duration = Duration::from_secs(20);
 
 #[test]
 fn socket_activated_broker_serves_the_socket_it_is_handed() {
-    let mut service = Service::spawn(Launch {
+    let mut service = Broker::spawn(BrokerSetup {
         config: CONFIG,
         args: &["--audit", "stderr"],
         socket_activated: true,
-        ..Launch::default()
+        ..BrokerSetup::default()
     });
     let activated = service.activated.clone();
     // systemd-socket-activate binds first and starts the broker on the
@@ -158,12 +155,12 @@ fn activation_variables_are_checked_strictly() {
 
 #[test]
 fn ready_only_once_serving_then_watchdog_status_and_stopping() {
-    let mut service = Service::spawn(Launch {
+    let mut service = Broker::spawn(BrokerSetup {
         config: CONFIG,
         args: &["--audit", "stderr"],
         notify: true,
         watchdog_usec: Some(200_000),
-        ..Launch::default()
+        ..BrokerSetup::default()
     });
     let before = service.notifications().until("READY=1", LONG);
     // Nothing but READY may come first: no watchdog ping before it.
@@ -210,11 +207,11 @@ fn ready_only_once_serving_then_watchdog_status_and_stopping() {
 
 #[test]
 fn no_ready_when_startup_fails() {
-    let mut service = Service::spawn(Launch {
+    let mut service = Broker::spawn(BrokerSetup {
         config: &format!("{CONFIG}\n[credential.api]\nfile = \"missing.token\"\n"),
         args: &["--audit", "stderr"],
         notify: true,
-        ..Launch::default()
+        ..BrokerSetup::default()
     });
     let status = service.wait_exit();
     assert_eq!(status.code(), Some(1), "{}", service.stderr());
@@ -235,11 +232,11 @@ fn no_ready_when_startup_fails() {
 
 #[test]
 fn sighup_keeps_a_working_policy_over_a_broken_one_and_applies_a_good_one() {
-    let service = Service::spawn(Launch {
+    let service = Broker::spawn(BrokerSetup {
         config: CONFIG,
         args: &["--audit", "stderr"],
         notify: true,
-        ..Launch::default()
+        ..BrokerSetup::default()
     });
     service.notifications().until("READY=1", LONG);
     let socket = service.socket.clone();
