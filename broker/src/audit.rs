@@ -50,6 +50,22 @@ pub enum Event {
     Revoke,
 }
 
+impl Event {
+    /// Every kind of event (for the catalog and message-id checks).
+    pub const ALL: [Event; 10] = [
+        Event::Start,
+        Event::Stop,
+        Event::Call,
+        Event::CallFailed,
+        Event::Refused,
+        Event::Reload,
+        Event::Mint,
+        Event::Bind,
+        Event::Attenuate,
+        Event::Revoke,
+    ];
+}
+
 /// The decision recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -367,21 +367,7 @@ mod tests {
 
     #[test]
     fn message_ids_are_distinct_128_bit_ids() {
-        let ids: Vec<_> = [
-            Event::Start,
-            Event::Stop,
-            Event::Call,
-            Event::CallFailed,
-            Event::Refused,
-            Event::Reload,
-            Event::Mint,
-            Event::Bind,
-            Event::Attenuate,
-            Event::Revoke,
-        ]
-        .into_iter()
-        .map(message_id)
-        .collect();
+        let ids: Vec<_> = Event::ALL.into_iter().map(message_id).collect();
         for id in &ids {
             assert_eq!(id.len(), 32);
             assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
@@ -393,18 +379,7 @@ mod tests {
     #[test]
     fn the_catalog_documents_every_message_id() {
         let catalog = include_str!("../../systemd/keyward.catalog");
-        for event in [
-            Event::Start,
-            Event::Stop,
-            Event::Call,
-            Event::CallFailed,
-            Event::Refused,
-            Event::Reload,
-            Event::Mint,
-            Event::Bind,
-            Event::Attenuate,
-            Event::Revoke,
-        ] {
+        for event in Event::ALL {
             let id = message_id(event);
             assert!(
                 catalog.contains(&format!("-- {id}\n")),

@@ -258,7 +258,6 @@ impl Session {
 
     async fn call(&mut self, call: Call) -> Next {
         let policy = self.broker.policy();
-        let shown_tool = shown_name(&call.tool);
         let decided = match (&self.bound, self.tokens()) {
             (Some(bound), Ok(tokens)) => {
                 let authorize =
@@ -277,7 +276,7 @@ impl Session {
             Err(denial) => {
                 self.audit_token(
                     self.record(Event::Call, Decision::Deny)
-                        .tool(&shown_tool)
+                        .tool(&shown_name(&call.tool))
                         .reason(&denial.reason),
                 );
                 return self

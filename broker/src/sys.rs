@@ -62,6 +62,7 @@ pub fn pidfd_exited(pidfd: &impl AsFd) -> io::Result<bool> {
 }
 
 /// The pid a pidfd refers to, from `/proc/self/fdinfo` (`-1` once exited).
+#[cfg(test)]
 pub fn pidfd_pid(pidfd: &impl AsRawFd) -> io::Result<i32> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
     info.lines()

@@ -187,8 +187,8 @@ impl Client {
         self.recv_response()
     }
 
-    /// Send raw bytes as one message (tests use this to send garbage).
-    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
+    /// Send raw bytes as one message.
+    fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
         loop {
             match sendmsg::<()>(
                 self.fd.as_raw_fd(),

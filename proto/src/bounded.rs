@@ -41,13 +41,3 @@ where
 
     deserializer.deserialize_seq(BoundedVec(PhantomData))
 }
-
-/// `deserialize_with` helper for byte bodies: postcard encodes `Vec<u8>` as
-/// a sequence, so this is [`vec`] for bytes, with a larger but still small
-/// initial capacity.
-pub(crate) fn bytes<'de, D>(deserializer: D) -> Result<Vec<u8>, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    vec(deserializer)
-}

@@ -118,7 +118,7 @@ pub struct CallResult {
     pub status: u16,
     #[serde(deserialize_with = "crate::bounded::vec")]
     pub headers: Vec<Header>,
-    #[serde(deserialize_with = "crate::bounded::bytes")]
+    #[serde(deserialize_with = "crate::bounded::vec")]
     pub body: Vec<u8>,
 }
 

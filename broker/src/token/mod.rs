@@ -171,10 +171,6 @@ impl Tokens {
         })
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
     // -- mint ---------------------------------------------------------------
 
     /// Mint a token for a principal caller.
