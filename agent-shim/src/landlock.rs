@@ -120,7 +120,9 @@ impl Support {
     /// Ask the kernel.
     pub fn probe() -> Support {
         Support {
-            abi: sys::landlock_abi(),
+            // An unexpected probe failure counts as no Landlock: the shim
+            // then refuses to run rather than run unconfined.
+            abi: sys::landlock_abi().unwrap_or(0),
         }
     }
 
@@ -270,6 +272,12 @@ pub fn restrict(rules: &FsRules) -> Result<RestrictionStatus, LandlockError> {
         .create()?;
     for (paths, access) in rules.groups() {
         for path in paths {
+            // A path that does not exist (in a mount namespace, one that
+            // was not mounted) cannot be reached: leaving its rule out
+            // grants nothing.
+            if std::fs::metadata(path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
+                continue;
+            }
             let fd = PathFd::new(path).map_err(|e| LandlockError::Path {
                 path: path.clone(),
                 source: io::Error::other(e.to_string()),

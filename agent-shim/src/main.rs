@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 use agent_shim::client::{socket_path, Client, ClientError, KEYWARD_FD_ENV};
 use agent_shim::grant::{attenuate_request, mint_request, ConstraintArgs};
+use agent_shim::sandbox::{read_token, Token, TokenSource};
 use keyward_proto::{CallResult, Request, Response, ToolInfo};
 
 const EXIT_ERROR: u8 = 1;
@@ -140,6 +141,27 @@ enum Command {
         /// warning naming what is missing).
         #[arg(long)]
         allow_unsandboxed: bool,
+        /// Refuse to run where user namespaces are unavailable, instead of
+        /// falling back to Landlock and seccomp alone.
+        #[arg(long)]
+        require_namespaces: bool,
+        /// Share the terminal: CMD may change its settings (raw mode,
+        /// window size). Typing into it (TIOCSTI) stays denied.
+        #[arg(long)]
+        tty: bool,
+        /// Data (heap, private mappings) per process, e.g. 512M, 4G
+        /// (RLIMIT_DATA).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "16G")]
+        memory: u64,
+        /// Processes and threads in the sandbox (RLIMIT_NPROC).
+        #[arg(long, value_name = "N", default_value_t = 4096)]
+        pids: u64,
+        /// CPU time per process, e.g. 30m, 2h (RLIMIT_CPU).
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds, default_value = "24h")]
+        cpu_time: u64,
+        /// Largest file a process may write, e.g. 1G (RLIMIT_FSIZE).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64G")]
+        max_file_size: u64,
         /// Print what the sandbox enforces on stderr before running CMD.
         #[arg(long, short)]
         verbose: bool,
@@ -147,6 +169,32 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
     },
+}
+
+/// `N`, `NK`, `NM`, `NG` or `NT` (powers of 1024).
+fn parse_size(arg: &str) -> Result<u64, String> {
+    let (digits, shift) = match arg.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&arg[..i], 10),
+        Some((i, 'M' | 'm')) => (&arg[..i], 20),
+        Some((i, 'G' | 'g')) => (&arg[..i], 30),
+        Some((i, 'T' | 't')) => (&arg[..i], 40),
+        _ => (arg, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{arg:?} is not a size such as 512M or 4G"))
+}
+
+/// A duration such as `90s`, `30m` or `2h`, in whole seconds.
+fn parse_seconds(arg: &str) -> Result<u64, String> {
+    humantime::parse_duration(arg)
+        .ok()
+        .map(|d| d.as_secs())
+        .filter(|&s| s > 0)
+        .ok_or_else(|| format!("{arg:?} is not a duration such as 30m or 2h"))
 }
 
 fn parse_param(arg: &str) -> Result<(String, String), String> {
@@ -166,12 +214,14 @@ struct TokenArg {
 }
 
 impl TokenArg {
-    fn get(&self) -> Option<String> {
-        self.token.clone().or_else(|| {
-            std::env::var("KEYWARD_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty())
-        })
+    /// The token, by the same rules as `run`: `--token` is overwritten in
+    /// the command line, and an empty or non-UTF-8 value is an error.
+    fn get(&self) -> Result<Option<Token>, String> {
+        let source = match &self.token {
+            Some(t) => TokenSource::Arg(t.clone()),
+            None => TokenSource::Env,
+        };
+        read_token(&source).map_err(|e| e.to_string())
     }
 }
 
@@ -193,7 +243,10 @@ fn main() -> ExitCode {
             token,
             tool,
             params,
-        } => call(token.get().as_deref(), &tool, &params, json),
+        } => match token.get() {
+            Ok(token) => call(token.as_ref(), &tool, &params, json),
+            Err(e) => fail(&e),
+        },
         Command::Mint {
             tools,
             constraints,
@@ -210,9 +263,15 @@ fn main() -> ExitCode {
             constraints,
         } => match attenuate_request(&tools, &constraints) {
             Err(e) => fail(&e.to_string()),
-            Ok(req) => issue(token.get().as_deref(), &Request::Attenuate(req)),
+            Ok(req) => match token.get() {
+                Ok(token) => issue(token.as_ref(), &Request::Attenuate(req)),
+                Err(e) => fail(&e),
+            },
         },
-        Command::Tools { json, token } => tools(token.get().as_deref(), json),
+        Command::Tools { json, token } => match token.get() {
+            Ok(token) => tools(token.as_ref(), json),
+            Err(e) => fail(&e),
+        },
         Command::Run {
             token,
             token_file,
@@ -221,6 +280,12 @@ fn main() -> ExitCode {
             allow_exec,
             keep_env,
             allow_unsandboxed,
+            require_namespaces,
+            tty,
+            memory,
+            pids,
+            cpu_time,
+            max_file_size,
             verbose,
             command,
         } => run(&agent_shim::sandbox::RunOptions {
@@ -234,6 +299,14 @@ fn main() -> ExitCode {
             allow_exec,
             keep_env,
             allow_unsandboxed,
+            require_namespaces,
+            tty,
+            limits: agent_shim::sandbox::Limits {
+                memory,
+                pids,
+                cpu_time,
+                max_file_size,
+            },
             verbose,
             command,
         }),
@@ -259,14 +332,14 @@ fn fail(message: &str) -> ExitCode {
 /// `agent-shim run`, a channel of the bound session ($KEYWARD_FD); else a
 /// new connection, bound to `token` when one is given. A refused bind
 /// comes back as the broker's `Denied` response.
-fn connect(token: Option<&str>) -> Result<Result<Client, Response>, ClientError> {
+fn connect(token: Option<&Token>) -> Result<Result<Client, Response>, ClientError> {
     if std::env::var_os(KEYWARD_FD_ENV).is_some() {
         return agent_shim::client::from_env_or_socket().map(Ok);
     }
     let mut client = Client::connect(&socket_path())?;
     if let Some(token) = token {
         match client.request(&Request::Bind(keyward_proto::Bind {
-            token: token.to_owned(),
+            token: token.expose().to_owned(),
         }))? {
             Response::Bound(_) => {}
             other => return Ok(Err(other)),
@@ -276,7 +349,7 @@ fn connect(token: Option<&str>) -> Result<Result<Client, Response>, ClientError>
 }
 
 /// Send one request with the right authority and return the reply.
-fn exchange(token: Option<&str>, request: &Request) -> Result<Response, ClientError> {
+fn exchange(token: Option<&Token>, request: &Request) -> Result<Response, ClientError> {
     match connect(token)? {
         Ok(mut client) => client.request(request),
         Err(refused) => Ok(refused),
@@ -284,7 +357,7 @@ fn exchange(token: Option<&str>, request: &Request) -> Result<Response, ClientEr
 }
 
 /// `mint` and `attenuate`: print the new token.
-fn issue(token: Option<&str>, request: &Request) -> ExitCode {
+fn issue(token: Option<&Token>, request: &Request) -> ExitCode {
     match exchange(token, request) {
         Ok(Response::Minted(minted)) => {
             println!("{}", minted.token);
@@ -298,7 +371,7 @@ fn issue(token: Option<&str>, request: &Request) -> ExitCode {
     }
 }
 
-fn tools(token: Option<&str>, json: bool) -> ExitCode {
+fn tools(token: Option<&Token>, json: bool) -> ExitCode {
     match exchange(token, &Request::Tools) {
         Ok(Response::ToolList(list)) => {
             if json {
@@ -347,7 +420,7 @@ fn print_tool_table(tools: &[ToolInfo]) {
     }
 }
 
-fn call(token: Option<&str>, tool: &str, params: &[(String, String)], json: bool) -> ExitCode {
+fn call(token: Option<&Token>, tool: &str, params: &[(String, String)], json: bool) -> ExitCode {
     let response = connect(token).and_then(|client| match client {
         Ok(mut c) => c.call(tool, params),
         Err(refused) => Ok(refused),

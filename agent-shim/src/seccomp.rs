@@ -15,7 +15,15 @@
 //!   `clone3` with `ENOSYS`, so that libc falls back to `clone`, whose
 //!   flags a filter can see;
 //! - the denials, compiled by `seccompiler`: [`DENIED`] fail with `EPERM`,
-//!   some only with the arguments that make them dangerous.
+//!   some only with the arguments that make them dangerous; in fallback
+//!   mode (no namespaces) also [`FALLBACK_DENIED`], the path-based calls
+//!   that change or watch files Landlock does not cover; and the ioctls that
+//!   change a terminal unless the caller shares it (`--tty`).
+//!
+//! The calls that reach other processes of the same uid by pid (priority,
+//! scheduling, resource limits, page migration) are refused unless they
+//! name the caller itself (pid 0): with a pid namespace those pids are not
+//! visible anyway, without one this filter is all that stops them.
 //!
 //! Allowed calls that the kernel can prove always allowed are cached per
 //! system call (`SECCOMP_CACHE`), so the filter costs them nothing.
@@ -49,8 +57,27 @@ pub enum Match {
     NotUnixStream,
     /// `clone`/`unshare` with a namespace flag.
     NamespaceFlags,
-    /// `ioctl` injecting terminal input (`TIOCSTI`, `TIOCLINUX`).
-    TerminalInjection,
+    /// `ioctl` injecting terminal input (`TIOCSTI`, `TIOCLINUX`), and,
+    /// unless the terminal is shared (`--tty`), changing it.
+    Terminal,
+    /// A pid (or other target) argument at this index other than 0, the
+    /// caller itself.
+    NotSelf(u8),
+    /// `setpriority`/`ioprio_set`: a `which` (argument 0) other than the
+    /// given per-process value, or a `who` (argument 1) other than 0.
+    NotOwnProcess(u64),
+    /// A path argument at this index that is not NULL (`utimensat` with a
+    /// path; with NULL it is `futimens`, the fd-based form).
+    WithPath(u8),
+}
+
+/// Which filter to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Profile {
+    /// No namespaces: also deny [`FALLBACK_DENIED`].
+    pub fallback: bool,
+    /// The terminal is shared (`--tty`): its settings may be changed.
+    pub tty: bool,
 }
 
 /// Every system call the filter refuses with `EPERM`, and when.
@@ -70,7 +97,57 @@ pub const DENIED: &[(&str, i64, Match)] = &[
     ),
     ("pidfd_open", libc::SYS_pidfd_open, Match::Always),
     ("pidfd_getfd", libc::SYS_pidfd_getfd, Match::Always),
+    // kcmp compares two processes' resources; even with pid 0 it is of no
+    // use to a sub-agent, so it is refused whatever the pids.
     ("kcmp", libc::SYS_kcmp, Match::Always),
+    ("process_madvise", libc::SYS_process_madvise, Match::Always),
+    // Acting on other processes of the uid by pid: only pid 0 (the caller).
+    (
+        "setpriority",
+        libc::SYS_setpriority,
+        Match::NotOwnProcess(0),
+    ),
+    // IOPRIO_WHO_PROCESS is 1.
+    ("ioprio_set", libc::SYS_ioprio_set, Match::NotOwnProcess(1)),
+    (
+        "sched_setscheduler",
+        libc::SYS_sched_setscheduler,
+        Match::NotSelf(0),
+    ),
+    (
+        "sched_setparam",
+        libc::SYS_sched_setparam,
+        Match::NotSelf(0),
+    ),
+    ("sched_setattr", libc::SYS_sched_setattr, Match::NotSelf(0)),
+    (
+        "sched_setaffinity",
+        libc::SYS_sched_setaffinity,
+        Match::NotSelf(0),
+    ),
+    ("prlimit64", libc::SYS_prlimit64, Match::NotSelf(0)),
+    ("migrate_pages", libc::SYS_migrate_pages, Match::NotSelf(0)),
+    ("move_pages", libc::SYS_move_pages, Match::NotSelf(0)),
+    // SysV IPC and POSIX message queues: objects shared by everyone of the
+    // uid (an IPC namespace hides them too, where there is one).
+    ("shmget", libc::SYS_shmget, Match::Always),
+    ("shmat", libc::SYS_shmat, Match::Always),
+    ("shmdt", libc::SYS_shmdt, Match::Always),
+    ("shmctl", libc::SYS_shmctl, Match::Always),
+    ("msgget", libc::SYS_msgget, Match::Always),
+    ("msgsnd", libc::SYS_msgsnd, Match::Always),
+    ("msgrcv", libc::SYS_msgrcv, Match::Always),
+    ("msgctl", libc::SYS_msgctl, Match::Always),
+    ("semget", libc::SYS_semget, Match::Always),
+    ("semop", libc::SYS_semop, Match::Always),
+    ("semtimedop", libc::SYS_semtimedop, Match::Always),
+    ("semctl", libc::SYS_semctl, Match::Always),
+    ("mq_open", libc::SYS_mq_open, Match::Always),
+    ("mq_unlink", libc::SYS_mq_unlink, Match::Always),
+    ("mq_timedsend", libc::SYS_mq_timedsend, Match::Always),
+    ("mq_timedreceive", libc::SYS_mq_timedreceive, Match::Always),
+    ("mq_notify", libc::SYS_mq_notify, Match::Always),
+    ("mq_getsetattr", libc::SYS_mq_getsetattr, Match::Always),
     // New sockets: the only way out is the broker channel on fd 3.
     ("socket", libc::SYS_socket, Match::Always),
     ("connect", libc::SYS_connect, Match::Always),
@@ -128,8 +205,93 @@ pub const DENIED: &[(&str, i64, Match)] = &[
     ("acct", libc::SYS_acct, Match::Always),
     ("iopl", libc::SYS_iopl, Match::Always),
     ("ioperm", libc::SYS_ioperm, Match::Always),
-    // Typing into the terminal the orchestrator reads.
-    ("ioctl", libc::SYS_ioctl, Match::TerminalInjection),
+    // Typing into, or changing, the terminal the orchestrator reads.
+    ("ioctl", libc::SYS_ioctl, Match::Terminal),
+];
+
+/// What fallback mode (no mount namespace) denies besides [`DENIED`]: the
+/// path-based calls that change a file's mode, owner, extended attributes
+/// or times, or watch it — Landlock has no right for any of them, so
+/// without a mount namespace they would reach every file of the uid. The
+/// fd-based forms (`fchmod`, `fchown`, `fsetxattr`, `futimens`) stay
+/// allowed: they need a descriptor Landlock let the program open.
+#[cfg(target_arch = "x86_64")]
+pub const FALLBACK_DENIED: &[(&str, i64, Match)] = &[
+    ("chmod", libc::SYS_chmod, Match::Always),
+    ("fchmodat", libc::SYS_fchmodat, Match::Always),
+    ("fchmodat2", SYS_FCHMODAT2, Match::Always),
+    ("chown", libc::SYS_chown, Match::Always),
+    ("lchown", libc::SYS_lchown, Match::Always),
+    ("fchownat", libc::SYS_fchownat, Match::Always),
+    ("setxattr", libc::SYS_setxattr, Match::Always),
+    ("lsetxattr", libc::SYS_lsetxattr, Match::Always),
+    ("getxattr", libc::SYS_getxattr, Match::Always),
+    ("lgetxattr", libc::SYS_lgetxattr, Match::Always),
+    ("listxattr", libc::SYS_listxattr, Match::Always),
+    ("llistxattr", libc::SYS_llistxattr, Match::Always),
+    ("removexattr", libc::SYS_removexattr, Match::Always),
+    ("lremovexattr", libc::SYS_lremovexattr, Match::Always),
+    ("setxattrat", SYS_SETXATTRAT, Match::Always),
+    ("getxattrat", SYS_GETXATTRAT, Match::Always),
+    ("listxattrat", SYS_LISTXATTRAT, Match::Always),
+    ("removexattrat", SYS_REMOVEXATTRAT, Match::Always),
+    ("utime", libc::SYS_utime, Match::Always),
+    ("utimes", libc::SYS_utimes, Match::Always),
+    ("futimesat", libc::SYS_futimesat, Match::Always),
+    ("utimensat", libc::SYS_utimensat, Match::WithPath(1)),
+    (
+        "inotify_add_watch",
+        libc::SYS_inotify_add_watch,
+        Match::Always,
+    ),
+    ("fanotify_mark", libc::SYS_fanotify_mark, Match::Always),
+];
+
+/// System calls newer than the `libc` crate's tables (x86_64 numbers).
+const SYS_FCHMODAT2: i64 = 452;
+const SYS_SETXATTRAT: i64 = 463;
+const SYS_GETXATTRAT: i64 = 464;
+const SYS_LISTXATTRAT: i64 = 465;
+const SYS_REMOVEXATTRAT: i64 = 466;
+
+/// `ioctl` requests that inject terminal input: always denied.
+const TERMINAL_INJECTION: &[u64] = &[libc::TIOCSTI, libc::TIOCLINUX];
+
+/// `ioctl` requests that change a terminal (its modes, size, exclusivity,
+/// line discipline, foreground group, modem lines, flow, queues): denied
+/// unless `--tty` shares the terminal. The requests that only read stay
+/// allowed (`isatty`, `TIOCGWINSZ`, ...).
+const TERMINAL_CHANGE: &[u64] = &[
+    libc::TCSETS,
+    libc::TCSETSW,
+    libc::TCSETSF,
+    libc::TCSETA,
+    libc::TCSETAW,
+    libc::TCSETAF,
+    libc::TCSETS2,
+    libc::TCSETSW2,
+    libc::TCSETSF2,
+    libc::TCSBRK,
+    libc::TCSBRKP,
+    libc::TCXONC,
+    libc::TCFLSH,
+    libc::TIOCEXCL,
+    libc::TIOCNXCL,
+    libc::TIOCSCTTY,
+    libc::TIOCSPGRP,
+    libc::TIOCSWINSZ,
+    libc::TIOCMBIS,
+    libc::TIOCMBIC,
+    libc::TIOCMSET,
+    libc::TIOCSSOFTCAR,
+    libc::TIOCCONS,
+    libc::TIOCPKT,
+    libc::TIOCSETD,
+    libc::TIOCSBRK,
+    libc::TIOCCBRK,
+    libc::TIOCVHANGUP,
+    libc::TIOCSLCKTRMIOS,
+    libc::TIOCSSERIAL,
 ];
 
 /// The namespace flags of `clone` and `unshare`.
@@ -151,23 +313,19 @@ const CLONE_NEWTIME: u64 = 0x80;
 pub struct Filter {
     guard: BpfProgram,
     denials: BpfProgram,
+    profile: Profile,
 }
 
 impl Filter {
     /// Instructions in the two programs, for `--verbose`.
-    pub fn len(&self) -> usize {
+    pub fn instructions(&self) -> usize {
         self.guard.len() + self.denials.len()
-    }
-
-    /// Never: both programs always have instructions.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
 /// Compile the filter for this architecture.
 #[cfg(target_arch = "x86_64")]
-pub fn compile() -> Result<Filter, SeccompError> {
+pub fn compile(profile: Profile) -> Result<Filter, SeccompError> {
     let cond = |arg: u8, len: Len, op: Op, value: u64| {
         SeccompCondition::new(arg, len, op, value).map_err(|e| SeccompError::Compile(e.to_string()))
     };
@@ -180,8 +338,19 @@ pub fn compile() -> Result<Filter, SeccompError> {
             .map(|&f| rule(vec![cond(0, len.clone(), Op::MaskedEq(f), f)?]))
             .collect()
     };
+    let ioctl_rules = |requests: &[u64]| -> Result<Vec<SeccompRule>, SeccompError> {
+        requests
+            .iter()
+            .map(|&r| rule(vec![cond(1, Len::Dword, Op::Eq, r)?]))
+            .collect()
+    };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for &(_, nr, how) in DENIED {
+    let extra: &[(&str, i64, Match)] = if profile.fallback {
+        FALLBACK_DENIED
+    } else {
+        &[]
+    };
+    for &(_, nr, how) in DENIED.iter().chain(extra) {
         let chain = match how {
             Match::Always => vec![],
             // sendto(fd, buf, len, flags, dest_addr, addrlen)
@@ -209,10 +378,18 @@ pub fn compile() -> Result<Filter, SeccompError> {
                 flag_rules(Len::Dword, &flags)?
             }
             Match::NamespaceFlags => flag_rules(Len::Qword, NAMESPACE_FLAGS)?,
-            Match::TerminalInjection => vec![
-                rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCSTI)?])?,
-                rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCLINUX)?])?,
+            Match::Terminal if profile.tty => ioctl_rules(TERMINAL_INJECTION)?,
+            Match::Terminal => {
+                let mut chain = ioctl_rules(TERMINAL_INJECTION)?;
+                chain.extend(ioctl_rules(TERMINAL_CHANGE)?);
+                chain
+            }
+            Match::NotSelf(arg) => vec![rule(vec![cond(arg, Len::Qword, Op::Ne, 0)?])?],
+            Match::NotOwnProcess(which) => vec![
+                rule(vec![cond(0, Len::Dword, Op::Ne, which)?])?,
+                rule(vec![cond(1, Len::Dword, Op::Ne, 0)?])?,
             ],
+            Match::WithPath(arg) => vec![rule(vec![cond(arg, Len::Qword, Op::Ne, 0)?])?],
         };
         rules.insert(nr, chain);
     }
@@ -229,12 +406,13 @@ pub fn compile() -> Result<Filter, SeccompError> {
     Ok(Filter {
         guard: guard(),
         denials,
+        profile,
     })
 }
 
 /// Compile the filter for this architecture.
 #[cfg(not(target_arch = "x86_64"))]
-pub fn compile() -> Result<Filter, SeccompError> {
+pub fn compile(_: Profile) -> Result<Filter, SeccompError> {
     Err(SeccompError::UnsupportedArch(std::env::consts::ARCH))
 }
 
@@ -280,11 +458,27 @@ pub fn install(filter: &Filter) -> Result<(), SeccompError> {
 
 /// One line for `--verbose`.
 pub fn describe(filter: &Filter) -> String {
+    let extra = if filter.profile.fallback {
+        FALLBACK_DENIED.len()
+    } else {
+        0
+    };
     format!(
-        "seccomp: {} system calls denied with EPERM (some by argument), clone3 answers ENOSYS, \
-         foreign architectures and x32 numbers kill the process ({} BPF instructions)",
-        DENIED.len(),
-        filter.len()
+        "seccomp: {} system calls denied with EPERM (some by argument{}), terminal {}, \
+         clone3 answers ENOSYS, foreign architectures and x32 numbers kill the process \
+         ({} BPF instructions)",
+        DENIED.len() + extra,
+        if filter.profile.fallback {
+            "; fallback rules for path-based chmod/chown/xattr/utimes/inotify"
+        } else {
+            ""
+        },
+        if filter.profile.tty {
+            "shared (--tty): it may be changed, not typed into"
+        } else {
+            "ioctls that change or type into it denied"
+        },
+        filter.instructions()
     )
 }
 
@@ -293,15 +487,18 @@ pub fn describe(filter: &Filter) -> String {
 mod tests {
     use super::*;
 
-    fn errno<T>(ret: i64, _: T) -> Option<i32> {
+    fn errno(ret: i64) -> Option<i32> {
         (ret < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
     }
 
     /// seccomp filters the calling thread only: each check runs in a thread
     /// of its own, which the filter dies with.
-    fn in_filtered_thread<T: Send + 'static>(check: impl FnOnce() -> T + Send + 'static) -> T {
+    fn in_filtered_thread<T: Send + 'static>(
+        profile: Profile,
+        check: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         std::thread::spawn(move || {
-            install(&compile().unwrap()).unwrap();
+            install(&compile(profile).unwrap()).unwrap();
             check()
         })
         .join()
@@ -314,7 +511,7 @@ mod tests {
         // locals of the right size; the filter answers most before the
         // kernel reads anything.
         let ret = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4]) };
-        errno(ret, ())
+        errno(ret)
     }
 
     #[test]
@@ -323,12 +520,12 @@ mod tests {
         assert_eq!(g.len(), 9);
         assert_eq!(g[2].k, libc::SECCOMP_RET_KILL_PROCESS);
         assert_eq!(g[8].k, libc::SECCOMP_RET_ALLOW);
-        assert!(compile().unwrap().len() > 100);
+        assert!(compile(Profile::default()).unwrap().instructions() > 100);
     }
 
     #[test]
     fn denies_with_eperm_and_lets_the_rest_through() {
-        let results = in_filtered_thread(|| {
+        let results = in_filtered_thread(Profile::default(), || {
             let mut pair = [0i32; 2];
             let p = pair.as_mut_ptr() as u64;
             let unix = libc::AF_UNIX as u64;
@@ -414,5 +611,68 @@ mod tests {
             ("getpid", None),
         ];
         assert_eq!(results, expected);
+    }
+
+    #[test]
+    fn reaching_other_processes_and_ipc_is_denied_by_pid_and_profile() {
+        let ppid = nix::unistd::getppid().as_raw() as u64;
+        let checks = move || {
+            let tmp = std::env::temp_dir().join(format!("kw-seccomp-{}", std::process::id()));
+            let _ = std::fs::write(&tmp, b"x");
+            let path = std::ffi::CString::new(tmp.to_str().unwrap()).unwrap();
+            let p = path.as_ptr() as u64;
+            let mut limit = [0u64; 2];
+            let l = limit.as_mut_ptr() as u64;
+            let results = vec![
+                raw(libc::SYS_setpriority, [0, ppid, 0, 0, 0]),
+                raw(libc::SYS_setpriority, [0, 0, 0, 0, 0]),
+                raw(libc::SYS_setpriority, [2, 0, 0, 0, 0]),
+                raw(libc::SYS_prlimit64, [ppid, 7, 0, l, 0]),
+                raw(libc::SYS_prlimit64, [0, 7, 0, l, 0]),
+                raw(libc::SYS_sched_setaffinity, [ppid, 0, 0, 0, 0]),
+                raw(libc::SYS_shmget, [0, 4096, 0o600, 0, 0]),
+                raw(libc::SYS_msgget, [0, 0o600, 0, 0, 0]),
+                raw(libc::SYS_ioctl, [0, libc::TCSETS, 0, 0, 0]),
+                raw(libc::SYS_ioctl, [0, libc::TIOCSWINSZ, 0, 0, 0]),
+                raw(libc::SYS_chmod, [p, 0o600, 0, 0, 0]),
+                raw(libc::SYS_utimensat, [libc::AT_FDCWD as u64, p, 0, 0, 0]),
+            ];
+            let _ = std::fs::remove_file(&tmp);
+            results
+        };
+        let eperm = Some(libc::EPERM);
+        let denied = |r: Option<i32>| r == eperm;
+        let namespaces = in_filtered_thread(Profile::default(), checks);
+        let fallback = in_filtered_thread(
+            Profile {
+                fallback: true,
+                tty: false,
+            },
+            checks,
+        );
+        let tty = in_filtered_thread(
+            Profile {
+                fallback: false,
+                tty: true,
+            },
+            checks,
+        );
+        // Both modes: other pids, PRIO_USER, SysV IPC, terminal changes.
+        for results in [&namespaces, &fallback] {
+            let got: Vec<bool> = results.iter().map(|&r| denied(r)).collect();
+            assert_eq!(
+                &got[..10],
+                &[true, false, true, true, false, true, true, true, true, true],
+                "{results:?}"
+            );
+        }
+        // Path-based chmod and utimensat only in fallback mode.
+        assert_eq!(namespaces[10], None, "{namespaces:?}");
+        assert_eq!(namespaces[11], None, "{namespaces:?}");
+        assert_eq!(fallback[10], eperm, "{fallback:?}");
+        assert_eq!(fallback[11], eperm, "{fallback:?}");
+        // --tty: the terminal may be changed (stdin is no terminal here,
+        // so the kernel answers, not the filter).
+        assert!(!denied(tty[8]) && !denied(tty[9]), "{tty:?}");
     }
 }

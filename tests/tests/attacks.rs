@@ -7,14 +7,18 @@
 //!
 //! Each attack also runs unsandboxed (and under Landlock alone and seccomp
 //! alone), to show that it works without the sandbox, so that a passing
-//! row means the sandbox stopped it rather than the attack being broken.
+//! row means the sandbox stopped it rather than the attack being broken;
+//! then under `agent-shim run` in namespace mode and in fallback mode
+//! (`KEYWARD_TEST_NO_USERNS=1`). After every run the orchestrator's files
+//! (contents, modes, times, extended attributes) must be as they were, no
+//! process of the attack may survive, and no SysV object may be left.
 //! The suite prints the table of every attack and outcome on stderr.
 //!
 //! `KEYWARD_REQUIRE_LANDLOCK_ABI=N` (set by CI) makes a kernel with a
 //! Landlock ABI below N a failure instead of a skip.
 #![allow(clippy::unwrap_used, unsafe_code)]
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -33,6 +37,10 @@ const ORCHESTRATOR: u32 = PRINCIPAL_UID;
 /// A secret of the orchestrator's own (its cloud key), in its home, its
 /// environment and an inherited descriptor.
 const MARKER: &str = "orchestrator-aws-key-AKIA7f3e9c1d";
+/// The secret the orchestrator keeps in its SysV objects.
+const IPC_MARKER: &str = "orchestrator-ipc-secret-5e2b";
+/// The limits the sandbox is run with in the suite.
+const LIMITS: &[&str] = &["--pids", "64", "--memory", "256M", "--max-file-size", "64M"];
 
 const CONFIG: &str = r#"
 [broker]
@@ -88,11 +96,25 @@ enum Mode {
     Landlock,
     /// Under the seccomp filter alone.
     Seccomp,
-    /// Under `agent-shim run`, with a bound token.
+    /// Under `agent-shim run`, with a bound token: namespace mode.
     Shim,
+    /// Under `agent-shim run` in fallback mode (no namespaces).
+    Fallback,
 }
 
-const MODES: [Mode; 4] = [Mode::Bare, Mode::Landlock, Mode::Seccomp, Mode::Shim];
+const MODES: [Mode; 5] = [
+    Mode::Bare,
+    Mode::Landlock,
+    Mode::Seccomp,
+    Mode::Shim,
+    Mode::Fallback,
+];
+
+impl Mode {
+    fn sandboxed(self) -> bool {
+        matches!(self, Mode::Shim | Mode::Fallback)
+    }
+}
 
 /// What an attack run ended with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,12 +144,22 @@ enum Expect {
     SigsysKill,
     /// Only for the legitimate rows.
     Allowed,
+    /// Nothing of the attack outlives the sandbox (checked by the suite).
+    NoSurvivor,
 }
 
 impl Expect {
-    fn matches(&self, outcome: &Outcome) -> bool {
+    /// In namespace mode a path or pid outside the sandbox does not exist
+    /// at all: `ENOENT`/`ESRCH` hold as well as the layer's own errno.
+    fn matches(&self, outcome: &Outcome, mode: Mode) -> bool {
         match (self, outcome) {
+            (Expect::Errno(_), Outcome::Blocked(got))
+                if mode == Mode::Shim && (got == "ENOENT" || got == "ESRCH") =>
+            {
+                true
+            }
             (Expect::Errno(e), Outcome::Blocked(got)) => e == got,
+            (Expect::NoSurvivor, _) => true,
             (Expect::SigsysKill, Outcome::Killed(n)) => *n == libc::SIGSYS,
             (Expect::Allowed, Outcome::Succeeded(_)) => true,
             _ => false,
@@ -179,6 +211,8 @@ struct Lab {
     work: PathBuf,
     token_file: PathBuf,
     orchestrator: Child,
+    /// The orchestrator's SysV objects: shared memory, queue, semaphore.
+    ipc: [i32; 3],
     journal: UnixDatagram,
     journal_path: PathBuf,
     abstract_name: String,
@@ -190,8 +224,19 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let _ = self.orchestrator.kill();
         let _ = self.orchestrator.wait();
+        let [shm, msg, sem] = self.ipc;
+        // SAFETY: removing SysV objects by id takes integers.
+        unsafe {
+            libc::shmctl(shm, libc::IPC_RMID, std::ptr::null_mut());
+            libc::msgctl(msg, libc::IPC_RMID, std::ptr::null_mut());
+            libc::semctl(sem, 0, libc::IPC_RMID);
+        }
     }
 }
+
+/// What the orchestrator's files look like: path, mode, mtime, content,
+/// the `user.kw` extended attribute.
+type Snapshot = Vec<(PathBuf, u32, std::time::SystemTime, Vec<u8>, Vec<u8>)>;
 
 fn chown(path: &Path, uid: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
@@ -230,6 +275,7 @@ impl Lab {
         ] {
             let path = home.join(file);
             std::fs::write(&path, content).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
             chown(&path, ORCHESTRATOR);
         }
 
@@ -243,18 +289,45 @@ impl Lab {
         chown(&token_file, ORCHESTRATOR);
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
+        // An extended attribute on the credentials file.
+        let creds =
+            std::ffi::CString::new(home.join(".aws/credentials").to_str().unwrap()).unwrap();
+        // SAFETY: setxattr reads a path, a name and a value, live locals.
+        let set = unsafe {
+            libc::setxattr(
+                creds.as_ptr(),
+                c"user.kw".as_ptr(),
+                b"kms-key-id".as_ptr() as *const libc::c_void,
+                10,
+                0,
+            )
+        };
+        assert_eq!(set, 0, "setxattr: {}", std::io::Error::last_os_error());
+
         // A long-running orchestrator process with the key in its
-        // environment and its credentials file open as fd 0.
-        let orchestrator = Command::new("sleep")
-            .arg("600")
+        // environment, its credentials file open as fd 0, and a secret in
+        // a private SysV segment, message queue and semaphore.
+        let mut orchestrator = Command::new(binary("kw-attack"))
+            .args(["orchestrate", IPC_MARKER])
             .env_clear()
             .env("AWS_SECRET_ACCESS_KEY", MARKER)
             .stdin(std::fs::File::open(home.join(".aws/credentials")).unwrap())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .uid(ORCHESTRATOR)
             .gid(ORCHESTRATOR)
             .spawn()
             .unwrap();
+        let mut ready = String::new();
+        std::io::BufReader::new(orchestrator.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        let ids: Vec<i32> = ready
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("orchestrator: {ready:?}"))
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let ipc = [ids[0], ids[1], ids[2]];
 
         // journald's stand-in: a datagram socket anyone may write to.
         let journal_path = broker.dir.path().join("journal.sock");
@@ -278,6 +351,7 @@ impl Lab {
             work,
             token_file,
             orchestrator,
+            ipc,
             journal,
             journal_path,
             abstract_name,
@@ -512,16 +586,217 @@ impl Lab {
                 Expect::Errno("ENOSYS"),
                 true,
             ),
+            // Round 2: what sharing the uid, IPC, pids and mounts allowed.
+            attack(
+                9,
+                "SHM_STAT all ids, shmat the orchestrator's",
+                &["shm-steal", IPC_MARKER],
+                eperm,
+                true,
+            ),
+            attack(
+                9,
+                "msgrcv(MSG_COPY)+msgsnd on its queue",
+                &["msg-steal", IPC_MARKER],
+                eperm,
+                true,
+            ),
+            attack(
+                9,
+                "semctl(SETVAL) on its semaphore",
+                &["sem-steal"],
+                eperm,
+                true,
+            ),
+            attack(
+                9,
+                "leave a 64 MiB SysV segment behind",
+                &["shm-leave"],
+                eperm,
+                true,
+            ),
+            attack(
+                10,
+                "setpriority(orchestrator)",
+                &["renice", &orch, "setpriority"],
+                eperm,
+                true,
+            ),
+            attack(
+                10,
+                "sched_setscheduler(orchestrator, IDLE)",
+                &["renice", &orch, "sched-idle"],
+                eperm,
+                true,
+            ),
+            attack(
+                10,
+                "ioprio_set(orchestrator, IDLE)",
+                &["renice", &orch, "ioprio"],
+                eperm,
+                true,
+            ),
+            attack(
+                10,
+                "sched_setaffinity(orchestrator)",
+                &["renice", &orch, "affinity"],
+                eperm,
+                true,
+            ),
+            attack(
+                10,
+                "prlimit(orchestrator, RLIMIT_CPU)",
+                &["prlimit", &orch],
+                eperm,
+                true,
+            ),
+            attack(
+                10,
+                "prlimit(shim, NOFILE, 3) + setsid survivor",
+                &["escape", "{escape_log}"],
+                Expect::NoSurvivor,
+                true,
+            ),
+            attack(
+                11,
+                "chmod ~/.aws/credentials 0644",
+                &["chmod", &s(self.home.join(".aws/credentials")), "644"],
+                eperm,
+                true,
+            ),
+            attack(
+                11,
+                "chmod ~ 0777",
+                &["chmod", &s(self.home.clone()), "777"],
+                eperm,
+                true,
+            ),
+            attack(
+                11,
+                "utimensat ~/.bashrc",
+                &["utime", &s(self.home.join(".bashrc"))],
+                eperm,
+                true,
+            ),
+            attack(
+                11,
+                "setxattr/removexattr ~/.bashrc",
+                &["setxattr", &s(self.home.join(".bashrc"))],
+                eperm,
+                true,
+            ),
+            attack(
+                11,
+                "getxattr ~/.aws/credentials",
+                &["getxattr", &s(self.home.join(".aws/credentials"))],
+                eperm,
+                true,
+            ),
+            attack(
+                11,
+                "inotify on ~",
+                &["inotify", &s(self.home.clone())],
+                eperm,
+                true,
+            ),
+            attack(
+                11,
+                "inotify on ~/.aws",
+                &["inotify", &s(self.home.join(".aws"))],
+                eperm,
+                true,
+            ),
+            attack(
+                12,
+                "TCSETS, TIOCSWINSZ, TIOCEXCL on the tty",
+                &["tty-change"],
+                eperm,
+                true,
+            ),
+            attack(
+                12,
+                "fork 400 processes (--pids 64)",
+                &["fork-bomb", "400"],
+                Expect::Errno("EAGAIN"),
+                true,
+            ),
+            attack(
+                12,
+                "touch 1 GiB (--memory 256M)",
+                &["touch-memory", "1024"],
+                Expect::Errno("ENOMEM"),
+                true,
+            ),
+            attack(
+                12,
+                "write 256 MiB (--max-file-size 64M)",
+                &["write-big", &s(self.work.join("big")), "256"],
+                Expect::Errno("EFBIG"),
+                true,
+            ),
         ]
+    }
+
+    /// The orchestrator's files as they are now.
+    fn snapshot(&self) -> Snapshot {
+        use std::os::unix::fs::MetadataExt;
+        ["", ".aws", ".aws/credentials", ".bashrc", "bin/deploy.sh"]
+            .iter()
+            .map(|f| {
+                let path = self.home.join(f);
+                let meta = std::fs::metadata(&path).unwrap();
+                let content = if meta.is_file() {
+                    std::fs::read(&path).unwrap()
+                } else {
+                    Vec::new()
+                };
+                let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+                let mut value = vec![0u8; 64];
+                // SAFETY: getxattr writes at most 64 bytes into `value`.
+                let n = unsafe {
+                    libc::getxattr(
+                        c.as_ptr(),
+                        c"user.kw".as_ptr(),
+                        value.as_mut_ptr() as *mut libc::c_void,
+                        value.len(),
+                    )
+                };
+                value.truncate(usize::try_from(n).unwrap_or(0));
+                (
+                    path,
+                    meta.mode() & 0o7777,
+                    meta.modified().unwrap(),
+                    content,
+                    value,
+                )
+            })
+            .collect()
+    }
+
+    /// Put the orchestrator's files back as in `snapshot`.
+    fn restore(&self, snapshot: &Snapshot) {
+        for (path, mode, mtime, content, _) in snapshot {
+            if !content.is_empty() {
+                std::fs::write(path, content).unwrap();
+            }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).unwrap();
+            std::fs::File::open(path)
+                .unwrap()
+                .set_modified(*mtime)
+                .unwrap();
+        }
     }
 
     /// Run `kw-attack ARGS` in `mode`, as the orchestrator.
     fn run(&self, mode: Mode, attack: &Attack) -> (Outcome, Ran) {
         let kw_attack = binary("kw-attack");
         let mut cmd = match mode {
-            Mode::Shim => {
+            Mode::Shim | Mode::Fallback => {
                 let mut cmd = Command::new(binary("agent-shim"));
-                cmd.arg("run");
+                cmd.arg("run").args(LIMITS);
+                if mode == Mode::Shim {
+                    cmd.arg("--require-namespaces");
+                }
                 if attack.token_arg {
                     let token = std::fs::read_to_string(&self.token_file).unwrap();
                     cmd.arg("--token").arg(token.trim());
@@ -546,20 +821,30 @@ impl Lab {
                 cmd
             }
         };
-        cmd.args(&attack.args)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("HOME", &self.home)
-            .env("KEYWARD_SOCKET", &self.broker.socket)
-            .env("AWS_SECRET_ACCESS_KEY", MARKER)
-            .env(
-                "KEYWARD_TOKEN",
-                std::fs::read_to_string(&self.token_file).unwrap(),
-            )
-            .uid(ORCHESTRATOR)
-            .gid(ORCHESTRATOR)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let escape_log = self.work.join(format!("escape-{mode:?}.log"));
+        cmd.args(attack.args.iter().map(|a| {
+            if a == "{escape_log}" {
+                escape_log.display().to_string()
+            } else {
+                a.clone()
+            }
+        }))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &self.home)
+        .env("KEYWARD_SOCKET", &self.broker.socket)
+        .env("AWS_SECRET_ACCESS_KEY", MARKER)
+        .env(
+            "KEYWARD_TOKEN",
+            std::fs::read_to_string(&self.token_file).unwrap(),
+        )
+        .uid(ORCHESTRATOR)
+        .gid(ORCHESTRATOR)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if mode == Mode::Fallback {
+            cmd.env("KEYWARD_TEST_NO_USERNS", "1");
+        }
         let leak = std::fs::File::open(self.home.join(".aws/credentials")).unwrap();
         let leak_fd = leak.as_raw_fd();
         let tty = self.tty.slave.try_clone().unwrap();
@@ -592,7 +877,7 @@ impl Lab {
         let ran = Ran::from(out);
         let outcome = if let Some(sig) = status.signal() {
             Outcome::Killed(sig)
-        } else if mode == Mode::Shim && status.code().is_some_and(|c| c > 128 && c < 160) {
+        } else if mode.sandboxed() && status.code().is_some_and(|c| c > 128 && c < 160) {
             Outcome::Killed(status.code().unwrap() - 128)
         } else {
             match ran
@@ -689,6 +974,8 @@ fn check_loot(lab: &Lab, ran: &Ran) -> Result<(), String> {
 fn bare_worked(attack: &Attack, outcome: &Outcome, ran: &Ran, journal_got: usize) -> bool {
     match attack.args[0].as_str() {
         "loot" => ran.stdout.contains(MARKER),
+        // Judged by the suite: a survivor, a segment left, a file changed.
+        "escape" | "shm-leave" | "chmod" | "utime" => false,
         "dgram-sendto" => matches!(outcome, Outcome::Succeeded(_)) && journal_got > 0,
         "connect"
         | "uring-connect"
@@ -716,10 +1003,23 @@ fn every_attack_fails_inside_agent_shim_run() {
     }
     let lab = Lab::new();
     let attacks = lab.attacks();
-    let mut table = vec![format!(
-        "{:<2} {:<42} {:<11} {:<11} {:<11} {:<13} {}",
-        "#", "attack", "no sandbox", "Landlock", "seccomp", "agent-shim run", "verdict"
-    )];
+    let pristine = lab.snapshot();
+    let row = |cells: [&str; 8]| {
+        format!(
+            "{:<3} {:<44} {:<11} {:<11} {:<11} {:<11} {:<11} {}",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+        )
+    };
+    let mut table = vec![row([
+        "#",
+        "attack",
+        "no sandbox",
+        "Landlock",
+        "seccomp",
+        "namespaces",
+        "fallback",
+        "verdict",
+    ])];
     let mut failures = Vec::new();
     for attack in &attacks {
         let mut outcomes = Vec::new();
@@ -727,18 +1027,41 @@ fn every_attack_fails_inside_agent_shim_run() {
         for mode in MODES {
             let (outcome, ran) = lab.run(mode, attack);
             let journal_got = drain(&lab.journal);
-            if mode == Mode::Shim && journal_got > 0 {
-                failures.push(format!(
-                    "{}: a forged record reached the journal socket",
-                    attack.name
-                ));
+            let survivors = reap_survivors(&lab.work.join(format!("escape-{mode:?}.log")));
+            let segment_left = remove_left_segment(&ran);
+            let host_changed = lab.snapshot() != pristine;
+            lab.restore(&pristine);
+            let name = format!("{} ({mode:?})", attack.name);
+            if mode.sandboxed() {
+                if journal_got > 0 {
+                    failures.push(format!(
+                        "{name}: a forged record reached the journal socket"
+                    ));
+                }
+                if !survivors.is_empty() {
+                    failures.push(format!(
+                        "{name}: processes survived the sandbox: {survivors:?}"
+                    ));
+                }
+                if segment_left {
+                    failures.push(format!("{name}: a SysV segment outlived the sandbox"));
+                }
+                if host_changed {
+                    failures.push(format!("{name}: the orchestrator's files changed"));
+                }
             }
             if let Outcome::Broken(why) = &outcome {
-                failures.push(format!("{} ({mode:?}): no result: {why}", attack.name));
+                failures.push(format!("{name}: no result: {why}"));
             }
+            let own_tmpfs = mode == Mode::Shim && on_own_tmpfs(attack, &outcome, host_changed);
+            let held = attack.expect.matches(&outcome, mode) || own_tmpfs;
             match mode {
                 Mode::Bare
-                    if attack.bare_works && !bare_worked(attack, &outcome, &ran, journal_got) =>
+                    if attack.bare_works
+                        && !bare_worked(attack, &outcome, &ran, journal_got)
+                        && survivors.is_empty()
+                        && !segment_left
+                        && !host_changed =>
                 {
                     verdict.push("attack broken?".to_owned());
                     failures.push(format!(
@@ -746,28 +1069,25 @@ fn every_attack_fails_inside_agent_shim_run() {
                         attack.name
                     ));
                 }
-                Mode::Shim => {
+                Mode::Shim | Mode::Fallback => {
                     if !ran.stdout.contains("LEGIT ok {\"message\":\"legit\"}") {
-                        verdict.push("legit call FAILED".to_owned());
-                        failures.push(format!(
-                            "{}: the legitimate call failed: {ran:?}",
-                            attack.name
-                        ));
+                        verdict.push(format!("legit call FAILED ({mode:?})"));
+                        failures.push(format!("{name}: the legitimate call failed: {ran:?}"));
                     }
                     keyward_tests::assert_no_secret(attack.name, &ran.stdout);
                     keyward_tests::assert_no_secret(attack.name, &ran.stderr);
                     if attack.needs_abi > Support::probe().abi && !kernel_has(attack.needs_abi) {
                         verdict.push(format!("skipped (needs Landlock ABI {})", attack.needs_abi));
-                    } else if !attack.expect.matches(&outcome) {
-                        verdict.push(format!("FAILED, expected {:?}", attack.expect));
+                    } else if !held {
+                        verdict.push(format!("FAILED ({mode:?}), expected {:?}", attack.expect));
                         failures.push(format!(
-                            "{}: expected {:?}, got {outcome:?}: {ran:?}",
-                            attack.name, attack.expect
+                            "{name}: expected {:?}, got {outcome:?}: {ran:?}",
+                            attack.expect
                         ));
                     } else if attack.args[0] == "loot" {
                         if let Err(e) = check_loot(&lab, &ran) {
-                            verdict.push(format!("FAILED: {e}"));
-                            failures.push(format!("{}: {e}: {ran:?}", attack.name));
+                            verdict.push(format!("FAILED ({mode:?}): {e}"));
+                            failures.push(format!("{name}: {e}: {ran:?}"));
                         }
                     }
                 }
@@ -778,9 +1098,15 @@ fn every_attack_fails_inside_agent_shim_run() {
                     "FOUND KEY".to_owned()
                 }
                 (Outcome::Succeeded(_), "loot") => "nothing".to_owned(),
+                _ if !survivors.is_empty() => "SURVIVED".to_owned(),
+                _ if segment_left => "LEFT SEGMENT".to_owned(),
+                (Outcome::Succeeded(_), _) if matches!(attack.expect, Expect::NoSurvivor) => {
+                    "none left".to_owned()
+                }
                 (Outcome::Succeeded(_), _) if matches!(attack.expect, Expect::Allowed) => {
                     "allowed".to_owned()
                 }
+                _ if own_tmpfs => "own tmpfs".to_owned(),
                 _ => outcome.short(),
             };
             outcomes.push(shown);
@@ -791,16 +1117,18 @@ fn every_attack_fails_inside_agent_shim_run() {
                 verdict = vec!["ok".to_owned()];
             }
         }
-        table.push(format!(
-            "{:<2} {:<42} {:<11} {:<11} {:<11} {:<13} {}",
-            attack.group,
+        let group = attack.group.to_string();
+        let verdict = verdict.join("; ");
+        table.push(row([
+            &group,
             attack.name,
-            outcomes[0],
-            outcomes[1],
-            outcomes[2],
-            outcomes[3],
-            verdict.join("; ")
-        ));
+            &outcomes[0],
+            &outcomes[1],
+            &outcomes[2],
+            &outcomes[3],
+            &outcomes[4],
+            &verdict,
+        ]));
     }
     let mut err = std::io::stderr().lock();
     let _ = writeln!(
@@ -811,6 +1139,69 @@ fn every_attack_fails_inside_agent_shim_run() {
         let _ = writeln!(err, "{line}");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// In namespace mode the directories above an allowed path exist only as
+/// mount points in the sandbox's own tmpfs (`~` above `~/work`): a path
+/// attack that "succeeds" there touched a copy, and what counts is that the
+/// host's files did not change. (Watching the copy with inotify sees
+/// nothing of the host's directory: another inode, on another filesystem.)
+fn on_own_tmpfs(attack: &Attack, outcome: &Outcome, host_changed: bool) -> bool {
+    matches!(
+        attack.args[0].as_str(),
+        "write" | "chmod" | "utime" | "setxattr" | "inotify"
+    ) && !matches!(attack.expect, Expect::Allowed)
+        && matches!(outcome, Outcome::Succeeded(_))
+        && !host_changed
+}
+
+/// Kill and list every process still running with `log` (unique to the
+/// run) in its command line: what an `escape` attack left behind.
+fn reap_survivors(log: &Path) -> Vec<i32> {
+    let needle = log.display().to_string();
+    let find = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+            })
+            .collect()
+    };
+    // Give a dying sandbox a moment to be gone.
+    let mut left = find();
+    for _ in 0..20 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        left = find();
+    }
+    for &pid in &left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = std::fs::remove_file(log);
+    left
+}
+
+/// Whether a `shm-leave` attack's segment (`left segment ID`) still
+/// exists; removes it.
+fn remove_left_segment(ran: &Ran) -> bool {
+    let Some(id) = ran
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT succeeded left segment "))
+        .and_then(|id| id.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    // SAFETY: IPC_RMID by id takes integers; the root test process may
+    // remove any segment.
+    unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) == 0 }
 }
 
 /// A token copied out of the sandbox is worthless to another uid: its

@@ -80,7 +80,7 @@ fn apply_layer(layer: &str) -> Result<(), String> {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }
-        "seccomp" => agent_shim::seccomp::compile()
+        "seccomp" => agent_shim::seccomp::compile(agent_shim::seccomp::Profile::default())
             .and_then(|f| agent_shim::seccomp::install(&f))
             .map_err(|e| e.to_string()),
         other => Err(format!("unknown layer {other:?}")),
@@ -139,6 +139,23 @@ fn perform(attack: &str, args: &[String]) -> Outcome {
         }
         "clone-newuser" => clone_newuser(),
         "clone3" => clone3(),
+        "orchestrate" => orchestrate(arg(args, 0)),
+        "shm-steal" => shm_steal(arg(args, 0)),
+        "msg-steal" => msg_steal(arg(args, 0)),
+        "sem-steal" => sem_steal(),
+        "shm-leave" => shm_leave(),
+        "renice" => renice(pid_arg(args, 0), arg(args, 1)),
+        "prlimit" => prlimit_other(pid_arg(args, 0)),
+        "escape" => escape(arg(args, 0)),
+        "chmod" => chmod(arg(args, 0), arg(args, 1)),
+        "utime" => utime(arg(args, 0)),
+        "setxattr" => set_xattr(arg(args, 0)),
+        "getxattr" => get_xattr(arg(args, 0)),
+        "inotify" => inotify(arg(args, 0)),
+        "tty-change" => tty_change(),
+        "fork-bomb" => fork_bomb(arg(args, 0).parse().unwrap_or(0)),
+        "touch-memory" => touch_memory(arg(args, 0).parse().unwrap_or(0)),
+        "write-big" => write_big(arg(args, 0), arg(args, 1).parse().unwrap_or(0)),
         other => {
             println!("unknown attack {other:?}");
             std::process::exit(2);
@@ -886,4 +903,464 @@ fn clone3() -> Outcome {
     }
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
     Outcome::Succeeded("clone3 child in a new user namespace".into())
+}
+
+// ------------------------------------------------------------- SysV IPC
+
+const IPC_STAT_INDEX: [(i32, i32); 3] = [(13, 14), (11, 12), (18, 19)]; // (X_STAT, X_INFO)
+const MSG_COPY: i32 = 0o40000;
+
+/// A buffer big enough for any `*_ds` or `*_info` structure.
+#[repr(C, align(8))]
+struct IpcBuf([u8; 512]);
+
+/// The orchestrator's side (not an attack): a private 0600 shared memory
+/// segment, message queue and semaphore holding `marker`; prints
+/// `READY <shm> <msg> <sem>` and waits to be killed.
+fn orchestrate(marker: &str) -> Outcome {
+    // SAFETY: plain SysV calls; the segment is attached at a kernel-chosen
+    // address and written within its 4096 bytes; the message buffer is a
+    // live local of the size given.
+    unsafe {
+        let shm = libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600);
+        let addr = libc::shmat(shm, std::ptr::null(), 0);
+        if shm < 0 || addr as isize == -1 {
+            return Outcome::Blocked(last_errno());
+        }
+        std::ptr::copy_nonoverlapping(marker.as_ptr(), addr as *mut u8, marker.len().min(4000));
+        let msg = libc::msgget(libc::IPC_PRIVATE, libc::IPC_CREAT | 0o600);
+        let mut buf = [0u8; 264];
+        buf[..8].copy_from_slice(&1i64.to_ne_bytes());
+        buf[8..8 + marker.len().min(256)]
+            .copy_from_slice(&marker.as_bytes()[..marker.len().min(256)]);
+        let sent = libc::msgsnd(
+            msg,
+            buf.as_ptr() as *const libc::c_void,
+            marker.len().min(256),
+            0,
+        );
+        let sem = libc::semget(libc::IPC_PRIVATE, 1, libc::IPC_CREAT | 0o600);
+        let set = libc::semctl(sem, 0, libc::SETVAL, 1);
+        if msg < 0 || sent < 0 || sem < 0 || set < 0 {
+            return Outcome::Blocked(last_errno());
+        }
+        println!("READY {shm} {msg} {sem}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+/// The highest index of the kind (`X_INFO`), then each object (`X_STAT`).
+fn ipc_ids(kind: usize) -> Result<Vec<i32>, Errno> {
+    let (stat, info) = IPC_STAT_INDEX[kind];
+    let mut buf = IpcBuf([0; 512]);
+    let p = buf.0.as_mut_ptr();
+    // SAFETY: each *_INFO and *_STAT call writes at most one structure of
+    // well under 512 bytes into `buf`.
+    let call = |id: i32, cmd: i32| unsafe {
+        match kind {
+            0 => libc::shmctl(id, cmd, p as *mut libc::shmid_ds),
+            1 => libc::msgctl(id, cmd, p as *mut libc::msqid_ds),
+            _ => libc::semctl(id, 0, cmd, p),
+        }
+    };
+    let max = call(0, info);
+    if max < 0 {
+        return Err(last_errno());
+    }
+    Ok((0..=max)
+        .map(|i| call(i, stat))
+        .filter(|&id| id >= 0)
+        .collect())
+}
+
+fn shm_steal(marker: &str) -> Outcome {
+    let ids = match ipc_ids(0) {
+        Ok(ids) => ids,
+        Err(e) => return Outcome::Blocked(e),
+    };
+    for id in ids {
+        // SAFETY: a segment attached read-write at a kernel-chosen address;
+        // only its first 4096 bytes (the orchestrator's size) are touched.
+        unsafe {
+            let addr = libc::shmat(id, std::ptr::null(), 0);
+            if addr as isize == -1 {
+                continue;
+            }
+            let bytes = std::slice::from_raw_parts_mut(addr as *mut u8, 4096);
+            if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                bytes[..6].copy_from_slice(b"forged");
+                libc::shmdt(addr);
+                return Outcome::Succeeded(format!(
+                    "read the secret of segment {id} and wrote into it"
+                ));
+            }
+            libc::shmdt(addr);
+        }
+    }
+    Outcome::Blocked(Errno::ENOENT)
+}
+
+fn msg_steal(marker: &str) -> Outcome {
+    let ids = match ipc_ids(1) {
+        Ok(ids) => ids,
+        Err(e) => return Outcome::Blocked(e),
+    };
+    for id in ids {
+        let mut buf = [0u8; 264];
+        // SAFETY: msgrcv writes at most 8 + 256 bytes into `buf`.
+        let n = unsafe {
+            libc::msgrcv(
+                id,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                256,
+                0,
+                libc::IPC_NOWAIT | MSG_COPY,
+            )
+        };
+        let n = usize::try_from(n).unwrap_or(0);
+        if buf[8..8 + n]
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes())
+        {
+            // SAFETY: msgsnd reads 8 + 6 bytes of a live local.
+            let forged = unsafe {
+                let mut f = [0u8; 14];
+                f[..8].copy_from_slice(&1i64.to_ne_bytes());
+                f[8..].copy_from_slice(b"forged");
+                libc::msgsnd(id, f.as_ptr() as *const libc::c_void, 6, libc::IPC_NOWAIT)
+            };
+            return Outcome::Succeeded(format!(
+                "copied the secret out of queue {id}{}",
+                if forged == 0 {
+                    " and forged a message"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    Outcome::Blocked(Errno::ENOENT)
+}
+
+fn sem_steal() -> Outcome {
+    let ids = match ipc_ids(2) {
+        Ok(ids) => ids,
+        Err(e) => return Outcome::Blocked(e),
+    };
+    for id in ids {
+        // SAFETY: SETVAL takes an integer.
+        if unsafe { libc::semctl(id, 0, libc::SETVAL, 0) } == 0 {
+            return Outcome::Succeeded(format!("took the lock of semaphore {id}"));
+        }
+    }
+    Outcome::Blocked(Errno::ENOENT)
+}
+
+/// A 64 MiB segment, never removed: `left segment <id>`.
+fn shm_leave() -> Outcome {
+    // SAFETY: shmget takes integers.
+    let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 64 << 20, libc::IPC_CREAT | 0o600) };
+    if id < 0 {
+        return Outcome::Blocked(last_errno());
+    }
+    Outcome::Succeeded(format!("left segment {id}"))
+}
+
+// ------------------------------------------------- other processes by pid
+
+fn renice(pid: i32, how: &str) -> Outcome {
+    let id = u32::try_from(pid).unwrap_or(0);
+    // SAFETY: each call takes integers or a pointer to a live local of the
+    // right type.
+    let ret = unsafe {
+        match how {
+            "setpriority" => libc::setpriority(libc::PRIO_PROCESS, id, 19),
+            "sched-idle" => {
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(pid, libc::SCHED_IDLE, &param)
+            }
+            // IOPRIO_WHO_PROCESS, IOPRIO_CLASS_IDLE << 13
+            "ioprio" => libc::syscall(libc::SYS_ioprio_set, 1, pid, 3 << 13) as i32,
+            _ => {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            }
+        }
+    };
+    if ret < 0 {
+        return Outcome::Blocked(last_errno());
+    }
+    Outcome::Succeeded(format!("{how} on pid {pid}"))
+}
+
+/// `prlimit` on another process: its own RLIMIT_CPU written back (an
+/// attacker would write 1 second, which kills it).
+fn prlimit_other(pid: i32) -> Outcome {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads and writes one rlimit each, live locals.
+    unsafe {
+        if libc::prlimit(pid, libc::RLIMIT_CPU, std::ptr::null(), &mut old) < 0
+            || libc::prlimit(pid, libc::RLIMIT_CPU, &old, std::ptr::null_mut()) < 0
+        {
+            return Outcome::Blocked(last_errno());
+        }
+    }
+    Outcome::Succeeded(format!("set RLIMIT_CPU of pid {pid}"))
+}
+
+/// Lower the shim's descriptor limit, leave a grandchild in a session of
+/// its own that keeps calling the broker (appending a line to `log` after
+/// each answer), and exit.
+fn escape(log: &str) -> Outcome {
+    let limit = libc::rlimit {
+        rlim_cur: 3,
+        rlim_max: 3,
+    };
+    // SAFETY: prlimit reads one rlimit, a live local.
+    let lowered = unsafe {
+        libc::prlimit(
+            libc::getppid(),
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    } == 0;
+    // SAFETY: fork in a single-threaded program; the child only makes
+    // system calls and broker calls, then exits.
+    match unsafe { libc::fork() } {
+        -1 => Outcome::Blocked(last_errno()),
+        0 => {
+            // SAFETY: setsid, and stdio onto /dev/null so that nobody waits
+            // for our output.
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                for fd in 0..3 {
+                    libc::dup2(null, fd);
+                }
+            }
+            for _ in 0..300 {
+                let answered = agent_shim::client::from_env_or_socket()
+                    .and_then(|mut c| c.call("echo", &[("message".into(), "survivor".into())]))
+                    .is_ok_and(|r| matches!(r, keyward_proto::Response::Done(_)));
+                if answered {
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(log)
+                    {
+                        let _ = std::io::Write::write_all(&mut f, b"called\n");
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            // SAFETY: ends the grandchild.
+            unsafe { libc::_exit(0) }
+        }
+        pid => {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Outcome::Succeeded(format!(
+                "left grandchild {pid}{}",
+                if lowered {
+                    " and lowered the shim's RLIMIT_NOFILE"
+                } else {
+                    ""
+                }
+            ))
+        }
+    }
+}
+
+// ----------------------------------------------- the orchestrator's files
+
+fn cpath(path: &str) -> std::ffi::CString {
+    std::ffi::CString::new(path).unwrap_or_default()
+}
+
+fn chmod(path: &str, mode: &str) -> Outcome {
+    let mode = u32::from_str_radix(mode, 8).unwrap_or(0o644);
+    // SAFETY: chmod reads a NUL-terminated path.
+    if unsafe { libc::chmod(cpath(path).as_ptr(), mode) } < 0 {
+        return Outcome::Blocked(last_errno());
+    }
+    Outcome::Succeeded(format!("chmod {mode:o} {path}"))
+}
+
+fn utime(path: &str) -> Outcome {
+    let times = [libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    }; 2];
+    // SAFETY: utimensat reads a path and two timespecs, live locals.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, cpath(path).as_ptr(), times.as_ptr(), 0) } < 0 {
+        return Outcome::Blocked(last_errno());
+    }
+    Outcome::Succeeded(format!("set the times of {path} to 1970"))
+}
+
+fn set_xattr(path: &str) -> Outcome {
+    let p = cpath(path);
+    // SAFETY: setxattr/removexattr read a path, a name and a value.
+    unsafe {
+        if libc::setxattr(
+            p.as_ptr(),
+            c"user.kw-attack".as_ptr(),
+            b"x".as_ptr() as *const libc::c_void,
+            1,
+            0,
+        ) < 0
+        {
+            return Outcome::Blocked(last_errno());
+        }
+        libc::removexattr(p.as_ptr(), c"user.kw-attack".as_ptr());
+    }
+    Outcome::Succeeded(format!("set and removed an xattr of {path}"))
+}
+
+fn get_xattr(path: &str) -> Outcome {
+    let mut buf = [0u8; 256];
+    // SAFETY: getxattr writes at most 256 bytes into `buf`.
+    let n = unsafe {
+        libc::getxattr(
+            cpath(path).as_ptr(),
+            c"user.kw".as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Outcome::Blocked(last_errno());
+    }
+    Outcome::Succeeded(format!("read {n} bytes of xattr user.kw of {path}"))
+}
+
+fn inotify(path: &str) -> Outcome {
+    // SAFETY: inotify calls take integers and a path.
+    unsafe {
+        let fd = libc::inotify_init1(libc::IN_CLOEXEC);
+        if fd < 0 {
+            return Outcome::Blocked(last_errno());
+        }
+        let wd = libc::inotify_add_watch(fd, cpath(path).as_ptr(), libc::IN_OPEN | libc::IN_CREATE);
+        let err = last_errno();
+        libc::close(fd);
+        if wd < 0 {
+            return Outcome::Blocked(err);
+        }
+    }
+    Outcome::Succeeded(format!("watching {path}"))
+}
+
+// ------------------------------------------------------------ the terminal
+
+/// `TCSETS` (the terminal's own settings written back), `TIOCSWINSZ`
+/// (its own size written back), `TIOCEXCL` (undone at once): succeeded if
+/// any of them was accepted.
+fn tty_change() -> Outcome {
+    let mut accepted = Vec::new();
+    let mut first_err = None;
+    // SAFETY: ioctls on fd 0 with pointers to live locals of the right
+    // types.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        let mut w: libc::winsize = std::mem::zeroed();
+        libc::ioctl(0, libc::TCGETS, &mut t);
+        libc::ioctl(0, libc::TIOCGWINSZ, &mut w);
+        for (name, ret) in [
+            ("TCSETS", libc::ioctl(0, libc::TCSETS, &t)),
+            ("TIOCSWINSZ", libc::ioctl(0, libc::TIOCSWINSZ, &w)),
+            ("TIOCEXCL", libc::ioctl(0, libc::TIOCEXCL)),
+        ] {
+            if ret == 0 {
+                accepted.push(name);
+            } else {
+                first_err.get_or_insert(last_errno());
+            }
+        }
+        libc::ioctl(0, libc::TIOCNXCL);
+    }
+    match first_err {
+        Some(e) if accepted.is_empty() => Outcome::Blocked(e),
+        _ => Outcome::Succeeded(format!("changed the terminal: {}", accepted.join(" "))),
+    }
+}
+
+// ------------------------------------------------------------------ limits
+
+fn fork_bomb(n: usize) -> Outcome {
+    let mut children = Vec::new();
+    let mut failed = None;
+    for _ in 0..n {
+        // SAFETY: the child only waits to be killed.
+        match unsafe { libc::fork() } {
+            -1 => {
+                failed = Some(last_errno());
+                break;
+            }
+            0 => loop {
+                // SAFETY: pause takes nothing.
+                unsafe { libc::pause() };
+            },
+            pid => children.push(pid),
+        }
+    }
+    for &pid in &children {
+        // SAFETY: kill and waitpid on our own children.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+    match failed {
+        Some(e) => Outcome::Blocked(e),
+        None => Outcome::Succeeded(format!("forked {} processes", children.len())),
+    }
+}
+
+fn touch_memory(mib: usize) -> Outcome {
+    let len = mib << 20;
+    // SAFETY: an anonymous private mapping of `len` bytes, written a byte
+    // per page, then unmapped.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Outcome::Blocked(last_errno());
+        }
+        for off in (0..len).step_by(4096) {
+            *(p as *mut u8).add(off) = 1;
+        }
+        libc::munmap(p, len);
+    }
+    Outcome::Succeeded(format!("touched {mib} MiB"))
+}
+
+fn write_big(path: &str, mib: usize) -> Outcome {
+    // SAFETY: ignoring SIGXFSZ runs no handler; write then fails EFBIG.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let chunk = vec![0u8; 1 << 20];
+    let result = std::fs::File::create(path).and_then(|mut f| {
+        for _ in 0..mib {
+            std::io::Write::write_all(&mut f, &chunk)?;
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_file(path);
+    match result {
+        Ok(()) => Outcome::Succeeded(format!("wrote {mib} MiB to {path}")),
+        Err(e) => Outcome::Blocked(errno_of(&e)),
+    }
 }
