@@ -1204,6 +1204,82 @@ fn remove_left_segment(ran: &Ran) -> bool {
     unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) == 0 }
 }
 
+/// SIGKILL of the shim, while the program and a grandchild in a session
+/// of its own are running and the grandchild keeps calling the broker over
+/// the inherited channel: in both modes no process of the sandbox is left
+/// running, and nothing calls the broker any more.
+#[test]
+fn sigkill_of_the_shim_leaves_nothing_running() {
+    keyward_tests::require_root();
+    if !kernel_has(agent_shim::landlock::FILE_RULES_ABI) {
+        eprintln!("skipped: this kernel's Landlock cannot enforce the file rules");
+        return;
+    }
+    let lab = Lab::new();
+    for fallback in [false, true] {
+        let log = lab.work.join(format!("sigkill-{fallback}.log"));
+        let mut cmd = Command::new(binary("agent-shim"));
+        cmd.arg("run")
+            .arg("--token-file")
+            .arg(&lab.token_file)
+            .arg("--allow-write")
+            .arg(&lab.work)
+            .arg("--")
+            .arg(binary("kw-attack"))
+            .arg("escape-and-wait")
+            .arg(&log)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("KEYWARD_SOCKET", &lab.broker.socket)
+            .uid(ORCHESTRATOR)
+            .gid(ORCHESTRATOR)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if fallback {
+            cmd.env("KEYWARD_TEST_NO_USERNS", "1");
+        }
+        let mut shim = cmd.spawn().unwrap();
+        let calls = || {
+            std::fs::read_to_string(&log)
+                .map(|l| l.lines().count())
+                .unwrap_or(0)
+        };
+        // The grandchild is running and served.
+        for _ in 0..200 {
+            if calls() > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        assert!(
+            calls() > 0,
+            "fallback={fallback}: the grandchild was never served"
+        );
+        shim.kill().unwrap();
+        shim.wait().unwrap();
+        let survivors = reap_survivors_keeping_log(&log);
+        assert!(
+            survivors.is_empty(),
+            "fallback={fallback}: SIGKILL of the shim left {survivors:?} running"
+        );
+        // Nothing holds the channel, so nothing is served any more.
+        let before = calls();
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        assert_eq!(calls(), before, "fallback={fallback}: still served");
+        let _ = std::fs::remove_file(&log);
+    }
+}
+
+/// [`reap_survivors`], without removing the log.
+fn reap_survivors_keeping_log(log: &Path) -> Vec<i32> {
+    let copy = log.with_extension("kept");
+    let _ = std::fs::copy(log, &copy);
+    let left = reap_survivors(log);
+    let _ = std::fs::rename(&copy, log);
+    left
+}
+
 /// A token copied out of the sandbox is worthless to another uid: its
 /// audience is the orchestrator's uid, checked against the kernel's
 /// credentials.

@@ -29,13 +29,12 @@ use std::io;
 use std::path::PathBuf;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use nix::unistd::getpid;
 use zeroize::Zeroizing;
 
 use crate::client::{ClientError, CHANNEL_FD};
 use crate::landlock::LandlockError;
 use crate::seccomp::SeccompError;
-use crate::sys::{self, Forked};
+use crate::sys;
 
 mod lockdown;
 mod mount;
@@ -254,7 +253,6 @@ pub fn run(options: &RunOptions) -> Result<u8, SandboxError> {
     drop(token);
     sys::default_sigchld().map_err(SandboxError::DefaultSigchld)?;
     let old_mask = block_forwarded_signals()?;
-    let parent = getpid();
 
     let unavailable = match std::env::var_os(NO_USERNS_ENV) {
         Some(v) if v == "1" => Some(format!("{NO_USERNS_ENV}=1")),
@@ -275,21 +273,10 @@ pub fn run(options: &RunOptions) -> Result<u8, SandboxError> {
          Landlock and seccomp only (fallback mode)"
     );
     plan.fall_back(reason)?;
-    // Orphaned descendants are re-parented to the shim, so that it can
-    // kill them when the program exits.
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| SandboxError::Subreaper(e.into()))?;
-    let spare = sys::SpareFd::reserve().map_err(SandboxError::Reserve)?;
-    match sys::fork().map_err(SandboxError::Fork)? {
-        Forked::Child => {
-            let Err(err) = lockdown::enter(&plan, channel, Some(parent), &old_mask);
-            lockdown::fail(err)
-        }
-        Forked::Parent(child) => {
-            // The sandbox holds the only reference the program needs.
-            drop(channel);
-            supervise::supervise(child, Some(spare))
-        }
-    }
+    let reaper = supervise::start_reaper(&plan, channel.take(), &old_mask)?;
+    // The sandbox holds the only reference the program needs.
+    drop(channel);
+    supervise::supervise(reaper, None)
 }
 
 /// Block the signals the parent forwards (and `SIGCHLD`, which it waits

@@ -147,6 +147,11 @@ fn perform(attack: &str, args: &[String]) -> Outcome {
         "renice" => renice(pid_arg(args, 0), arg(args, 1)),
         "prlimit" => prlimit_other(pid_arg(args, 0)),
         "escape" => escape(arg(args, 0)),
+        "escape-and-wait" => {
+            let outcome = escape(arg(args, 0));
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            outcome
+        }
         "chmod" => chmod(arg(args, 0), arg(args, 1)),
         "utime" => utime(arg(args, 0)),
         "setxattr" => set_xattr(arg(args, 0)),
