@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
+use zeroize::Zeroize as _;
 
 use agent_shim::client::{socket_path, Client, ClientError, KEYWARD_FD_ENV};
 use agent_shim::grant::{attenuate_request, mint_request, ConstraintArgs};
@@ -96,18 +97,28 @@ enum Command {
     /// bound to a token.
     ///
     /// The shim connects to the broker and binds the token (from --token,
-    /// --token-file or $KEYWARD_TOKEN); then, in a child process: a new
-    /// session, death with the shim, every descriptor closed but 0-2 and the
-    /// bound broker channel as fd 3 ($KEYWARD_FD=3; without a token there
-    /// is no channel), an environment cleared to a short allowlist plus
-    /// --keep-env names (never $KEYWARD_TOKEN), no core dumps,
-    /// no_new_privs, Landlock (read+exec on system directories, read on
-    /// --allow-read, read+write on --allow-write, read+exec on --allow-exec
-    /// and on CMD itself, nothing else; no TCP; no signals or abstract
-    /// sockets outside the sandbox), and a seccomp filter that forbids new
-    /// sockets, io_uring, ptrace, namespaces, mounts, and foreign
-    /// architectures. Inside, `agent-shim call` reaches the broker through
-    /// fd 3.
+    /// --token-file or $KEYWARD_TOKEN); then, where unprivileged user
+    /// namespaces work, it starts CMD in new user, mount, pid, IPC, UTS and
+    /// cgroup namespaces, under a minimal read-only root (system
+    /// directories; --allow-read and --allow-exec read-only; --allow-write
+    /// read-write; a private /tmp, a fresh /proc, a minimal /dev), as pid 2
+    /// under an init that dies with the shim. Elsewhere (fallback, said
+    /// once on stderr; refused with --require-namespaces) a reaper kills
+    /// everything CMD started when CMD exits or the shim dies.
+    ///
+    /// In both modes: a new session, every descriptor closed but 0-2 and
+    /// the bound broker channel as fd 3 ($KEYWARD_FD=3; without a token
+    /// there is no channel), an environment cleared to a short allowlist
+    /// plus --keep-env names (never $KEYWARD_TOKEN), no core dumps, the
+    /// resource limits, no_new_privs, Landlock (read+exec on system
+    /// directories, read on --allow-read, read+write on --allow-write,
+    /// read+exec on --allow-exec and on CMD itself, nothing else; no TCP;
+    /// no signals or abstract sockets outside the sandbox), and a seccomp
+    /// filter that forbids new sockets, io_uring, ptrace, namespaces,
+    /// mounts, SysV IPC, acting on other pids, terminal changes (unless
+    /// --tty) and foreign architectures (in fallback mode also path-based
+    /// chmod/chown/xattr/utimes and inotify). Inside, `agent-shim call`
+    /// reaches the broker through fd 3.
     ///
     /// Refuses to run where the kernel cannot enforce the file rules,
     /// unless --allow-unsandboxed is given.
@@ -216,12 +227,16 @@ struct TokenArg {
 impl TokenArg {
     /// The token, by the same rules as `run`: `--token` is overwritten in
     /// the command line, and an empty or non-UTF-8 value is an error.
-    fn get(&self) -> Result<Option<Token>, String> {
-        let source = match &self.token {
-            Some(t) => TokenSource::Arg(t.clone()),
+    fn get(mut self) -> Result<Option<Token>, String> {
+        let source = match self.token.take() {
+            Some(t) => TokenSource::Arg(t),
             None => TokenSource::Env,
         };
-        read_token(&source).map_err(|e| e.to_string())
+        let token = read_token(&source).map_err(|e| e.to_string());
+        if let TokenSource::Arg(mut t) = source {
+            t.zeroize();
+        }
+        token
     }
 }
 

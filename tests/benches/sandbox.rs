@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Start-up cost of the sandbox: `agent-shim run -- /bin/true` (connect,
-//! `Bind`, fork, Landlock, seccomp, exec) next to a bare `/bin/true` and to
-//! `bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all /bin/true`,
-//! measured in the same run. Target: less overhead over bare than bwrap.
+//! `Bind`, namespaces and minimal root, Landlock, seccomp, exec) in
+//! namespace mode and in fallback mode (`KEYWARD_TEST_NO_USERNS=1`), next
+//! to a bare `/bin/true` and to `bwrap --ro-bind / / --dev /dev --proc
+//! /proc --unshare-all /bin/true` (and the same with `--share-net`, whose
+//! difference is what a network namespace costs), measured in the same
+//! run. Target: namespace mode's overhead over bare below bwrap's.
 //!
 //! Every row runs as an unprivileged uid (`agent-shim run` refuses root).
 //!
@@ -30,10 +33,16 @@ const BENCH_UID: u32 = keyward_tests::PRINCIPAL_UID;
 /// Spawn and wait for `argv` RUNS times (after WARMUP); every run must
 /// exit 0.
 fn measure(argv: &[&str], socket: &Path) -> Stats {
+    measure_with(argv, socket, &[])
+}
+
+/// [`measure`] with extra environment variables.
+fn measure_with(argv: &[&str], socket: &Path, env: &[(&str, &str)]) -> Stats {
     let run = || {
         let start = Instant::now();
         let status = Command::new(argv[0])
             .args(&argv[1..])
+            .envs(env.iter().copied())
             .uid(BENCH_UID)
             .gid(BENCH_UID)
             .env("KEYWARD_SOCKET", socket)
@@ -84,14 +93,22 @@ fn main() {
     let mut rows: Vec<(&str, Stats)> = vec![
         ("bare /bin/true", measure(&["/bin/true"], &broker.socket)),
         (
-            "agent-shim run -- /bin/true (no token: sandbox + exec)",
+            "agent-shim run -- /bin/true (namespaces, no token)",
             measure(&[shim, "run", "--", "/bin/true"], &broker.socket),
         ),
         (
-            "agent-shim run --token-file F -- /bin/true (bind + sandbox + exec)",
+            "agent-shim run --token-file F -- /bin/true (namespaces: bind + sandbox + exec)",
             measure(
                 &[shim, "run", "--token-file", token_file, "--", "/bin/true"],
                 &broker.socket,
+            ),
+        ),
+        (
+            "agent-shim run --token-file F -- /bin/true (fallback: bind + sandbox + exec)",
+            measure_with(
+                &[shim, "run", "--token-file", token_file, "--", "/bin/true"],
+                &broker.socket,
+                &[("KEYWARD_TEST_NO_USERNS", "1")],
             ),
         ),
     ];
@@ -116,6 +133,27 @@ fn main() {
         )),
         None => println!("bwrap row skipped: install Debian's bubblewrap package"),
     }
+    if let Some(bwrap) = bwrap {
+        rows.push((
+            "bwrap ... --unshare-all --share-net /bin/true (no network namespace)",
+            measure(
+                &[
+                    bwrap,
+                    "--ro-bind",
+                    "/",
+                    "/",
+                    "--dev",
+                    "/dev",
+                    "--proc",
+                    "/proc",
+                    "--unshare-all",
+                    "--share-net",
+                    "/bin/true",
+                ],
+                &broker.socket,
+            ),
+        ));
+    }
 
     let bare = rows[0].1.p50;
     println!("\n{RUNS} runs each after {WARMUP} warm-up; wall time of spawn + wait, in µs\n");
@@ -130,14 +168,20 @@ fn main() {
             us(s.p50.saturating_sub(bare))
         );
     }
-    if let (Some(shim), Some(bwrap)) = (rows.get(2), rows.get(3)) {
+    if let (Some(shim), Some(bwrap)) = (rows.get(2), rows.get(4)) {
         let shim_over = shim.1.p50.saturating_sub(bare);
         let bwrap_over = bwrap.1.p50.saturating_sub(bare);
         println!(
-            "\nsandbox overhead at p50: agent-shim run {} µs, bwrap {} µs ({:.2}x; target: below 1x)",
+            "\nsandbox overhead at p50: agent-shim run (namespaces) {} µs, bwrap {} µs ({:.2}x; target: below 1x)",
             us(shim_over),
             us(bwrap_over),
             shim_over.as_secs_f64() / bwrap_over.as_secs_f64().max(1e-9)
+        );
+    }
+    if let (Some(all), Some(shared)) = (rows.get(4), rows.get(5)) {
+        println!(
+            "network namespace (bwrap --unshare-all minus --share-net) at p50: {} µs",
+            us(all.1.p50.saturating_sub(shared.1.p50))
         );
     }
 }

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `agent-shim run` as a supervisor: it refuses root, leaves no
 //! capability to the program, lets nothing the program started outlive
-//! it, and does not hang when started with `SIGCHLD` ignored.
+//! it (in namespace and in fallback mode), and does not hang when started
+//! with `SIGCHLD` ignored; the two modes, and how each is reported; and
+//! the token rules `call`, `tools` and `attenuate` share with `run`.
 #![allow(clippy::unwrap_used, unsafe_code)]
 
 use std::os::unix::process::CommandExt;
@@ -87,23 +89,163 @@ fn the_program_gets_no_capability() {
 #[test]
 fn nothing_the_program_started_outlives_it() {
     require_root();
-    // A double fork: the sleeper is orphaned when its parent subshell
-    // exits, then the program exits at once.
-    let marker = "31.4159";
-    let script = format!("(sleep {marker} &); exit 7");
-    let child = shim_run(&["--", "/bin/sh", "-c", &script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert_eq!(wait_within(child, Duration::from_secs(20)), Some(7));
-    let survivors: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(marker))
-        .collect();
-    assert!(survivors.is_empty(), "still running: {survivors:?}");
+    for (fallback, marker) in [(false, "31.4159"), (true, "27.1828")] {
+        // A double fork into a session of its own: the sleeper is orphaned
+        // when its parent subshell exits, then the program exits at once.
+        let script = format!("(setsid sleep {marker} &); exit 7");
+        let mut cmd = shim_run(&["--", "/bin/sh", "-c", &script]);
+        if fallback {
+            cmd.env("KEYWARD_TEST_NO_USERNS", "1");
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert_eq!(wait_within(child, Duration::from_secs(20)), Some(7));
+        let survivors: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(marker))
+            .collect();
+        assert!(
+            survivors.is_empty(),
+            "fallback={fallback}: still running: {survivors:?}"
+        );
+    }
+}
+
+/// Namespace mode: the program is pid 2 under the shim's init, sees no
+/// `/home` or `/run`, has a private writable `/tmp` and a minimal `/dev`;
+/// `-v` says which mode. Fallback mode says so once on stderr, and
+/// `--require-namespaces` refuses it.
+#[test]
+fn the_two_modes_and_how_they_are_reported() {
+    require_root();
+    let script = "echo pid=$$; test -e /home || echo no-home; test -e /run || echo no-run; \
+                  echo x > /tmp/f && cat /tmp/f; test -c /dev/null && echo null-ok; \
+                  test -e /dev/kmsg || echo no-kmsg";
+    let ran = Ran::from(
+        shim_run(&["-v", "--", "/bin/sh", "-c", script])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    for want in ["pid=2", "no-home", "no-run", "x\n"] {
+        assert!(ran.stdout.contains(want), "{want}: {ran:?}");
+    }
+    assert!(ran.stdout.contains("null-ok"), "{ran:?}");
+    assert!(ran.stdout.contains("no-kmsg"), "{ran:?}");
+    assert!(ran.stderr.contains("mode: namespaces"), "{ran:?}");
+    assert!(!ran.stderr.contains("warning"), "{ran:?}");
+
+    let ran = Ran::from(
+        shim_run(&["-v", "--", "/bin/sh", "-c", "echo pid=$$"])
+            .env("KEYWARD_TEST_NO_USERNS", "1")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(!ran.stdout.contains("pid=2\n"), "{ran:?}");
+    assert!(ran.stderr.contains("mode: fallback"), "{ran:?}");
+    assert_eq!(
+        ran.stderr.matches("namespaces unavailable").count(),
+        1,
+        "{ran:?}"
+    );
+
+    let ran = Ran::from(
+        shim_run(&["--require-namespaces", "--", "/bin/true"])
+            .env("KEYWARD_TEST_NO_USERNS", "1")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stderr.contains("--require-namespaces"), "{ran:?}");
+}
+
+/// `call`, `tools` and `attenuate` read a token by `run`'s rules: an empty
+/// or non-UTF-8 `$KEYWARD_TOKEN` is an error, not "no token".
+#[test]
+fn an_empty_or_binary_token_variable_is_an_error_for_every_command() {
+    use std::os::unix::ffi::OsStrExt;
+    require_root();
+    for value in [&b""[..], &b"  \n"[..], &b"kw1.\xff"[..]] {
+        for args in [
+            &["tools"][..],
+            &["call", "echo", "message=x"],
+            &["attenuate"],
+        ] {
+            let ran = Ran::from(
+                Command::new(binary("agent-shim"))
+                    .args(args)
+                    .env_clear()
+                    .env("KEYWARD_SOCKET", "/nonexistent/kw.sock")
+                    .env("KEYWARD_TOKEN", std::ffi::OsStr::from_bytes(value))
+                    .output()
+                    .unwrap(),
+            );
+            assert_eq!(ran.code, Some(1), "{args:?} {value:?}: {ran:?}");
+            assert!(
+                ran.stderr.contains("token is empty") || ran.stderr.contains("KEYWARD_TOKEN"),
+                "{args:?} {value:?}: {ran:?}"
+            );
+        }
+    }
+}
+
+/// `call --token T` overwrites T in its command line before it talks to
+/// the broker (here a socket that accepts and never answers).
+#[test]
+fn call_overwrites_the_token_in_its_command_line() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mute.sock");
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&listener),
+        &UnixAddr::new(&path).unwrap(),
+    )
+    .unwrap();
+    listen(&listener, Backlog::new(8).unwrap()).unwrap();
+    let token = "kw1.scrub-me-3f9a";
+    for args in [
+        &["call", "--token", token, "echo", "message=x"][..],
+        &["tools", "--token", token],
+    ] {
+        let mut child = Command::new(binary("agent-shim"))
+            .args(args)
+            .env_clear()
+            .env("KEYWARD_SOCKET", &path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let mut seen = String::new();
+        for _ in 0..100 {
+            seen =
+                String::from_utf8_lossy(&std::fs::read(&cmdline).unwrap_or_default()).into_owned();
+            if seen.contains("*****") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!seen.contains("scrub-me"), "{args:?}: {seen:?}");
+        assert!(seen.contains("*****"), "{args:?}: {seen:?}");
+    }
 }
 
 #[test]
