@@ -195,8 +195,10 @@ fn an_empty_or_binary_token_variable_is_an_error_for_every_command() {
     }
 }
 
-/// `call --token T` overwrites T in its command line before it talks to
-/// the broker (here a socket that accepts and never answers).
+/// `call --token T` overwrites T in its command line, and a token from
+/// `$KEYWARD_TOKEN` is overwritten in the environment block, before the
+/// shim talks to the broker (here a socket that accepts and never
+/// answers); root can read both files whatever the shim's dumpability.
 #[test]
 fn call_overwrites_the_token_in_its_command_line() {
     require_root();
@@ -219,23 +221,29 @@ fn call_overwrites_the_token_in_its_command_line() {
     .unwrap();
     listen(&listener, Backlog::new(8).unwrap()).unwrap();
     let token = "kw1.scrub-me-3f9a";
-    for args in [
-        &["call", "--token", token, "echo", "message=x"][..],
-        &["tools", "--token", token],
+    for (args, file, env) in [
+        (
+            &["call", "--token", token, "echo", "message=x"][..],
+            "cmdline",
+            "",
+        ),
+        (&["tools", "--token", token][..], "cmdline", ""),
+        (&["tools"][..], "environ", token),
     ] {
-        let mut child = Command::new(binary("agent-shim"))
-            .args(args)
-            .env_clear()
-            .env("KEYWARD_SOCKET", &path)
+        let mut cmd = Command::new(binary("agent-shim"));
+        cmd.args(args).env_clear().env("KEYWARD_SOCKET", &path);
+        if !env.is_empty() {
+            cmd.env("KEYWARD_TOKEN", env);
+        }
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let shown = format!("/proc/{}/{file}", child.id());
         let mut seen = String::new();
         for _ in 0..100 {
-            seen =
-                String::from_utf8_lossy(&std::fs::read(&cmdline).unwrap_or_default()).into_owned();
+            seen = String::from_utf8_lossy(&std::fs::read(&shown).unwrap_or_default()).into_owned();
             if seen.contains("*****") {
                 break;
             }
@@ -243,8 +251,8 @@ fn call_overwrites_the_token_in_its_command_line() {
         }
         let _ = child.kill();
         let _ = child.wait();
-        assert!(!seen.contains("scrub-me"), "{args:?}: {seen:?}");
-        assert!(seen.contains("*****"), "{args:?}: {seen:?}");
+        assert!(!seen.contains("scrub-me"), "{args:?} {file}: {seen:?}");
+        assert!(seen.contains("*****"), "{args:?} {file}: {seen:?}");
     }
 }
 
