@@ -4,8 +4,9 @@
 //! It is the only way a sub-agent reaches the broker: `agent-shim call`
 //! asks the broker to perform a tool call and prints the (redacted) result;
 //! `agent-shim run` binds a token to a broker connection, then runs the
-//! sub-agent in a sandbox ([`sandbox`]: [`landlock`] and [`seccomp`]) whose
-//! only way out is that connection.
+//! sub-agent in a sandbox ([`sandbox`]: its own namespaces where the kernel
+//! allows, [`landlock`] and [`seccomp`] always) whose only way out is that
+//! connection.
 //!
 //! Threat model: the shim runs with the caller's authority and holds no
 //! secret. It never sends anything about its own identity: the broker

@@ -1273,6 +1273,39 @@ fn sigkill_of_the_shim_leaves_nothing_running() {
     }
 }
 
+/// `--tty` shares the terminal: the settings may be changed (a program
+/// like an editor needs it), without it they may not; typing into it is
+/// refused either way (the TIOCSTI row runs without `--tty`, and the
+/// filter's unit test covers both profiles).
+#[test]
+fn only_tty_lets_the_program_change_the_terminal() {
+    keyward_tests::require_root();
+    let lab = Lab::new();
+    for (tty, expect) in [
+        (false, "RESULT blocked EPERM"),
+        (
+            true,
+            "RESULT succeeded changed the terminal: TCSETS TIOCSWINSZ TIOCEXCL",
+        ),
+    ] {
+        let mut cmd = Command::new(binary("agent-shim"));
+        cmd.arg("run");
+        if tty {
+            cmd.arg("--tty");
+        }
+        cmd.arg("--")
+            .arg(binary("kw-attack"))
+            .arg("tty-change")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .uid(ORCHESTRATOR)
+            .gid(ORCHESTRATOR)
+            .stdin(Stdio::from(lab.tty.slave.try_clone().unwrap()));
+        let ran = Ran::from(cmd.output().unwrap());
+        assert!(ran.stdout.contains(expect), "--tty {tty}: {ran:?}");
+    }
+}
+
 /// [`reap_survivors`], without removing the log.
 fn reap_survivors_keeping_log(log: &Path) -> Vec<i32> {
     let copy = log.with_extension("kept");
