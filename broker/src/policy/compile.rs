@@ -12,8 +12,9 @@ use crate::config::{Located, ParamConfig, ParamType, Source, ToolConfig, ToolKin
 use crate::executor::http::HttpTool;
 
 use super::{
-    check_value, describe_rule, show_value, type_name, type_with_article, Action, BrokerSettings,
-    Failure, ParamSpec, Policy, Principal, Rule, Tool, TypedValue, MAX_RESPONSE_BYTES_LIMIT,
+    check_value, describe_rule, show_str, show_value, type_name, type_with_article, Action,
+    BrokerSettings, Failure, ParamSpec, Policy, Principal, Rule, Tool, TypedValue,
+    MAX_RESPONSE_BYTES_LIMIT,
 };
 
 const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
@@ -447,7 +448,8 @@ fn compile_params(
 
 fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> ParamSpec {
     let ty = cfg.ty;
-    let is_string = ty == ParamType::String;
+    let is_path = ty == ParamType::Path;
+    let is_string = ty == ParamType::String || is_path;
     let is_int = ty == ParamType::Int;
     let mut not_for_type = |field: &str| {
         messages.push(format!(
@@ -459,6 +461,10 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
     // Cheap rules first; the pattern, the costliest, runs last, on a string
     // max_len has already bounded.
     let mut rules = Vec::new();
+    let mut prefix_error = None;
+    if is_path {
+        rules.push(Rule::Segments);
+    }
     if let Some(n) = cfg.max_len {
         if is_string {
             rules.push(Rule::MaxLen(n));
@@ -467,7 +473,22 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
         }
     }
     if let Some(prefix) = &cfg.prefix {
-        if is_string {
+        if is_path {
+            match super::path::canonical_prefix(prefix) {
+                Ok(p) => rules.push(Rule::PathPrefix(p)),
+                Err(fault) => {
+                    prefix_error = Some(format!(
+                        "{path}.prefix: {} is not a prefix of whole path segments: it {}",
+                        if cfg.secret {
+                            "[secret]".to_owned()
+                        } else {
+                            show_str(prefix)
+                        },
+                        fault.describe(true)
+                    ))
+                }
+            }
+        } else if is_string {
             rules.push(Rule::Prefix(prefix.clone()));
         } else {
             not_for_type("prefix");
@@ -504,6 +525,7 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
         }
     }
 
+    messages.extend(prefix_error);
     if let (true, Some(min), Some(max)) = (is_int, cfg.min, cfg.max) {
         if min > max {
             messages.push(format!("{path}.min: {min} is greater than max {max}"));
@@ -544,6 +566,11 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
                 Err(Failure::Nul) => {
                     messages.push(format!("{path}.default: contains a NUL byte"));
                 }
+                Err(Failure::Path(fault)) => messages.push(format!(
+                    "{path}.default: {} {}",
+                    show_value(&v, cfg.secret),
+                    fault.describe(true)
+                )),
                 Err(Failure::Rule(rule)) => messages.push(format!(
                     "{path}.default: {} {}",
                     show_value(&v, cfg.secret),
@@ -563,7 +590,9 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
 
 fn from_toml(ty: ParamType, value: &toml::Value) -> Option<TypedValue> {
     match (ty, value) {
-        (ParamType::String, toml::Value::String(s)) => Some(TypedValue::Str(s.clone())),
+        (ParamType::String | ParamType::Path, toml::Value::String(s)) => {
+            Some(TypedValue::Str(s.clone()))
+        }
         (ParamType::Int, toml::Value::Integer(i)) => Some(TypedValue::Int(*i)),
         (ParamType::Bool, toml::Value::Boolean(b)) => Some(TypedValue::Bool(*b)),
         _ => None,

@@ -19,6 +19,7 @@ use crate::config::{Located, ParamType, Source};
 use crate::executor::http::HttpTool;
 
 mod compile;
+pub mod path;
 
 pub(crate) use compile::compile_pattern;
 
@@ -100,6 +101,12 @@ pub enum Rule {
     Min(i64),
     Max(i64),
     Prefix(String),
+    /// A `path` parameter's value is a relative path of plain segments
+    /// ([`path::check_path`]); always its first rule.
+    Segments,
+    /// A `path` parameter's prefix: whole segments ([`path::has_prefix`]),
+    /// in [`path::canonical_prefix`] form.
+    PathPrefix(String),
 }
 
 /// A parameter value after conversion to the declared type. `Debug` never
@@ -281,6 +288,12 @@ impl Tool {
                 "parameter {name:?} of tool {} contains a NUL byte",
                 self.name
             )),
+            Failure::Path(fault) => deny(format_args!(
+                "parameter {name:?} = {} of tool {} {}",
+                show_value(&value, spec.secret),
+                self.name,
+                fault.describe(true)
+            )),
             Failure::Rule(rule) => deny(format_args!(
                 "parameter {name:?} = {} {} of tool {}",
                 show_value(&value, spec.secret),
@@ -369,6 +382,7 @@ pub(crate) fn type_name(ty: ParamType) -> &'static str {
         ParamType::String => "string",
         ParamType::Int => "int",
         ParamType::Bool => "bool",
+        ParamType::Path => "path",
     }
 }
 
@@ -377,6 +391,7 @@ fn type_with_article(ty: ParamType) -> &'static str {
         ParamType::String => "a string",
         ParamType::Int => "an int",
         ParamType::Bool => "a bool (true or false)",
+        ParamType::Path => "a path (a string)",
     }
 }
 
@@ -386,7 +401,7 @@ fn type_with_article(ty: ParamType) -> &'static str {
 fn convert(ty: ParamType, value: &keyward_proto::Value) -> Option<TypedValue> {
     use keyward_proto::Value;
     match (ty, value) {
-        (ParamType::String, Value::Str(s)) => Some(TypedValue::Str(s.clone())),
+        (ParamType::String | ParamType::Path, Value::Str(s)) => Some(TypedValue::Str(s.clone())),
         (ParamType::Int, Value::Int(i)) => Some(TypedValue::Int(*i)),
         (ParamType::Int, Value::Str(s)) => parse_int(s).map(TypedValue::Int),
         (ParamType::Bool, Value::Bool(b)) => Some(TypedValue::Bool(*b)),
@@ -413,6 +428,8 @@ fn parse_int(s: &str) -> Option<i64> {
 enum Failure<'a> {
     /// A string with a NUL byte: refused for every parameter.
     Nul,
+    /// A `path` value that is not a relative path of plain segments.
+    Path(path::SegmentFault),
     Rule(&'a Rule),
 }
 
@@ -423,10 +440,15 @@ fn check_value<'a>(rules: &'a [Rule], value: &TypedValue) -> Result<(), Failure<
         }
     }
     for rule in rules {
+        if let (Rule::Segments, TypedValue::Str(s)) = (rule, value) {
+            path::check_path(s).map_err(Failure::Path)?;
+            continue;
+        }
         let ok = match (rule, value) {
             (Rule::Pattern(re), TypedValue::Str(s)) => re.is_match(s),
             (Rule::MaxLen(n), TypedValue::Str(s)) => s.len() <= *n,
             (Rule::Prefix(p), TypedValue::Str(s)) => s.starts_with(p.as_str()),
+            (Rule::PathPrefix(p), TypedValue::Str(s)) => path::has_prefix(s, p),
             (Rule::OneOf(values), v) => values.contains(v),
             (Rule::Min(min), TypedValue::Int(i)) => i >= min,
             (Rule::Max(max), TypedValue::Int(i)) => i <= max,
@@ -452,6 +474,14 @@ pub(crate) fn describe_rule(rule: &Rule, secret: bool) -> String {
         Rule::Max(max) => format!("is greater than the max of {max}"),
         Rule::Prefix(_) if secret => "does not start with the required prefix".to_owned(),
         Rule::Prefix(p) => format!("does not start with the prefix {}", show_str(p)),
+        Rule::Segments => "is not a relative path of plain segments".to_owned(),
+        Rule::PathPrefix(_) if secret => {
+            "is not under the required path prefix (whole segments)".to_owned()
+        }
+        Rule::PathPrefix(p) => format!(
+            "is not under the path prefix {} (whole segments)",
+            show_str(p)
+        ),
         Rule::OneOf(_) if secret => "is not one of the allowed values".to_owned(),
         Rule::OneOf(values) => {
             const LISTED: usize = 10;
@@ -1095,6 +1125,84 @@ params.n = { type = "int", pattern = "x" }
                 }
             }
         }
+    }
+
+    #[test]
+    fn path_params_are_plain_relative_paths() {
+        let text = format!(
+            "{BROKER}[[principal]]\nname = \"p\"\nuids = [1]\nmay_call = [\"files\"]\n\
+             [[tool]]\nname = \"files\"\nkind = \"echo\"\n\
+             params.file = {{ type = \"path\", prefix = \"reports\" }}\n\
+             params.key = {{ type = \"path\", default = \"k/1\", secret = true }}\n"
+        );
+        let p = Policy::compile(&source(&text)).expect("compiles");
+        let caller = Caller { uid: 1, gid: 1 };
+        let run = |file: &str| p.authorize(&caller, &call("files", &[("file", s(file))]));
+        for ok in ["reports", "reports/q1.txt", "reports/2024/a b.txt"] {
+            let got = run(ok).unwrap_or_else(|d| panic!("{ok:?}: {d}"));
+            assert_eq!(got.params["file"], TypedValue::Str(ok.to_owned()));
+        }
+        for (bad, why) in [
+            (
+                "reports/../../private/admin.txt",
+                "has a \".\" or \"..\" segment",
+            ),
+            ("reports/./x", "has a \".\" or \"..\" segment"),
+            ("reports//x", "empty"),
+            ("reports/x/", "empty"),
+            ("reports/a%2F..%2F..%2Fb", "encoded \"/\""),
+            ("reports/..%00", "control character"),
+            ("reports\\..\\x", "\"\\\""),
+            (
+                "reports-evil/x",
+                "is not under the path prefix \"reports/\" (whole segments)",
+            ),
+            ("reportsx", "is not under the path prefix"),
+            ("/reports/x", "empty"),
+        ] {
+            let reason = run(bad).unwrap_err().reason;
+            assert!(reason.contains(why), "{bad:?}: {reason}");
+            assert!(
+                reason.starts_with("call denied: parameter \"file\" = "),
+                "{reason}"
+            );
+            assert!(reason.contains(" of tool files"), "{reason}");
+        }
+        // A secret path's value is never shown.
+        let reason = p
+            .authorize(
+                &caller,
+                &call("files", &[("file", s("reports/a")), ("key", s("sk/../x"))]),
+            )
+            .unwrap_err()
+            .reason;
+        assert!(!reason.contains("sk/"), "{reason}");
+        assert!(reason.contains("[secret]"), "{reason}");
+    }
+
+    #[test]
+    fn path_param_errors() {
+        let compile_err = |params: &str| {
+            one_error(&format!(
+                "{BROKER}[[tool]]\nname = \"t\"\nkind = \"echo\"\n{params}\n"
+            ))
+            .message
+        };
+        let e = compile_err("params.f = { type = \"path\", prefix = \"a/../b\" }");
+        assert!(
+            e.contains("params.f.prefix") && e.contains("whole path segments"),
+            "{e}"
+        );
+        let e = compile_err("params.f = { type = \"path\", default = \"../etc\" }");
+        assert!(
+            e.contains("params.f.default") && e.contains("\"..\" segment"),
+            "{e}"
+        );
+        let e = compile_err("params.f = { type = \"path\", min = 1 }");
+        assert!(
+            e.contains("not allowed for a parameter of type path"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -22,14 +22,14 @@ use keyward_proto::{Attenuate, Call, Mint, Minted, ToolInfo, Value};
 use crate::credential::Credentials;
 use crate::keys::{KeyError, Keys};
 use crate::policy::{
-    compile_pattern, show_str, AuthorizedCall, Caller, Denial, Policy, TypedValue,
+    compile_pattern, show_str, AuthorizedCall, Caller, Denial, ParamSpec, Policy, TypedValue,
 };
 use crate::state::{MintRecord, StateError, TokenState, UseError};
 
 mod constraint;
 
 pub use constraint::describe_constraint;
-use constraint::{add_constraints, describe_tool, wire_eq};
+use constraint::{add_constraints, describe_tool, prefix_satisfied, wire_eq};
 
 /// Lifetime of a minted token when the minter asks for none.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(5 * 60);
@@ -397,7 +397,7 @@ impl Tokens {
         for pc in &grant.params {
             let value = params.get(&pc.name);
             let ok = match value {
-                Some(value) => self.satisfies(value, &pc.constraint),
+                Some(value) => self.satisfies(value, &pc.constraint, tool.params.get(&pc.name)),
                 None => false,
             };
             if !ok {
@@ -455,12 +455,17 @@ impl Tokens {
         }
     }
 
-    fn satisfies(&self, value: &TypedValue, constraint: &Constraint) -> bool {
+    fn satisfies(
+        &self,
+        value: &TypedValue,
+        constraint: &Constraint,
+        spec: Option<&ParamSpec>,
+    ) -> bool {
         match (constraint, value) {
             (Constraint::Any, _) => true,
             (Constraint::Exact(v), value) => wire_eq(v, value),
             (Constraint::OneOf(vs), value) => vs.iter().any(|v| wire_eq(v, value)),
-            (Constraint::Prefix(p), TypedValue::Str(s)) => s.starts_with(p.as_str()),
+            (Constraint::Prefix(p), TypedValue::Str(s)) => prefix_satisfied(spec, p, s),
             (Constraint::Range { min, max }, TypedValue::Int(i)) => min <= i && i <= max,
             (Constraint::Pattern(p), TypedValue::Str(s)) => self.pattern_matches(p, s),
             _ => false,
