@@ -19,11 +19,13 @@ use crate::config::{Located, ParamType, Source};
 use crate::executor::http::HttpTool;
 
 mod compile;
+mod denial;
 pub mod path;
 #[cfg(test)]
 pub(crate) mod test_util;
 
 pub(crate) use compile::compile_pattern;
+pub use denial::{Denial, Denied};
 
 /// The compiled policy.
 #[derive(Debug)]
@@ -173,19 +175,6 @@ pub struct AuthorizedCall {
     pub tool: Arc<Tool>,
     pub principal: String,
     pub params: BTreeMap<String, TypedValue>,
-}
-
-/// A policy denial: one sentence, safe to show the caller and to audit
-/// (secret parameter values never appear in it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    pub reason: String,
-}
-
-impl std::fmt::Display for Denial {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
-    }
 }
 
 impl Policy {
@@ -352,10 +341,8 @@ impl Tool {
     }
 }
 
-fn deny(reason: std::fmt::Arguments<'_>) -> Denial {
-    Denial {
-        reason: format!("call denied: {reason}"),
-    }
+fn deny(why: std::fmt::Arguments<'_>) -> Denial {
+    Denial::new(Denied::Call, why.to_string())
 }
 
 /// A peer-supplied string for a message: escaped (no newline or control
@@ -515,7 +502,7 @@ mod tests {
     fn denied(caller: &Caller, c: &Call) -> String {
         match policy().authorize(caller, c) {
             Ok(ok) => panic!("expected a denial, got {ok:?}"),
-            Err(d) => d.reason,
+            Err(d) => d.to_string(),
         }
     }
 
@@ -793,8 +780,9 @@ mod tests {
                 ] {
                     let c = call(tool, &[(name, value.clone()), (name, value)]);
                     if let Err(d) = p.authorize(&ORCH, &c) {
-                        assert!(d.reason.len() < 1024, "{}", d.reason.len());
-                        assert!(!d.reason.contains('\n') && !d.reason.contains('\0'));
+                        let reason = d.to_string();
+                        assert!(reason.len() < 1024, "{}", reason.len());
+                        assert!(!reason.contains('\n') && !reason.contains('\0'));
                     }
                 }
             }
@@ -834,7 +822,7 @@ mod tests {
             ("reportsx", "is not under the path prefix"),
             ("/reports/x", "empty"),
         ] {
-            let reason = run(bad).unwrap_err().reason;
+            let reason = run(bad).unwrap_err().to_string();
             assert!(reason.contains(why), "{bad:?}: {reason}");
             assert!(
                 reason.starts_with("call denied: parameter \"file\" = "),
@@ -849,7 +837,7 @@ mod tests {
                 &call("files", &[("file", s("reports/a")), ("key", s("sk/../x"))]),
             )
             .unwrap_err()
-            .reason;
+            .to_string();
         assert!(!reason.contains("sk/"), "{reason}");
         assert!(reason.contains("[secret]"), "{reason}");
     }

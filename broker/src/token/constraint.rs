@@ -159,7 +159,7 @@ fn normalize_constraint(
     let check_value = |v: &Value| -> Result<Value, String> {
         tool.check_param(name, v)
             .map(|(_, typed)| typed.to_wire())
-            .map_err(|d| d.reason.trim_start_matches("call denied: ").to_owned())
+            .map_err(|d| d.why)
     };
     let is_path = ty == ParamType::Path;
     let type_is = |want: ParamType, what: &str| -> Result<(), String> {
