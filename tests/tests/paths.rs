@@ -20,6 +20,7 @@ use keyward_tests::{Broker, Ran, PRINCIPAL_UID, STRANGER_UID};
 const ADMIN: &str = "ADMIN-ONLY-7f3a: the root password is in the safe";
 const HELLO: &str = "hello from public";
 const REPORT: &str = "quarterly report q1";
+const REPORT_2024: &str = "quarterly report 2024 q2";
 const EVIL_TWIN: &str = "reports-evil twin: not under reports/";
 
 /// `python3 -m http.server` on 127.0.0.1 and an ephemeral port, serving
@@ -40,6 +41,7 @@ impl PythonServer {
         };
         put("public/hello.txt", HELLO);
         put("public/reports/q1.txt", REPORT);
+        put("public/reports/2024/q2.txt", REPORT_2024);
         put("public/reports-evil/x.txt", EVIL_TWIN);
         put("private/admin.txt", ADMIN);
         let mut child = Command::new("python3")
@@ -300,4 +302,45 @@ fn token_prefix_is_judged_on_whole_segments() {
     let token = f.mint(&["--tool", "public_file", "--prefix", "name=reports/"]);
     let ran = f.call_with(STRANGER_UID, &token, &["public_file", escape]);
     assert_refused(&ran, "public_file", "one URL path segment");
+}
+
+/// Attenuating a path prefix narrows it by whole segments: `reports` to
+/// `reports/2024`, never to `reportsx` (a sibling, not a subdirectory).
+#[test]
+fn attenuated_path_prefix_narrows_by_whole_segments() {
+    let f = fixture();
+    let parent = f.mint(&["--tool", "public_path", "--prefix", "name=reports"]);
+    let attenuate = |prefix: &str| {
+        let arg = format!("name={prefix}");
+        Ran::from(f.broker.shim(
+            STRANGER_UID,
+            &["attenuate", "--token", &parent, "--prefix", &arg],
+        ))
+    };
+    for sibling in ["reportsx", "reports-evil/", "report"] {
+        let ran = attenuate(sibling);
+        assert_eq!(ran.code, Some(3), "{sibling}: {ran:?}");
+        assert!(ran.stderr.contains("wider than the token's"), "{ran:?}");
+    }
+    let ran = attenuate("reports/../private");
+    assert_eq!(ran.code, Some(3), "{ran:?}");
+    assert!(ran.stderr.contains("whole path segments"), "{ran:?}");
+
+    let child = attenuate("reports/2024");
+    assert_eq!(child.code, Some(0), "{child:?}");
+    let child = child.stdout.trim().to_owned();
+    assert_served(
+        &f.call_with(
+            STRANGER_UID,
+            &child,
+            &["public_path", "name=reports/2024/q2.txt"],
+        ),
+        REPORT_2024,
+    );
+    let ran = f.call_with(
+        STRANGER_UID,
+        &child,
+        &["public_path", "name=reports/q1.txt"],
+    );
+    assert_refused(&ran, "public_path", "prefix \"reports/2024/\"");
 }
