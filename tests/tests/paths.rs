@@ -302,6 +302,20 @@ fn token_prefix_is_judged_on_whole_segments() {
     let token = f.mint(&["--tool", "public_file", "--prefix", "name=reports/"]);
     let ran = f.call_with(STRANGER_UID, &token, &["public_file", escape]);
     assert_refused(&ran, "public_file", "one URL path segment");
+    // A prefix on a one-segment parameter is judged on the value as sent:
+    // the server decodes the segment back to exactly that value.
+    let token = f.mint(&["--tool", "public_file", "--prefix", "name=hel"]);
+    assert_served(
+        &f.call_with(STRANGER_UID, &token, &["public_file", "name=hello.txt"]),
+        HELLO,
+    );
+    for value in [
+        "name=hel%2F..%2F..%2Fprivate%2Fadmin.txt",
+        "name=hel/../../private/admin.txt",
+    ] {
+        let ran = f.call_with(STRANGER_UID, &token, &["public_file", value]);
+        assert_refused(&ran, "public_file", "one URL path segment");
+    }
 }
 
 /// Attenuating a path prefix narrows it by whole segments: `reports` to
