@@ -316,15 +316,15 @@ impl Session {
                 }
                 self.send(&response).await
             }
-            Err(ExecError::Rejected(reason)) => {
-                let reason = format!("call denied: {reason}");
+            Err(ExecError::Rejected(why)) => {
+                let denial = policy::Denial::new(Denied::Call, why);
                 self.audit_token(
                     self.record(Event::Call, Decision::Deny)
                         .tool(tool)
                         .principal(principal)
-                        .reason(&reason),
+                        .reason(&denial.to_string()),
                 );
-                self.send(&Response::Denied(Denial { reason })).await
+                self.send(&Response::Denied(denial.into())).await
             }
             Err(e) => {
                 let reason = e.to_string();

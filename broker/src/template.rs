@@ -5,9 +5,12 @@
 //! `[a-z_][a-z0-9_]*`; `{{` and `}}` are literal braces). Templates are
 //! checked when the policy is compiled and *place* parameter values, never
 //! splice them: in a URL every value is percent-encoded with a strict set
-//! and may appear only in the path and query; in a header a value with a
-//! control character is refused; in a JSON body a value becomes a JSON
-//! value or is interpolated into a string that serde_json encodes.
+//! and may appear only in the path and query, and a value in the path is
+//! exactly one segment (whole segments for a parameter of type `path`) as
+//! a server that percent-decodes it any number of times reads it
+//! ([`crate::policy::path`]); in a header a value with a control character
+//! is refused; in a JSON body a value becomes a JSON value or is
+//! interpolated into a string that serde_json encodes.
 //!
 //! A value that cannot be placed safely is a [`Rejection`]: the call is
 //! denied with one sentence naming the parameter (never its value).

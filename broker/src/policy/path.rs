@@ -30,8 +30,9 @@ use unicode_normalization::UnicodeNormalization;
 /// is refused.
 pub const MAX_DECODES: usize = 8;
 
-/// Characters some servers or code pages map to `/` or `\` that NFKC
-/// leaves alone (and a few that it does not, for clarity).
+/// Characters some servers or code pages map to `/` or `\`: those NFKC
+/// leaves alone, and the fullwidth and small forms it maps (listed too, so
+/// that their refusal does not rest on normalisation alone).
 const LOOKALIKES: &[char] = &[
     '\u{2044}', // FRACTION SLASH
     '\u{2215}', // DIVISION SLASH
@@ -342,6 +343,9 @@ mod tests {
         for (text, fault) in cases {
             assert_eq!(check_segment(text), Err(*fault), "{text:?}");
         }
+        assert!(TooDeep
+            .describe(false)
+            .contains(&format!(" {MAX_DECODES} levels")));
         let deep = format!("a%{}2Fb", "25".repeat(MAX_DECODES));
         assert_eq!(check_segment(&deep), Err(TooDeep));
         let shallow = format!("a%{}41b", "25".repeat(MAX_DECODES - 1));
