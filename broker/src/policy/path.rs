@@ -56,6 +56,8 @@ pub enum SegmentFault {
     Backslash,
     /// `.` or `..` (also `...`, `. `, `..;x`) at some decoding depth.
     Dot,
+    /// A Windows drive (`C:`) at the start, at some decoding depth.
+    Drive,
     /// A control character (NUL, CR, LF, ...) at some decoding depth.
     Control,
     /// Decodes to bytes that are not UTF-8 (an overlong `/` is `%C0%AF`).
@@ -91,6 +93,10 @@ impl SegmentFault {
             }
             (SegmentFault::Dot, true) => {
                 "has a \".\" or \"..\" segment (after percent-decoding, or before a \";\")"
+            }
+            (SegmentFault::Drive, _) => {
+                "starts with a Windows drive such as \"C:\" (after percent-decoding), \
+                 which servers may read as an absolute path"
             }
             (SegmentFault::Control, _) => {
                 "contains a control character (after percent-decoding) in a URL path segment"
@@ -201,17 +207,27 @@ fn check_text(text: &str) -> Result<(), SegmentFault> {
     if text.contains(LOOKALIKES) {
         return Err(SegmentFault::Lookalike);
     }
+    // `C:` roots a path on Windows: joined onto a directory, `C:x` or
+    // `C:/x` replaces it (.NET's Path.Combine, Python's os.path.join).
+    if let [letter, b':', ..] = text.as_bytes() {
+        if letter.is_ascii_alphabetic() {
+            return Err(SegmentFault::Drive);
+        }
+    }
     check_core(text)
 }
 
 /// The part of a segment a server judges: before a `;` path parameter
-/// (Tomcat, Jetty), without trailing dots and spaces (Windows).
+/// (Tomcat, Jetty), without trailing dots and spaces (Windows), nor
+/// whitespace trimmed at either end (Unicode whitespace, and `+`, which
+/// is a space to a server that form-decodes its path).
 fn check_core(text: &str) -> Result<(), SegmentFault> {
     let core = text.split(';').next().unwrap_or_default();
-    if core.trim_matches(' ').is_empty() {
+    let blank = |c: char| c.is_whitespace() || c == '+';
+    if core.chars().all(blank) {
         return Err(SegmentFault::Empty);
     }
-    if core.trim_end_matches(['.', ' ']).is_empty() {
+    if core.chars().all(|c| c == '.' || blank(c)) {
         return Err(SegmentFault::Dot);
     }
     Ok(())
@@ -283,6 +299,12 @@ mod tests {
             "…txt",
             "¥100",
             "file..",
+            "c++",
+            "a+b",
+            "+1",
+            "10:30",
+            "urn:x",
+            "ab:c",
         ] {
             assert_eq!(check_segment(ok), Ok(()), "{ok:?}");
         }
@@ -303,6 +325,16 @@ mod tests {
             ("..;", Dot),
             ("..;jsessionid=1", Dot),
             ("%2e%2E", Dot),
+            // `+` is a space to a server that form-decodes its path, and
+            // a server may trim any Unicode whitespace, at either end.
+            ("+", Empty),
+            ("%2B", Empty),
+            ("..+", Dot),
+            (".+.", Dot),
+            (" ..", Dot),
+            ("+..", Dot),
+            ("..\u{2028}", Dot),
+            ("\u{1680}..", Dot),
             (".%2e", Dot),
             ("%252e%252e", Dot),
             ("%25252e.", Dot),
@@ -314,6 +346,12 @@ mod tests {
             ("a%25252fb", Separator),
             ("a%u002fb", Separator),
             ("a%U002Fb", Separator),
+            ("C:", Drive),
+            ("c:x", Drive),
+            ("a:", Drive),
+            ("C%3A", Drive),
+            ("C%253a..", Drive),
+            ("C\u{FF1A}", Lookalike),
             ("a\\b", Backslash),
             ("a%5cb", Backslash),
             ("a%5Cb", Backslash),
@@ -377,6 +415,9 @@ mod tests {
         assert_eq!(check_path("a/b%2F..%2Fc"), Err(Separator));
         assert_eq!(check_path("a\\..\\b"), Err(Backslash));
         assert_eq!(check_path("a/..;/b"), Err(Dot));
+        assert_eq!(check_path("reports/..+/x"), Err(Dot));
+        assert_eq!(check_path("C:/Windows/win.ini"), Err(Drive));
+        assert_eq!(check_path("reports/c:/x"), Err(Drive));
     }
 
     #[test]
