@@ -458,19 +458,20 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
         ));
     };
 
-    // Cheap rules first; the pattern, the costliest, runs last, on a string
+    // Cheap rules first; the segment rules (many decodings and
+    // normalisations) and the pattern, the costliest, run on a string
     // max_len has already bounded.
     let mut rules = Vec::new();
     let mut prefix_error = None;
-    if is_path {
-        rules.push(Rule::Segments);
-    }
     if let Some(n) = cfg.max_len {
         if is_string {
             rules.push(Rule::MaxLen(n));
         } else {
             not_for_type("max_len");
         }
+    }
+    if is_path {
+        rules.push(Rule::Segments);
     }
     if let Some(prefix) = &cfg.prefix {
         if is_path {

@@ -843,6 +843,25 @@ mod tests {
     }
 
     #[test]
+    fn path_max_len_is_judged_before_the_segments() {
+        // The segment rules decode and normalise the value many times over;
+        // max_len bounds that work, so it is judged first.
+        let text = format!(
+            "{BROKER}[[principal]]\nname = \"p\"\nuids = [1]\nmay_call = [\"files\"]\n\
+             [[tool]]\nname = \"files\"\nkind = \"echo\"\n\
+             params.file = {{ type = \"path\", max_len = 64 }}\n"
+        );
+        let p = Policy::compile(&source(&text)).expect("compiles");
+        let caller = Caller { uid: 1, gid: 1 };
+        let long = format!("../{}", "\u{FF21}%2525252541".repeat(1000));
+        let reason = p
+            .authorize(&caller, &call("files", &[("file", s(&long))]))
+            .unwrap_err()
+            .to_string();
+        assert!(reason.contains("max_len of 64"), "{reason}");
+    }
+
+    #[test]
     fn show_str_cuts_on_char_boundaries() {
         assert_eq!(show_str("a\"b"), "\"a\\\"b\"");
         let cut = show_str(&"日".repeat(65));
