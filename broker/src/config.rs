@@ -155,6 +155,10 @@ pub enum ParamType {
     String,
     Int,
     Bool,
+    /// A string that is a relative path of one or more segments joined by
+    /// `/`; placed in a URL path, its `/`s stay separators. (A `string`
+    /// placed in a URL path is exactly one segment.)
+    Path,
 }
 
 /// `params.NAME = { type = ..., <validators> }`.

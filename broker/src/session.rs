@@ -35,7 +35,7 @@ use crate::audit::{Decision, Event, Record};
 use crate::executor::ExecError;
 use crate::listener::{Connection, Received, RECV_BUFFER};
 use crate::peer::Peer;
-use crate::policy::{AuthorizedCall, Denial as PolicyDenial};
+use crate::policy::{self, AuthorizedCall, Denied};
 use crate::server::Broker;
 use crate::token::{self, BindRefused, BoundToken, ChannelSlot, Tokens};
 
@@ -277,13 +277,9 @@ impl Session {
                 self.audit_token(
                     self.record(Event::Call, Decision::Deny)
                         .tool(&shown_name(&call.tool))
-                        .reason(&denial.reason),
+                        .reason(&denial.to_string()),
                 );
-                return self
-                    .send(&Response::Denied(Denial {
-                        reason: denial.reason,
-                    }))
-                    .await;
+                return self.send(&Response::Denied(denial.into())).await;
             }
         };
         let tool = authorized.tool.name.as_str();
@@ -320,15 +316,15 @@ impl Session {
                 }
                 self.send(&response).await
             }
-            Err(ExecError::Rejected(reason)) => {
-                let reason = format!("call denied: {reason}");
+            Err(ExecError::Rejected(why)) => {
+                let denial = policy::Denial::new(Denied::Call, why);
                 self.audit_token(
                     self.record(Event::Call, Decision::Deny)
                         .tool(tool)
                         .principal(principal)
-                        .reason(&reason),
+                        .reason(&denial.to_string()),
                 );
-                self.send(&Response::Denied(Denial { reason })).await
+                self.send(&Response::Denied(denial.into())).await
             }
             Err(e) => {
                 let reason = e.to_string();
@@ -369,11 +365,13 @@ impl Session {
     }
 
     /// The token authority, or the denial that tokens are disabled.
-    fn tokens(&self) -> Result<&Tokens, PolicyDenial> {
-        self.broker.tokens.as_ref().ok_or_else(|| PolicyDenial {
-            reason: "tokens are disabled: the broker has no state directory \
-                     (set state_dir or run it with StateDirectory=)"
-                .into(),
+    fn tokens(&self) -> Result<&Tokens, policy::Denial> {
+        self.broker.tokens.as_ref().ok_or_else(|| {
+            policy::Denial::new(
+                Denied::Tokens,
+                "the broker has no state directory \
+                 (set state_dir or run it with StateDirectory=)",
+            )
         })
     }
 
@@ -403,21 +401,17 @@ impl Session {
                 // token's own: record the refusal under them.
                 self.audit_token(
                     self.record(Event::Bind, Decision::Deny)
-                        .reason(&denial.reason)
+                        .reason(&denial.to_string())
                         .token(&token.id_hex)
                         .task(&token.task_hex),
                 );
-                return self
-                    .send(&Response::Denied(Denial {
-                        reason: denial.reason,
-                    }))
-                    .await;
+                return self.send(&Response::Denied(denial.into())).await;
             }
             Err(BindRefused {
                 denial,
                 token: None,
             }) => {
-                return self.deny(Event::Bind, denial.reason).await;
+                return self.deny(Event::Bind, denial.to_string()).await;
             }
         };
         let body = &bound.verified.body;
@@ -462,7 +456,7 @@ impl Session {
             .tokens()
             .and_then(|t| t.check_live(&self.peer.caller(), &bound, token::now()));
         let refused = match (live, bound.open_channel()) {
-            (Err(denial), _) => Some(format!("channel refused: {}", denial.reason)),
+            (Err(denial), _) => Some(format!("channel refused: {denial}")),
             (Ok(()), None) => Some(format!(
                 "channel refused: the session already has {} channels open",
                 token::MAX_CHANNELS_PER_SESSION
@@ -521,7 +515,7 @@ impl Session {
                 }
                 self.send(&Response::Minted(minted)).await
             }
-            Err(denial) => self.deny(Event::Mint, denial.reason).await,
+            Err(denial) => self.deny(Event::Mint, denial.to_string()).await,
         }
     }
 
@@ -556,7 +550,7 @@ impl Session {
                 }
                 self.send(&Response::Minted(minted)).await
             }
-            Err(denial) => self.deny(Event::Attenuate, denial.reason).await,
+            Err(denial) => self.deny(Event::Attenuate, denial.to_string()).await,
         }
     }
 
@@ -570,12 +564,7 @@ impl Session {
         };
         match tools {
             Ok(tools) => self.send(&Response::ToolList(ToolList { tools })).await,
-            Err(denial) => {
-                self.send(&Response::Denied(Denial {
-                    reason: denial.reason,
-                }))
-                .await
-            }
+            Err(denial) => self.send(&Response::Denied(denial.into())).await,
         }
     }
 
@@ -604,12 +593,9 @@ impl Session {
                 self.audit_token(
                     self.record(Event::Revoke, Decision::Deny)
                         .token(&id)
-                        .reason(&denial.reason),
+                        .reason(&denial.to_string()),
                 );
-                self.send(&Response::Denied(Denial {
-                    reason: denial.reason,
-                }))
-                .await
+                self.send(&Response::Denied(denial.into())).await
             }
         }
     }

@@ -5,9 +5,12 @@
 //! `[a-z_][a-z0-9_]*`; `{{` and `}}` are literal braces). Templates are
 //! checked when the policy is compiled and *place* parameter values, never
 //! splice them: in a URL every value is percent-encoded with a strict set
-//! and may appear only in the path and query; in a header a value with a
-//! control character is refused; in a JSON body a value becomes a JSON
-//! value or is interpolated into a string that serde_json encodes.
+//! and may appear only in the path and query, and a value in the path is
+//! exactly one segment (whole segments for a parameter of type `path`) as
+//! a server that percent-decodes it any number of times reads it
+//! ([`crate::policy::path`]); in a header a value with a control character
+//! is refused; in a JSON body a value becomes a JSON value or is
+//! interpolated into a string that serde_json encodes.
 //!
 //! A value that cannot be placed safely is a [`Rejection`]: the call is
 //! denied with one sentence naming the parameter (never its value).
@@ -18,7 +21,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::Url;
 
-use crate::policy::TypedValue;
+use crate::policy::{path, TypedValue};
 
 /// Everything except ALPHA DIGIT `-` `.` `_` `~` (RFC 3986 unreserved).
 const STRICT: &AsciiSet = &NON_ALPHANUMERIC
@@ -170,18 +173,37 @@ enum UrlContext {
     Fragment,
 }
 
+/// One piece of a compiled URL template.
+#[derive(Debug)]
+enum UrlPart {
+    Lit(String),
+    /// A value in the path: exactly one segment, or, for a parameter of
+    /// type `path` (`multi`), whole segments.
+    Path {
+        name: String,
+        multi: bool,
+    },
+    /// A value in the query.
+    Query(String),
+}
+
 /// A compiled URL template.
 #[derive(Debug)]
 pub struct UrlTemplate {
-    parts: Vec<Part>,
+    parts: Vec<UrlPart>,
     scheme: String,
     host: String,
     port: Option<u16>,
 }
 
 impl UrlTemplate {
-    /// Check and compile `text`. `declared` says whether a parameter exists.
-    pub fn compile(text: &str, declared: &dyn Fn(&str) -> bool) -> Result<UrlTemplate, String> {
+    /// Check and compile `text`. `declared` says whether a parameter
+    /// exists, `multi_segment` whether it is of type `path`.
+    pub fn compile(
+        text: &str,
+        declared: &dyn Fn(&str) -> bool,
+        multi_segment: &dyn Fn(&str) -> bool,
+    ) -> Result<UrlTemplate, String> {
         let parts = parse(text)?;
         check_declared(&parts, declared)?;
         match parts.first() {
@@ -190,7 +212,8 @@ impl UrlTemplate {
         }
         let mut ctx = UrlContext::Authority;
         let mut after_scheme = false;
-        for part in &parts {
+        let mut url_parts = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
             match part {
                 Part::Lit(lit) => {
                     let mut scan = lit.as_str();
@@ -208,9 +231,24 @@ impl UrlTemplate {
                             (ctx, _) => ctx,
                         };
                     }
+                    url_parts.push(UrlPart::Lit(lit.clone()));
                 }
                 Part::Param(name) => match ctx {
-                    UrlContext::Path | UrlContext::Query => {}
+                    UrlContext::Path => {
+                        let multi = multi_segment(name);
+                        if multi && !stands_alone(&parts, i) {
+                            return Err(format!(
+                                "placeholder {{{name}}} is a path of whole segments and must \
+                                 stand between \"/\"s (as in /files/{{{name}}} or \
+                                 /files/{{{name}}}/raw)"
+                            ));
+                        }
+                        url_parts.push(UrlPart::Path {
+                            name: name.clone(),
+                            multi,
+                        });
+                    }
+                    UrlContext::Query => url_parts.push(UrlPart::Query(name.clone())),
                     UrlContext::Authority => {
                         return Err(format!(
                             "placeholder {{{name}}} is in the scheme, user info, host or port; \
@@ -251,28 +289,51 @@ impl UrlTemplate {
             scheme: url.scheme().to_owned(),
             host: host.to_owned(),
             port: url.port_or_known_default(),
-            parts,
+            parts: url_parts,
         })
     }
 
     /// The URL for these values.
     pub fn render(&self, values: &BTreeMap<String, TypedValue>) -> Result<Url, Rejection> {
         let mut out = String::new();
-        // Where each value landed in `out`.
-        let mut spans: Vec<(std::ops::Range<usize>, &str)> = Vec::new();
+        // Where each path value landed in `out`.
+        let mut spans: Vec<Span<'_>> = Vec::new();
+        let mut first = None;
         for part in &self.parts {
             match part {
-                Part::Lit(lit) => out.push_str(lit),
-                Part::Param(name) => {
+                UrlPart::Lit(lit) => out.push_str(lit),
+                UrlPart::Query(name) => {
+                    first.get_or_insert(name.as_str());
+                    out.extend(utf8_percent_encode(
+                        &value_of(values, name)?.to_text(),
+                        STRICT,
+                    ));
+                }
+                UrlPart::Path { name, multi } => {
+                    first.get_or_insert(name.as_str());
                     let text = value_of(values, name)?.to_text();
                     let start = out.len();
-                    out.extend(utf8_percent_encode(&text, STRICT));
-                    spans.push((start..out.len(), name));
+                    if *multi {
+                        // Each segment encoded, a literal `/` between them.
+                        for (i, segment) in text.split('/').enumerate() {
+                            if i > 0 {
+                                out.push('/');
+                            }
+                            out.extend(utf8_percent_encode(segment, STRICT));
+                        }
+                    } else {
+                        out.extend(utf8_percent_encode(&text, STRICT));
+                    }
+                    spans.push(Span {
+                        range: start..out.len(),
+                        name,
+                        multi: *multi,
+                    });
                 }
             }
         }
-        check_dot_segments(&out, &spans)?;
-        let first = spans.first().map_or("url", |(_, name)| *name);
+        check_path_segments(&out, &spans)?;
+        let first = first.unwrap_or("url");
         let url = Url::parse(&out)
             .map_err(|e| Rejection::new(first, format!("does not make a valid URL ({e})")))?;
         // Defence in depth: a value must never move the request elsewhere.
@@ -294,15 +355,37 @@ impl UrlTemplate {
     }
 }
 
-/// URL parsers resolve `.` and `..` segments (also as `%2e`) even when they
-/// came from a value, which would let a value walk up the path: refuse a
-/// path segment that is a dot segment and contains any value.
-fn check_dot_segments(
-    url: &str,
-    spans: &[(std::ops::Range<usize>, &str)],
-) -> Result<(), Rejection> {
+/// Whether the placeholder at `i` fills whole path segments: a `/` right
+/// before it, and right after it a `/`, `?`, `#` or the end.
+fn stands_alone(parts: &[Part], i: usize) -> bool {
+    let before = i
+        .checked_sub(1)
+        .and_then(|b| parts.get(b))
+        .is_some_and(|p| matches!(p, Part::Lit(l) if l.ends_with('/')));
+    let after = match parts.get(i + 1) {
+        None => true,
+        Some(Part::Lit(l)) => l.starts_with(['/', '?', '#']),
+        Some(Part::Param(_)) => false,
+    };
+    before && after
+}
+
+/// Where a value landed in a rendered URL.
+struct Span<'a> {
+    range: std::ops::Range<usize>,
+    name: &'a str,
+    multi: bool,
+}
+
+/// Judge every path segment that holds any part of a value as a server
+/// that decodes it any number of times would read it
+/// ([`path::check_wire_segment`]): one segment, never `.`, `..` or empty.
+/// Checked on the rendered text, so that values side by side, or a value
+/// beside the template's own text, are judged together.
+fn check_path_segments(url: &str, spans: &[Span<'_>]) -> Result<(), Rejection> {
     // Placeholders are never in the authority, and values never contain a
-    // raw `/`, `?` or `#`, so these positions are the template's own.
+    // raw `?` or `#` (nor a raw `/`, except between the segments of a
+    // `path` value), so these positions are the template's own.
     let Some(after_scheme) = url.find("://").map(|i| i + 3) else {
         return Ok(());
     };
@@ -312,11 +395,15 @@ fn check_dot_segments(
     else {
         return Ok(());
     };
+    if !url[path_start..].starts_with('/') {
+        // No path: every placeholder is in the query.
+        return Ok(());
+    }
     let path_end = url[path_start..]
         .find(['?', '#'])
         .map_or(url.len(), |i| i + path_start);
-    let mut seg_start = path_start;
-    for (i, c) in url[path_start..path_end].char_indices() {
+    let mut seg_start = path_start + 1;
+    for (i, c) in url[path_start..path_end].char_indices().skip(1) {
         let at = path_start + i;
         if c == '/' {
             check_segment(url, seg_start..at, spans)?;
@@ -329,24 +416,17 @@ fn check_dot_segments(
 fn check_segment(
     url: &str,
     segment: std::ops::Range<usize>,
-    spans: &[(std::ops::Range<usize>, &str)],
+    spans: &[Span<'_>],
 ) -> Result<(), Rejection> {
-    let text = url[segment.clone()]
-        .to_ascii_lowercase()
-        .replace("%2e", ".");
-    if text != "." && text != ".." {
-        return Ok(());
-    }
-    match spans
+    // Inclusive: an empty value is an empty range at its segment's edge.
+    let Some(span) = spans
         .iter()
-        .find(|(span, _)| span.start < segment.end && segment.start < span.end)
-    {
-        Some((_, name)) => Err(Rejection::new(
-            name,
-            "cannot be \".\" or \"..\" in the URL path",
-        )),
-        None => Ok(()),
-    }
+        .find(|s| s.range.start <= segment.end && segment.start <= s.range.end)
+    else {
+        return Ok(());
+    };
+    path::check_wire_segment(&url[segment])
+        .map_err(|fault| Rejection::new(span.name, fault.describe(span.multi)))
 }
 
 // ------------------------------------------------------------ headers
@@ -577,7 +657,7 @@ mod tests {
     use super::*;
 
     fn declared(name: &str) -> bool {
-        ["a", "b", "n", "flag", "user_id"].contains(&name)
+        ["a", "b", "n", "flag", "user_id", "p", "q"].contains(&name)
     }
 
     fn values(pairs: &[(&str, TypedValue)]) -> BTreeMap<String, TypedValue> {
@@ -611,9 +691,18 @@ mod tests {
         assert_eq!(parse("{{}}").unwrap(), vec![Part::Lit("{}".into())]);
     }
 
+    /// `p` and `q` are parameters of type `path`.
+    fn multi(name: &str) -> bool {
+        ["p", "q"].contains(&name)
+    }
+
+    fn compile_url(text: &str) -> UrlTemplate {
+        UrlTemplate::compile(text, &declared, &multi).unwrap()
+    }
+
     #[test]
     fn url_compile_errors() {
-        let err = |t: &str| UrlTemplate::compile(t, &declared).unwrap_err();
+        let err = |t: &str| UrlTemplate::compile(t, &declared, &multi).unwrap_err();
         assert_eq!(err("https://h/{x}"), "placeholder {x} names no parameter");
         assert!(err("https://{a}/x").contains("host or port"));
         assert!(err("https://h:{a}/x").contains("host or port"));
@@ -623,78 +712,298 @@ mod tests {
         assert!(err("ftp://h/{a}").contains("not http or https"));
         assert!(err("https://u:p@h/{a}").contains("user info"));
         assert!(err("https://h/{a").contains("unbalanced"));
-        UrlTemplate::compile("https://h?q={a}", &declared).unwrap();
-        UrlTemplate::compile("http://h:8080/p/{a}/x?q={b}&r=lit#frag", &declared).unwrap();
+        compile_url("https://h?q={a}");
+        compile_url("http://h:8080/p/{a}/x?q={b}&r=lit#frag");
+        // A path parameter fills whole segments.
+        for bad in [
+            "https://h/files/x{p}",
+            "https://h/files/{p}.json",
+            "https://h/files/{p}{a}",
+            "https://h/files/{a}{p}/x",
+            "https://h/files{p}",
+        ] {
+            assert!(err(bad).contains("stand between \"/\"s"), "{bad}");
+        }
+        for good in [
+            "https://h/files/{p}",
+            "https://h/files/{p}/raw",
+            "https://h/{p}?x=1",
+            "https://h/files/{p}#f",
+            "https://h/files/{p}/{q}",
+            // In the query it is text.
+            "https://h/files?path={p}x",
+        ] {
+            compile_url(good);
+        }
     }
 
     #[test]
     fn url_values_are_strictly_encoded() {
-        let t = UrlTemplate::compile(
-            "https://api.example.com:8443/v1/{a}/x?q={b}&r=lit",
-            &declared,
-        )
-        .unwrap();
+        let t = compile_url("https://api.example.com:8443/v1/{a}/x?q={b}&r=lit");
         let url = t
             .render(&values(&[
-                ("a", s("../admin")),
-                ("b", s("?x=1&y=\"z\"\n#f")),
+                ("a", s("a b?é#")),
+                ("b", s("?x=1&y=\"z\"\n#f/..")),
             ]))
             .unwrap();
         assert_eq!(
             url.as_str(),
-            "https://api.example.com:8443/v1/..%2Fadmin/x?q=%3Fx%3D1%26y%3D%22z%22%0A%23f&r=lit"
+            "https://api.example.com:8443/v1/a%20b%3F%C3%A9%23/x?q=%3Fx%3D1%26y%3D%22z%22%0A%23f%2F..&r=lit"
         );
         let url = t
-            .render(&values(&[("a", s("a b/é")), ("b", TypedValue::Int(-3))]))
+            .render(&values(&[("a", s("-")), ("b", TypedValue::Int(-3))]))
             .unwrap();
-        assert_eq!(url.path(), "/v1/a%20b%2F%C3%A9/x");
+        assert_eq!(url.path(), "/v1/-/x");
         assert_eq!(url.query(), Some("q=-3&r=lit"));
-        // `@`, `:` and `\` cannot reach the authority or split the path.
+        // `@` and `:` cannot reach the authority.
         let url = t
-            .render(&values(&[("a", s("@evil.com:1\\x")), ("b", s("%2e"))]))
+            .render(&values(&[("a", s("@evil.com:1")), ("b", s("%2e"))]))
             .unwrap();
         assert_eq!(url.host_str(), Some("api.example.com"));
-        assert_eq!(url.path(), "/v1/%40evil.com%3A1%5Cx/x");
+        assert_eq!(url.path(), "/v1/%40evil.com%3A1/x");
         assert_eq!(url.query(), Some("q=%252e&r=lit"));
     }
 
     #[test]
-    fn url_dot_segments_are_rejected_in_the_path_only() {
-        let t = UrlTemplate::compile("https://h/v1/{a}/x?q={b}", &declared).unwrap();
-        for dots in [".", ".."] {
-            let err = t
-                .render(&values(&[("a", s(dots)), ("b", s("ok"))]))
-                .unwrap_err();
-            assert_eq!(err.param, "a");
+    fn query_values_cannot_add_parameters_or_lines() {
+        let t = compile_url("https://h/search?q={a}&limit=10");
+        for hostile in [
+            "x&limit=100000",
+            "x&admin=1",
+            "x=1",
+            "x#frag",
+            "x\r\nHost: evil",
+            "x\nlimit=9",
+            "x%26admin%3D1",
+            "x;limit=5",
+            "x+y",
+        ] {
+            let url = t.render(&values(&[("a", s(hostile))])).unwrap();
+            let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
             assert_eq!(
-                err.sentence("fetch"),
-                "parameter \"a\" of tool fetch cannot be \".\" or \"..\" in the URL path"
+                pairs,
+                [
+                    ("q".to_owned(), hostile.to_owned()),
+                    ("limit".to_owned(), "10".to_owned())
+                ],
+                "{hostile:?} -> {url}"
             );
-            let url = t
-                .render(&values(&[("a", s("ok")), ("b", s(dots))]))
-                .unwrap();
-            assert_eq!(url.query(), Some(format!("q={dots}").as_str()));
+            assert_eq!(url.fragment(), None);
+            assert!(!url.as_str().contains(['\r', '\n', ' ']), "{url}");
         }
-        // Two values that together make `..`.
-        let t = UrlTemplate::compile("https://h/v1/{a}{b}/x", &declared).unwrap();
+    }
+
+    #[test]
+    fn url_path_params_are_one_segment() {
+        let t = compile_url("https://h/public/{a}?q={b}");
+        let deny = |value: &str| {
+            t.render(&values(&[("a", s(value)), ("b", s("ok"))]))
+                .unwrap_err()
+        };
+        let cases: &[(&str, &str)] = &[
+            ("../private/admin.txt", "contains \"/\""),
+            ("..%2Fprivate%2Fadmin.txt", "contains \"/\""),
+            ("..%2fprivate", "contains \"/\""),
+            ("..%252Fprivate", "contains \"/\""),
+            ("..%u002fprivate", "contains \"/\""),
+            ("..\\private\\admin.txt", "contains \"\\\""),
+            ("..%5Cprivate", "contains \"\\\""),
+            ("..%5cprivate", "contains \"\\\""),
+            (".", "\".\" or \"..\""),
+            ("..", "\".\" or \"..\""),
+            ("%2e%2E", "\".\" or \"..\""),
+            (".%2e", "\".\" or \"..\""),
+            ("%252e%252e", "\".\" or \"..\""),
+            ("..;", "\".\" or \"..\""),
+            ("..;jsessionid=x", "\".\" or \"..\""),
+            ("...", "\".\" or \"..\""),
+            ("", "empty"),
+            (";x", "empty"),
+            ("..%00.txt", "control character"),
+            ("%C0%AF", "not UTF-8"),
+            ("..\u{FF0F}private", "normalisation"),
+            ("\u{FF0E}\u{FF0E}", "normalisation"),
+            ("..\u{2215}private", "normalisation"),
+        ];
+        for (value, why) in cases {
+            let err = deny(value);
+            assert_eq!(err.param, "a", "{value:?}");
+            assert!(err.reason.contains(why), "{value:?}: {}", err.reason);
+        }
+        assert_eq!(
+            deny("../x").sentence("fetch"),
+            "parameter \"a\" of tool fetch contains \"/\" or an encoding of it, \
+             but is one URL path segment"
+        );
+        // The same values are plain text in the query.
+        for value in ["..", "../x", "%2e%2e", ""] {
+            let url = t
+                .render(&values(&[("a", s("ok")), ("b", s(value))]))
+                .unwrap();
+            assert_eq!(url.path(), "/public/ok");
+        }
+        // Legitimate names.
+        for value in [
+            "hello.txt",
+            "a..b",
+            ".hidden",
+            "100%",
+            "r\u{e9}sum\u{e9}.pdf",
+        ] {
+            t.render(&values(&[("a", s(value)), ("b", s("ok"))]))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn url_segments_are_judged_with_their_neighbours() {
+        // Two values that together make `..`, or `%2F` once decoded.
+        let t = compile_url("https://h/v1/{a}{b}/x");
         assert!(t.render(&values(&[("a", s(".")), ("b", s("."))])).is_err());
+        assert!(t.render(&values(&[("a", s("%2")), ("b", s("F"))])).is_err());
+        assert!(t.render(&values(&[("a", s("")), ("b", s(""))])).is_err());
         // A dot inside a longer segment is harmless.
         let url = t
             .render(&values(&[("a", s("..")), ("b", s(".txt"))]))
             .unwrap();
         assert_eq!(url.path(), "/v1/...txt/x");
-        // Last segment, and a segment built with a literal.
-        let t = UrlTemplate::compile("https://h/v1/{a}", &declared).unwrap();
-        assert!(t.render(&values(&[("a", s(".."))])).is_err());
-        let t = UrlTemplate::compile("https://h/v1/%2E{a}", &declared).unwrap();
+        // A value beside the template's own text.
+        let t = compile_url("https://h/v1/%2E{a}");
         assert!(t.render(&values(&[("a", s("."))])).is_err());
+        let t = compile_url("https://h/v1/{a}.json");
+        assert_eq!(
+            t.render(&values(&[("a", s(""))])).unwrap().path(),
+            "/v1/.json"
+        );
+        assert!(t.render(&values(&[("a", s("%2e"))])).is_ok());
+        // The last segment, and the only one.
+        assert!(compile_url("https://h/{a}")
+            .render(&values(&[("a", s(".."))]))
+            .is_err());
+        assert!(compile_url("https://h/{a}")
+            .render(&values(&[("a", s(""))]))
+            .is_err());
+    }
+
+    #[test]
+    fn url_path_params_of_type_path_are_whole_segments() {
+        let t = compile_url("https://h/files/{p}/raw?x={a}");
+        let render = |p: &str| t.render(&values(&[("p", s(p)), ("a", s("1"))]));
+        let url = render("reports/2024/q1 final.txt").unwrap();
+        assert_eq!(url.path(), "/files/reports/2024/q1%20final.txt/raw");
+        let url = render("a").unwrap();
+        assert_eq!(url.path(), "/files/a/raw");
+        for (bad, why) in [
+            ("reports/../../private/admin.txt", "\".\" or \"..\""),
+            ("reports/./x", "\".\" or \"..\""),
+            ("../x", "\".\" or \"..\""),
+            ("a//b", "empty"),
+            ("/etc/passwd", "empty"),
+            ("a/", "empty"),
+            ("", "empty"),
+            ("a/b%2F..%2F..%2Fc", "encoded \"/\""),
+            ("a/%2e%2e/b", "\".\" or \"..\""),
+            ("a\\..\\b", "\"\\\""),
+            ("a/..;/b", "\".\" or \"..\""),
+        ] {
+            let err = render(bad).unwrap_err();
+            assert_eq!(err.param, "p", "{bad:?}");
+            assert!(err.reason.contains(why), "{bad:?}: {}", err.reason);
+        }
     }
 
     #[test]
     fn url_missing_value_is_rejected() {
-        let t = UrlTemplate::compile("https://h/{a}", &declared).unwrap();
+        let t = compile_url("https://h/{a}");
         assert_eq!(t.render(&BTreeMap::new()).unwrap_err().param, "a");
     }
+
+    /// What a server that percent-decodes `times` times (`%XX` only, as
+    /// most do) sees of one encoded segment.
+    fn server_decode(segment: &str, times: usize) -> String {
+        let mut text = segment.to_owned();
+        for _ in 0..times {
+            text = percent_encoding::percent_decode_str(&text)
+                .decode_utf8_lossy()
+                .into_owned();
+        }
+        text
+    }
+
+    /// Whether `text` reads as exactly one segment that is neither `.`
+    /// nor `..`, nor empty, also after NFKC and a `;` path parameter.
+    fn one_plain_segment(text: &str) -> bool {
+        use unicode_normalization::UnicodeNormalization;
+        let nfkc: String = text.nfkc().collect();
+        [text, nfkc.as_str()].iter().all(|t| {
+            let core = t.split(';').next().unwrap_or_default();
+            !t.contains(['/', '\\', '\0']) && !core.trim_end_matches(['.', ' ']).is_empty()
+        })
+    }
+
+    /// Text made of the pieces an attacker builds path escapes from.
+    fn hostile_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let atoms = prop::sample::select(vec![
+            "a", "b", ".", "..", "/", "\\", "%", "2", "5", "e", "E", "f", "F", "c", "C", ";", "u",
+            "0", "%2e", "%2E", "%2f", "%2F", "%5c", "%25", "%u002f", "%u002e", "%00", "%c0%af",
+            "%C0%AE", "\u{FF0F}", "\u{FF0E}", "\u{2024}", "\u{FF05}", " ", "é", "x",
+        ]);
+        prop::collection::vec(atoms, 0..10).prop_map(|v| v.concat())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2000,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Any value accepted for a one-segment parameter is, however many
+        /// times the server percent-decodes it, exactly one segment that
+        /// is not `.` or `..`.
+        #[test]
+        fn accepted_one_segment_values_stay_one_segment(value in hostile_text()) {
+            let t = compile_url("https://h/v1/{a}/x");
+            if let Ok(rendered) = t.render(&values(&[("a", s(&value))])) {
+                let segments: Vec<&str> = rendered.path().split('/').collect();
+                proptest::prop_assert_eq!(segments.len(), 4, "{}", rendered);
+                proptest::prop_assert_eq!(segments[1], "v1");
+                proptest::prop_assert_eq!(segments[3], "x");
+                for times in 0..=MAX_DECODES_CHECKED {
+                    let seen = server_decode(segments[2], times);
+                    proptest::prop_assert!(
+                        one_plain_segment(&seen),
+                        "{value:?} -> {rendered} -> {seen:?} after {times} decodes"
+                    );
+                }
+            }
+        }
+
+        /// Any value accepted for a `path` parameter keeps its own segments,
+        /// each plain, however many times the server decodes them.
+        #[test]
+        fn accepted_paths_keep_their_segments(value in hostile_text()) {
+            let t = compile_url("https://h/files/{p}/raw");
+            if let Ok(rendered) = t.render(&values(&[("p", s(&value))])) {
+                let segments: Vec<&str> = rendered.path().split('/').collect();
+                let n = value.split('/').count();
+                proptest::prop_assert_eq!(segments.len(), n + 3, "{}", rendered);
+                proptest::prop_assert_eq!(segments[n + 2], "raw");
+                for segment in &segments[2..n + 2] {
+                    for times in 0..=MAX_DECODES_CHECKED {
+                        let seen = server_decode(segment, times);
+                        proptest::prop_assert!(
+                            one_plain_segment(&seen),
+                            "{value:?} -> {rendered} -> {seen:?} after {times} decodes"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decodes the property tests apply: more than any value survives.
+    const MAX_DECODES_CHECKED: usize = 12;
 
     #[test]
     fn header_compile_and_render() {

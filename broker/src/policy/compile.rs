@@ -12,8 +12,9 @@ use crate::config::{Located, ParamConfig, ParamType, Source, ToolConfig, ToolKin
 use crate::executor::http::HttpTool;
 
 use super::{
-    check_value, describe_rule, show_value, type_name, type_with_article, Action, BrokerSettings,
-    Failure, ParamSpec, Policy, Principal, Rule, Tool, TypedValue, MAX_RESPONSE_BYTES_LIMIT,
+    check_value, describe_rule, show_str, show_value, type_name, type_with_article, Action,
+    BrokerSettings, Failure, ParamSpec, Policy, Principal, Rule, Tool, TypedValue,
+    MAX_RESPONSE_BYTES_LIMIT,
 };
 
 const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
@@ -447,7 +448,8 @@ fn compile_params(
 
 fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> ParamSpec {
     let ty = cfg.ty;
-    let is_string = ty == ParamType::String;
+    let is_path = ty == ParamType::Path;
+    let is_string = ty == ParamType::String || is_path;
     let is_int = ty == ParamType::Int;
     let mut not_for_type = |field: &str| {
         messages.push(format!(
@@ -456,9 +458,11 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
         ));
     };
 
-    // Cheap rules first; the pattern, the costliest, runs last, on a string
+    // Cheap rules first; the segment rules (many decodings and
+    // normalisations) and the pattern, the costliest, run on a string
     // max_len has already bounded.
     let mut rules = Vec::new();
+    let mut prefix_error = None;
     if let Some(n) = cfg.max_len {
         if is_string {
             rules.push(Rule::MaxLen(n));
@@ -466,8 +470,26 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
             not_for_type("max_len");
         }
     }
+    if is_path {
+        rules.push(Rule::Segments);
+    }
     if let Some(prefix) = &cfg.prefix {
-        if is_string {
+        if is_path {
+            match super::path::canonical_prefix(prefix) {
+                Ok(p) => rules.push(Rule::PathPrefix(p)),
+                Err(fault) => {
+                    prefix_error = Some(format!(
+                        "{path}.prefix: {} is not a prefix of whole path segments: it {}",
+                        if cfg.secret {
+                            "[secret]".to_owned()
+                        } else {
+                            show_str(prefix)
+                        },
+                        fault.describe(true)
+                    ))
+                }
+            }
+        } else if is_string {
             rules.push(Rule::Prefix(prefix.clone()));
         } else {
             not_for_type("prefix");
@@ -504,6 +526,7 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
         }
     }
 
+    messages.extend(prefix_error);
     if let (true, Some(min), Some(max)) = (is_int, cfg.min, cfg.max) {
         if min > max {
             messages.push(format!("{path}.min: {min} is greater than max {max}"));
@@ -544,6 +567,11 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
                 Err(Failure::Nul) => {
                     messages.push(format!("{path}.default: contains a NUL byte"));
                 }
+                Err(Failure::Path(fault)) => messages.push(format!(
+                    "{path}.default: {} {}",
+                    show_value(&v, cfg.secret),
+                    fault.describe(true)
+                )),
                 Err(Failure::Rule(rule)) => messages.push(format!(
                     "{path}.default: {} {}",
                     show_value(&v, cfg.secret),
@@ -563,7 +591,9 @@ fn compile_param(path: &str, cfg: &ParamConfig, messages: &mut Vec<String>) -> P
 
 fn from_toml(ty: ParamType, value: &toml::Value) -> Option<TypedValue> {
     match (ty, value) {
-        (ParamType::String, toml::Value::String(s)) => Some(TypedValue::Str(s.clone())),
+        (ParamType::String | ParamType::Path, toml::Value::String(s)) => {
+            Some(TypedValue::Str(s.clone()))
+        }
         (ParamType::Int, toml::Value::Integer(i)) => Some(TypedValue::Int(*i)),
         (ParamType::Bool, toml::Value::Boolean(b)) => Some(TypedValue::Bool(*b)),
         _ => None,
@@ -582,4 +612,279 @@ pub(crate) fn compile_pattern(pattern: &str) -> Result<regex::Regex, regex::Erro
     };
     build(pattern)?;
     build(&format!("^(?:{pattern})$"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::test_util::{call, errors, one_error, policy, s, source, BROKER};
+    use super::super::{Action, Caller, TypedValue};
+    use super::*;
+
+    #[test]
+    fn compiles_with_defaults() {
+        let p = Policy::compile(&source(BROKER)).expect("minimal config compiles");
+        assert_eq!(p.broker.socket_mode, 0o660);
+        assert_eq!(p.broker.max_token_ttl, Duration::from_secs(900));
+        assert_eq!(p.broker.call_timeout, Duration::from_secs(30));
+        assert_eq!(p.broker.max_response_bytes, 60_000);
+        assert_eq!(p.broker.max_connections_per_uid, 32);
+        assert_eq!(p.tools().count(), 0);
+    }
+
+    #[test]
+    fn compiles_the_test_policy() {
+        let p = policy();
+        let mail = p.tool("mail").expect("mail tool");
+        assert!(matches!(mail.action, Action::Echo));
+        assert!(mail.params["key"].secret);
+        assert_eq!(
+            mail.params["subject"].default,
+            Some(TypedValue::Str("hi".into()))
+        );
+        assert_eq!(p.tools().count(), 4);
+    }
+
+    #[test]
+    fn all_errors_are_collected_and_located() {
+        let text = r#"[broker]
+socket = "/tmp/k.sock"
+socket_mode = "0999"
+
+[[principal]]
+name = "a"
+uids = [1]
+may_call = ["nope"]
+
+[[tool]]
+name = "t"
+kind = "echo"
+params.n = { type = "int", pattern = "x" }
+"#;
+        let errs = errors(text);
+        let got: Vec<(Option<usize>, &str)> =
+            errs.iter().map(|e| (e.line, e.entry.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(3), "broker"),
+                (Some(8), "principal \"a\""),
+                (Some(13), "tool \"t\""),
+            ],
+            "{errs:#?}"
+        );
+        assert!(errs[0].message.starts_with("socket_mode: "), "{}", errs[0]);
+        assert!(errs[1].message.contains("\"nope\""), "{}", errs[1]);
+        assert!(
+            errs[2].message.starts_with("params.n.pattern: "),
+            "{}",
+            errs[2]
+        );
+        assert_eq!(errs[2].file, "t.toml");
+        assert_eq!(
+            errs[2].to_string(),
+            "t.toml:13: tool \"t\": params.n.pattern: not allowed for a parameter of type int"
+        );
+    }
+
+    /// Table test: (config after `[broker]`, expected line, expected entry,
+    /// text the message must contain).
+    #[test]
+    fn compile_errors() {
+        let cases: &[(&str, usize, &str, &str)] = &[
+            // broker
+            ("socket_mode = \"660x\"", 3, "broker", "socket_mode: \"660x\" is not an octal"),
+            ("socket_mode = \"\"", 3, "broker", "socket_mode:"),
+            ("socket_mode = \"4755\"", 3, "broker", "beyond 0777"),
+            ("max_response_bytes = 0", 3, "broker", "max_response_bytes: 0 is out of range"),
+            ("max_response_bytes = 61441", 3, "broker", "max_response_bytes: 61441"),
+            ("max_connections_per_uid = 0", 3, "broker", "max_connections_per_uid:"),
+            ("max_token_ttl = \"0s\"", 3, "broker", "max_token_ttl:"),
+            ("call_timeout = \"0s\"", 3, "broker", "call_timeout:"),
+            // principals
+            ("[[principal]]\nname = \"\"\nuids = [1]", 4, "principal #1", "name: must not be empty"),
+            ("[[principal]]\nname = \"p\"", 3, "principal \"p\"", "at least one uid or gid"),
+            (
+                "[[principal]]\nname = \"p\"\nuids = [1]\n[[principal]]\nname = \"p\"\ngids = [1]",
+                7,
+                "principal \"p\"",
+                "already defined on line 3",
+            ),
+            ("[[principal]]\nname = \"p\"\nuids = [1]\nmay_delegate = [\"x\"]", 6, "principal \"p\"", "may_delegate: \"x\" is not a defined tool"),
+            // credentials
+            ("[credential.c]\nfile = \"../x\"", 4, "credential \"c\"", "file: \"../x\" must be a plain file name"),
+            ("[credential.c]\nfile = \"/etc/shadow\"", 4, "credential \"c\"", "plain file name"),
+            ("[credential.c]\nfile = \"..\"", 4, "credential \"c\"", "plain file name"),
+            ("[credential.c]\nfile = \"\"", 4, "credential \"c\"", "plain file name"),
+            // tools
+            ("[[tool]]\nname = \"Bad\"\nkind = \"echo\"", 4, "tool \"Bad\"", "name: \"Bad\" is not a valid tool name"),
+            ("[[tool]]\nname = \"\"\nkind = \"echo\"", 4, "tool #1", "name:"),
+            (
+                "[[tool]]\nname = \"t\"\nkind = \"echo\"\n[[tool]]\nname = \"t\"\nkind = \"echo\"",
+                7,
+                "tool \"t\"",
+                "already defined on line 3",
+            ),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\ncredential = \"c\"", 6, "tool \"t\"", "credential: not allowed for kind \"echo\""),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nurl = \"https://x\"", 6, "tool \"t\"", "url: not allowed for kind \"echo\""),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nheaders = { a = \"b\" }", 6, "tool \"t\"", "headers: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\ntimeout = \"1s\"", 6, "tool \"t\"", "timeout: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nmax_response_bytes = 5", 6, "tool \"t\"", "max_response_bytes: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nmethod = \"GET\"", 6, "tool \"t\"", "method: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nauth = { bearer = true }", 6, "tool \"t\"", "auth: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nbody_json = { a = 1 }", 6, "tool \"t\"", "body_json: not allowed"),
+            // params
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.Bad = { type = \"string\" }", 6, "tool \"t\"", "params.\"Bad\": not a valid parameter name"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.9a = { type = \"string\" }", 6, "tool \"t\"", "not a valid parameter name"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", min = 1 }", 6, "tool \"t\"", "params.a.min: not allowed for a parameter of type string"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", max_len = 1 }", 6, "tool \"t\"", "params.a.max_len: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", prefix = \"x\" }", 6, "tool \"t\"", "params.a.prefix: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"bool\", one_of = [true] }", 6, "tool \"t\"", "params.a.one_of: not allowed for a parameter of type bool"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"bool\", max = 1 }", 6, "tool \"t\"", "params.a.max: not allowed"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", min = 5, max = 1 }", 6, "tool \"t\"", "params.a.min: 5 is greater than max 1"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", one_of = [1, \"2\"] }", 6, "tool \"t\"", "params.a.one_of[1]: must be an int"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", one_of = [] }", 6, "tool \"t\"", "params.a.one_of: must list at least one value"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", pattern = \"a)(\" }", 6, "tool \"t\"", "params.a.pattern: invalid regex"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", pattern = '\\w{1000}{1000}' }", 6, "tool \"t\"", "params.a.pattern: invalid regex"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", default = \"1\" }", 6, "tool \"t\"", "params.a.default: must be an int"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"int\", max = 3, default = 4 }", 6, "tool \"t\"", "params.a.default: 4 is greater than the max of 3"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", pattern = \"[a-z]+\", default = \"A\" }", 6, "tool \"t\"", "params.a.default: \"A\" does not match the pattern"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", default = \"a\\u0000\" }", 6, "tool \"t\"", "params.a.default: contains a NUL byte"),
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = { type = \"string\", one_of = [\"x\"], default = \"hunter2\", secret = true }", 6, "tool \"t\"", "params.a.default: [secret] is not one of the allowed values"),
+            // A key outside the entry's own lines: the error is on the entry.
+            ("[[tool]]\nname = \"t\"\nkind = \"echo\"\n[tool.params.a]\ntype = \"bool\"\nmin = 1", 3, "tool \"t\"", "params.a.min"),
+        ];
+        for (body, line, entry, needle) in cases {
+            let text = format!("{BROKER}{body}\n");
+            let e = one_error(&text);
+            assert!(
+                e.line == Some(*line) && e.entry == *entry && e.message.contains(needle),
+                "for config:\n{text}\ngot: {e}\nwant: line {line}, {entry}, containing {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn example_compiles() {
+        let src = source(crate::config::EXAMPLE);
+        let p = Policy::compile(&src).unwrap_or_else(|e| panic!("{e:#?}"));
+        let weather = p.tool("weather").expect("weather tool");
+        assert!(matches!(weather.action, Action::Http(_)));
+        assert_eq!(weather.credential.as_deref(), Some("example_api"));
+    }
+
+    #[test]
+    fn http_errors_are_located_on_their_field() {
+        let text = format!(
+            "{BROKER}[credential.api]\nfile = \"api.token\"\n\
+             [[tool]]\nname = \"h\"\nkind = \"http\"\ncredential = \"nope\"\n\
+             method = \"GET\"\nurl = \"https://example.com/{{missing}}\"\n\
+             auth = {{ bearer = true }}\nparams.a = {{ type = \"int\", max_len = 3 }}\n"
+        );
+        let errs = errors(&text);
+        let got: Vec<(Option<usize>, &str)> = errs
+            .iter()
+            .map(|e| (e.line, e.message.split(':').next().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(8), "credential"),
+                (Some(10), "url"),
+                (Some(12), "params.a.max_len"),
+            ],
+            "{errs:#?}"
+        );
+        assert!(errs.iter().all(|e| e.entry == "tool \"h\""), "{errs:#?}");
+    }
+
+    #[test]
+    fn secret_default_is_never_shown() {
+        let text = format!(
+            "{BROKER}[[tool]]\nname = \"t\"\nkind = \"echo\"\n\
+             params.a = {{ type = \"string\", prefix = \"sk-\", default = \"hunter2\", secret = true }}\n"
+        );
+        let e = one_error(&text).to_string();
+        assert!(!e.contains("hunter2") && !e.contains("sk-"), "{e}");
+    }
+
+    #[test]
+    fn pattern_is_anchored() {
+        let text = format!(
+            "{BROKER}[[principal]]\nname = \"p\"\nuids = [1]\nmay_call = [\"t\"]\n\
+             [[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = {{ type = \"string\", pattern = \"b|c\" }}\n"
+        );
+        let p = Policy::compile(&source(&text)).expect("compiles");
+        let caller = Caller { uid: 1, gid: 1 };
+        for (value, ok) in [
+            ("b", true),
+            ("c", true),
+            ("abc", false),
+            ("bc", false),
+            ("", false),
+        ] {
+            let r = p.authorize(&caller, &call("t", &[("a", s(value))]));
+            assert_eq!(r.is_ok(), ok, "{value:?}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn mode_parsing() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0777"), Ok(0o777));
+        for bad in [
+            "",
+            "0o660",
+            "+660",
+            "-660",
+            " 660",
+            "8",
+            "1777",
+            "077777777777777",
+        ] {
+            assert!(parse_mode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(valid_tool_name("send_email.v2-x"));
+        assert!(valid_tool_name(&"a".repeat(64)));
+        assert!(!valid_tool_name(&"a".repeat(65)));
+        for bad in ["", "A", "a b", "a/b", "é"] {
+            assert!(!valid_tool_name(bad), "{bad:?}");
+        }
+        assert!(valid_param_name("_x9"));
+        assert!(valid_param_name(&"a".repeat(64)));
+        for bad in ["", "9a", "a-b", "a.b", "A", &"a".repeat(65)] {
+            assert!(!valid_param_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn path_param_errors() {
+        let compile_err = |params: &str| {
+            one_error(&format!(
+                "{BROKER}[[tool]]\nname = \"t\"\nkind = \"echo\"\n{params}\n"
+            ))
+            .message
+        };
+        let e = compile_err("params.f = { type = \"path\", prefix = \"a/../b\" }");
+        assert!(
+            e.contains("params.f.prefix") && e.contains("whole path segments"),
+            "{e}"
+        );
+        let e = compile_err("params.f = { type = \"path\", default = \"../etc\" }");
+        assert!(
+            e.contains("params.f.default") && e.contains("\"..\" segment"),
+            "{e}"
+        );
+        let e = compile_err("params.f = { type = \"path\", min = 1 }");
+        assert!(
+            e.contains("not allowed for a parameter of type path"),
+            "{e}"
+        );
+    }
 }

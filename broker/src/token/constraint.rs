@@ -8,7 +8,7 @@ use keyward_proto::{ParamInfo, ToolInfo, Value};
 
 use crate::config::ParamType;
 use crate::policy::{
-    compile_pattern, describe_rule, show_str, type_name, Policy, Tool, TypedValue,
+    compile_pattern, describe_rule, path, show_str, type_name, ParamSpec, Policy, Tool, TypedValue,
 };
 
 use super::MAX_CONSTRAINTS;
@@ -102,9 +102,10 @@ pub(super) fn add_constraints(
                 continue;
             };
             let constraint = normalize_constraint(tool, &pc.name, spec.ty, &pc.constraint)?;
+            let is_path = spec.ty == ParamType::Path;
             if narrowing {
                 for existing in grant.params.iter().filter(|e| e.name == pc.name) {
-                    if is_wider(&constraint, &existing.constraint) {
+                    if is_wider(&constraint, &existing.constraint, is_path) {
                         return Err(format!(
                             "{} for parameter {:?} of tool {} is wider than the token's {}",
                             describe_constraint(&constraint, spec.secret),
@@ -158,10 +159,12 @@ fn normalize_constraint(
     let check_value = |v: &Value| -> Result<Value, String> {
         tool.check_param(name, v)
             .map(|(_, typed)| typed.to_wire())
-            .map_err(|d| d.reason.trim_start_matches("call denied: ").to_owned())
+            .map_err(|d| d.why)
     };
+    let is_path = ty == ParamType::Path;
     let type_is = |want: ParamType, what: &str| -> Result<(), String> {
-        if ty == want {
+        // A path is a string with more rules.
+        if ty == want || (want == ParamType::String && is_path) {
             Ok(())
         } else {
             Err(format!(
@@ -202,8 +205,27 @@ fn normalize_constraint(
         }
         Constraint::Prefix(p) => {
             type_is(ParamType::String, "prefix")?;
+            // A path prefix is whole segments, kept in canonical form so
+            // that comparing two of them as strings compares segments.
+            let p = &if is_path {
+                path::canonical_prefix(p).map_err(|fault| {
+                    format!(
+                        "prefix for {name:?} is not a prefix of whole path segments: it {}",
+                        fault.describe(true)
+                    )
+                })?
+            } else {
+                p.clone()
+            };
             for rule in &spec.rules {
                 match rule {
+                    Rule::PathPrefix(pp) if !path::has_prefix(p, pp) => {
+                        return Err(wider(if spec.secret {
+                            "a prefix that does not extend the policy's".to_owned()
+                        } else {
+                            format!("prefix {} (policy prefix {})", show_str(p), show_str(pp))
+                        }))
+                    }
                     Rule::Prefix(pp) if !p.starts_with(pp.as_str()) => {
                         return Err(wider(if spec.secret {
                             "a prefix that does not extend the policy's".to_owned()
@@ -218,7 +240,7 @@ fn normalize_constraint(
                     }
                     Rule::OneOf(values)
                         if !values.iter().any(
-                            |v| matches!(v, TypedValue::Str(s) if s.starts_with(p.as_str())),
+                            |v| matches!(v, TypedValue::Str(s) if prefix_admits(p, s, is_path)),
                         ) =>
                     {
                         return Err(format!(
@@ -240,11 +262,30 @@ fn normalize_constraint(
     })
 }
 
+/// Whether a prefix admits a string value: for a `path` parameter, on
+/// whole segments ([`path::has_prefix`]), else on bytes.
+pub(super) fn prefix_admits(prefix: &str, value: &str, is_path: bool) -> bool {
+    if is_path {
+        path::has_prefix(value, prefix)
+    } else {
+        value.starts_with(prefix)
+    }
+}
+
+/// Whether a prefix constraint on this parameter admits a value, judged
+/// as [`prefix_admits`] on the parameter's type.
+pub(super) fn prefix_satisfied(spec: Option<&ParamSpec>, prefix: &str, value: &str) -> bool {
+    prefix_admits(prefix, value, spec.is_some_and(|s| s.ty == ParamType::Path))
+}
+
 /// Whether `new` provably admits a value `existing` refuses (checked where
 /// it can be decided; patterns are intersected at use instead).
-fn is_wider(new: &Constraint, existing: &Constraint) -> bool {
+fn is_wider(new: &Constraint, existing: &Constraint, is_path: bool) -> bool {
     use Constraint::*;
-    let values_outside = |vs: &[Value]| vs.iter().any(|v| !admits(existing, v).unwrap_or(true));
+    let values_outside = |vs: &[Value]| {
+        vs.iter()
+            .any(|v| !admits(existing, v, is_path).unwrap_or(true))
+    };
     match (new, existing) {
         (_, Any) => false,
         (Any, _) => true,
@@ -258,19 +299,19 @@ fn is_wider(new: &Constraint, existing: &Constraint) -> bool {
             },
         ) => min < emin || max > emax,
         (Range { .. }, Exact(_) | OneOf(_)) => true,
-        (Prefix(p), Prefix(ep)) => !p.starts_with(ep.as_str()),
+        (Prefix(p), Prefix(ep)) => !prefix_admits(ep, p, is_path),
         (Prefix(_), Exact(_) | OneOf(_)) => true,
         _ => false,
     }
 }
 
 /// Whether a constraint admits a value, where decidable without a regex.
-fn admits(c: &Constraint, v: &Value) -> Option<bool> {
+fn admits(c: &Constraint, v: &Value, is_path: bool) -> Option<bool> {
     Some(match (c, v) {
         (Constraint::Any, _) => true,
         (Constraint::Exact(e), v) => e == v,
         (Constraint::OneOf(vs), v) => vs.contains(v),
-        (Constraint::Prefix(p), Value::Str(s)) => s.starts_with(p.as_str()),
+        (Constraint::Prefix(p), Value::Str(s)) => prefix_admits(p, s, is_path),
         (Constraint::Range { min, max }, Value::Int(i)) => min <= i && i <= max,
         (Constraint::Pattern(_), _) => return None,
         _ => false,
@@ -298,29 +339,50 @@ mod tests {
     #[test]
     fn narrower_is_not_wider() {
         let range = Range { min: 0, max: 5 };
-        assert!(!is_wider(&Range { min: 1, max: 2 }, &range));
-        assert!(is_wider(&Range { min: 0, max: 9 }, &range));
-        assert!(is_wider(&Range { min: -1, max: 2 }, &range));
-        assert!(!is_wider(&Exact(Value::Int(3)), &range));
-        assert!(is_wider(&Exact(Value::Int(6)), &range));
+        assert!(!is_wider(&Range { min: 1, max: 2 }, &range, false));
+        assert!(is_wider(&Range { min: 0, max: 9 }, &range, false));
+        assert!(is_wider(&Range { min: -1, max: 2 }, &range, false));
+        assert!(!is_wider(&Exact(Value::Int(3)), &range, false));
+        assert!(is_wider(&Exact(Value::Int(6)), &range, false));
         let prefix = Prefix("ab".into());
-        assert!(!is_wider(&Prefix("abc".into()), &prefix));
-        assert!(is_wider(&Prefix("a".into()), &prefix));
-        assert!(!is_wider(&OneOf(vec![s("abx"), s("aby")]), &prefix));
-        assert!(is_wider(&OneOf(vec![s("abx"), s("zz")]), &prefix));
+        assert!(!is_wider(&Prefix("abc".into()), &prefix, false));
+        assert!(is_wider(&Prefix("a".into()), &prefix, false));
+        assert!(!is_wider(&OneOf(vec![s("abx"), s("aby")]), &prefix, false));
+        assert!(is_wider(&OneOf(vec![s("abx"), s("zz")]), &prefix, false));
         let one_of = OneOf(vec![s("a"), s("b")]);
-        assert!(!is_wider(&Exact(s("a")), &one_of));
-        assert!(is_wider(&Exact(s("c")), &one_of));
-        assert!(is_wider(&Prefix("a".into()), &one_of));
-        assert!(is_wider(&Any, &one_of));
-        assert!(!is_wider(&Any, &Any));
+        assert!(!is_wider(&Exact(s("a")), &one_of, false));
+        assert!(is_wider(&Exact(s("c")), &one_of, false));
+        assert!(is_wider(&Prefix("a".into()), &one_of, false));
+        assert!(is_wider(&Any, &one_of, false));
+        assert!(!is_wider(&Any, &Any, false));
+    }
+
+    #[test]
+    fn path_prefixes_are_whole_segments() {
+        let reports = Prefix("reports/".into());
+        assert!(!is_wider(&Prefix("reports/2024/".into()), &reports, true));
+        assert!(is_wider(&Prefix("reports-evil/".into()), &reports, true));
+        assert!(!is_wider(&Exact(s("reports/q1.txt")), &reports, true));
+        assert!(!is_wider(&Exact(s("reports")), &reports, true));
+        assert!(is_wider(&Exact(s("reports-evil/x")), &reports, true));
+        // A prefix minted without the trailing `/` is still whole segments.
+        let bare = Prefix("reports".into());
+        assert!(is_wider(&Exact(s("reports-evil/x")), &bare, true));
+        assert!(!is_wider(&Exact(s("reports-evil/x")), &bare, false));
+        assert!(prefix_admits("reports", "reports/x", true));
+        assert!(!prefix_admits("reports", "reports-evil/x", true));
+        assert!(prefix_admits("reports", "reports-evil/x", false));
     }
 
     #[test]
     fn patterns_are_intersected_not_compared() {
         // Undecidable here: the pattern is kept and both apply at use.
-        assert!(!is_wider(&Pattern(".*".into()), &Pattern("^a$".into())));
-        assert_eq!(admits(&Pattern("a".into()), &s("a")), None);
+        assert!(!is_wider(
+            &Pattern(".*".into()),
+            &Pattern("^a$".into()),
+            false
+        ));
+        assert_eq!(admits(&Pattern("a".into()), &s("a"), false), None);
     }
 
     #[test]

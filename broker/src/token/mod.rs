@@ -22,14 +22,15 @@ use keyward_proto::{Attenuate, Call, Mint, Minted, ToolInfo, Value};
 use crate::credential::Credentials;
 use crate::keys::{KeyError, Keys};
 use crate::policy::{
-    compile_pattern, show_str, AuthorizedCall, Caller, Denial, Policy, TypedValue,
+    compile_pattern, show_str, AuthorizedCall, Caller, Denial, Denied, ParamSpec, Policy,
+    TypedValue,
 };
 use crate::state::{MintRecord, StateError, TokenState, UseError};
 
 mod constraint;
 
 pub use constraint::describe_constraint;
-use constraint::{add_constraints, describe_tool, wire_eq};
+use constraint::{add_constraints, describe_tool, prefix_satisfied, wire_eq};
 
 /// Lifetime of a minted token when the minter asks for none.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(5 * 60);
@@ -144,10 +145,6 @@ pub fn state_directory(configured: Option<&Path>) -> Option<PathBuf> {
         .or_else(|| configured.map(Path::to_path_buf))
 }
 
-fn deny(reason: String) -> Denial {
-    Denial { reason }
-}
-
 impl Tokens {
     /// Open the state directory and load (or generate) the signing key.
     pub fn open(
@@ -181,7 +178,7 @@ impl Tokens {
         request: &Mint,
         now: u64,
     ) -> Result<Minted, Denial> {
-        let refuse = |why: String| deny(format!("mint denied: {why}"));
+        let refuse = |why: String| Denial::new(Denied::Mint, why);
         if request.tools.is_empty() {
             return Err(refuse("the token would grant no tool".into()));
         }
@@ -312,7 +309,7 @@ impl Tokens {
         now: u64,
     ) -> Result<BoundToken, BindRefused> {
         let verified = token::verify(token, &self.keys.verifying()).map_err(|e| BindRefused {
-            denial: deny(format!("token denied: {e}")),
+            denial: Denial::new(Denied::Token(None), e.to_string()),
             token: None,
         })?;
         let bound = BoundToken::new(verified);
@@ -330,15 +327,16 @@ impl Tokens {
         let now = self.state.clock(now);
         let body = &bound.verified.body;
         let id = body.id;
+        let deny = |why: String| Denial::new(Denied::Token(Some(id)), why);
         if now < body.not_before {
-            return Err(deny(format!("token {id} denied: it is not valid yet")));
+            return Err(deny("it is not valid yet".into()));
         }
         if now >= body.expires {
-            return Err(deny(format!("token {id} denied: it has expired")));
+            return Err(deny("it has expired".into()));
         }
         if caller.uid != body.audience.uid || body.audience.gid.is_some_and(|g| g != caller.gid) {
             return Err(deny(format!(
-                "token {id} denied: it was issued for uid {}, not uid {}",
+                "it was issued for uid {}, not uid {}",
                 body.audience.uid, caller.uid
             )));
         }
@@ -347,9 +345,9 @@ impl Tokens {
             .revoked_among(body.lineage.iter().chain(std::iter::once(&id)))
         {
             return Err(deny(if revoked == id {
-                format!("token {id} denied: it has been revoked")
+                "it has been revoked".into()
             } else {
-                format!("token {id} denied: its parent token {revoked} has been revoked")
+                format!("its parent token {revoked} has been revoked")
             }));
         }
         Ok(())
@@ -371,7 +369,7 @@ impl Tokens {
         self.check_live(caller, bound, now)?;
         let body = &bound.verified.body;
         let id = body.id;
-        let denied = |why: String| deny(format!("call denied: token {id} {why}"));
+        let denied = |why: String| Denial::new(Denied::Call, format!("token {id} {why}"));
         let grant = body
             .grants
             .iter()
@@ -397,7 +395,7 @@ impl Tokens {
         for pc in &grant.params {
             let value = params.get(&pc.name);
             let ok = match value {
-                Some(value) => self.satisfies(value, &pc.constraint),
+                Some(value) => self.satisfies(value, &pc.constraint, tool.params.get(&pc.name)),
                 None => false,
             };
             if !ok {
@@ -455,12 +453,17 @@ impl Tokens {
         }
     }
 
-    fn satisfies(&self, value: &TypedValue, constraint: &Constraint) -> bool {
+    fn satisfies(
+        &self,
+        value: &TypedValue,
+        constraint: &Constraint,
+        spec: Option<&ParamSpec>,
+    ) -> bool {
         match (constraint, value) {
             (Constraint::Any, _) => true,
             (Constraint::Exact(v), value) => wire_eq(v, value),
             (Constraint::OneOf(vs), value) => vs.iter().any(|v| wire_eq(v, value)),
-            (Constraint::Prefix(p), TypedValue::Str(s)) => s.starts_with(p.as_str()),
+            (Constraint::Prefix(p), TypedValue::Str(s)) => prefix_satisfied(spec, p, s),
             (Constraint::Range { min, max }, TypedValue::Int(i)) => min <= i && i <= max,
             (Constraint::Pattern(p), TypedValue::Str(s)) => self.pattern_matches(p, s),
             _ => false,
@@ -493,9 +496,9 @@ impl Tokens {
         now: u64,
     ) -> Result<Minted, Denial> {
         let parent = &bound.verified.body;
-        let refuse = |why: String| deny(format!("attenuation denied: {why}"));
+        let refuse = |why: String| Denial::new(Denied::Attenuation, why);
         self.check_live(caller, bound, now)
-            .map_err(|d| refuse(d.reason))?;
+            .map_err(|d| refuse(d.to_string()))?;
         if bound.attenuations.fetch_add(1, Ordering::Relaxed) >= MAX_ATTENUATIONS_PER_SESSION {
             return Err(refuse(format!(
                 "this session has already attenuated {MAX_ATTENUATIONS_PER_SESSION} tokens"
@@ -577,7 +580,7 @@ impl Tokens {
         id: TokenId,
         now: u64,
     ) -> Result<(), Denial> {
-        let refuse = |why: String| deny(format!("revocation of {id} denied: {why}"));
+        let refuse = |why: String| Denial::new(Denied::Revocation(id), why);
         let admin = caller.uid == 0 || policy.broker.admin_uids.contains(&caller.uid);
         if !admin {
             let record = self
@@ -677,9 +680,7 @@ fn exact_call_hash(policy: &Policy, grants: &[Grant]) -> Result<[u8; 32], String
             }
         }
     }
-    let typed = tool
-        .check_params(&params)
-        .map_err(|d| d.reason.trim_start_matches("call denied: ").to_owned())?;
+    let typed = tool.check_params(&params).map_err(|d| d.why)?;
     Ok(call_hash_of(&tool.name, &typed))
 }
 
