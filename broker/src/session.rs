@@ -32,11 +32,12 @@ use keyward_proto::{
 };
 
 use crate::audit::{Decision, Event, Record};
+use crate::broker::Broker;
 use crate::executor::ExecError;
+use crate::limits::SessionSlot;
 use crate::listener::{Connection, Received, RECV_BUFFER};
-use crate::peer::Peer;
+use crate::peer::{Peer, OVERFLOW_ID};
 use crate::policy::{AuthorizedCall, Denial as PolicyDenial};
-use crate::server::Broker;
 use crate::token::{self, BindRefused, BoundToken, ChannelSlot, Tokens};
 
 /// What every session of the broker shares for spawning channel sessions
@@ -54,13 +55,6 @@ pub const SEND_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest peer-supplied name echoed into a message or record.
 const SHOWN_NAME_MAX: usize = 64;
 
-/// What a session holds while it lives; released on drop.
-#[allow(dead_code)] // the slots are held only for their `Drop`
-enum Slot {
-    Connection(crate::server::ConnectionSlot),
-    Channel(ChannelSlot),
-}
-
 /// What to do after answering a message.
 enum Next {
     Continue,
@@ -73,23 +67,40 @@ pub async fn run(conn: Connection, broker: Arc<Broker>, sessions: Sessions) {
     serve_connection(conn, broker, sessions, None).await;
 }
 
-/// A channel passed over a bound connection: its session and its slot
-/// there. Channels count against their session's channel cap, not the
-/// uid's connection cap, so a sandbox cannot crowd out its orchestrator.
+/// A channel passed over a bound connection: its session, its slot there
+/// (a session's channels are capped), and its own admission slot: a
+/// channel counts against the uid's, the token's and the broker's caps
+/// like any connection, since it holds descriptors like one.
 struct ChannelOf {
     bound: Arc<BoundToken>,
-    _slot: ChannelSlot,
+    slot: ChannelSlot,
+    admitted: SessionSlot,
 }
 
 /// Serve a connection: a new one, or a channel of a bound session.
+///
+/// A session ends when its peer closes it, misbehaves, or exits (its
+/// pinned process, watched by pidfd: for a bound connection that is the
+/// shim), when the broker stops, or when the session it is a channel of
+/// ends: every channel passed over a connection closes with it, so a
+/// process that outlives the shim cannot keep calling.
 async fn serve_connection(
     conn: Connection,
     broker: Arc<Broker>,
     sessions: Sessions,
     channel: Option<ChannelOf>,
 ) {
+    // Admission comes before pinning, so a refused connection holds one
+    // descriptor for a moment and no pidfd.
+    let (bound, slot, channel_slot) = match channel {
+        Some(channel) => (Some(channel.bound), channel.admitted, Some(channel.slot)),
+        None => match admit_connection(&conn, &broker) {
+            Some(slot) => (None, slot, None),
+            None => return,
+        },
+    };
     let peer = match Peer::pin(&conn.as_fd()) {
-        Ok(peer) => peer,
+        Ok(peer) => Arc::new(peer),
         Err(e) => {
             let reason = e.to_string();
             let _ = broker
@@ -100,47 +111,78 @@ async fn serve_connection(
             return;
         }
     };
-    let (bound, _slot) = match channel {
-        Some(channel) => (Some(channel.bound), Slot::Channel(channel._slot)),
-        None => match broker.admit(peer.uid) {
-            Some(slot) => (None, Slot::Connection(slot)),
-            None => {
-                let reason = format!(
-                    "uid {} already holds the maximum number of connections",
-                    peer.uid
-                );
-                refuse(&broker, &peer, &reason);
-                let _ = reply_error(&conn, ErrorCode::Busy, reason).await;
-                conn.drain();
-                return;
-            }
-        },
-    };
 
-    let stopping = sessions.stopping.clone();
+    // Cancelled when this session ends (or the broker stops): ends every
+    // channel passed over it, and theirs in turn.
+    let closing = sessions.stopping.child_token();
+    let _close_channels = closing.clone().drop_guard();
     let mut session = Session {
         conn,
         broker,
-        peer,
+        peer: Arc::clone(&peer),
         greeted: false,
         bound,
-        sessions,
+        sessions: Sessions {
+            tracker: sessions.tracker.clone(),
+            stopping: closing.clone(),
+        },
         sender_pid: 0,
+        slot,
+        _channel_slot: channel_slot,
     };
     let mut buf = vec![0u8; RECV_BUFFER];
     // One registration for the connection's life, not one per message.
-    let stopped = stopping.cancelled();
+    let stopped = closing.cancelled();
     tokio::pin!(stopped);
+    let exited = peer.exited();
+    tokio::pin!(exited);
     loop {
         let received = tokio::select! {
             biased;
             () = &mut stopped => break,
+            () = &mut exited => break,
             r = recv_within(&session, &mut buf) => r,
         };
         let Some(received) = received else { break };
         match session.handle(received, &buf).await {
             Next::Continue => {}
             Next::Close => break,
+        }
+    }
+}
+
+/// Admit a new connection by its peer's uid (`SO_PEERCRED`), or refuse
+/// it: `Busy` with the reason, audited, and closed.
+fn admit_connection(conn: &Connection, broker: &Broker) -> Option<SessionSlot> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let (pid, uid, gid, admitted) = match getsockopt(&conn.as_fd(), sockopt::PeerCredentials) {
+        Ok(cred) => (
+            cred.pid(),
+            cred.uid(),
+            cred.gid(),
+            broker.admit(cred.uid(), None).map_err(|r| r.to_string()),
+        ),
+        Err(e) => (
+            0,
+            OVERFLOW_ID,
+            OVERFLOW_ID,
+            Err(format!("SO_PEERCRED: {e}")),
+        ),
+    };
+    match admitted {
+        Ok(slot) => Some(slot),
+        Err(reason) => {
+            refuse(broker, (pid, uid, gid), &reason);
+            // The reply fits in an empty socket buffer: no waiting, and
+            // no task is kept alive for a refused peer.
+            if let Ok(bytes) = encode(&Response::Error(ErrorReply {
+                code: ErrorCode::Busy,
+                message: reason,
+            })) {
+                let _ = conn.try_send(&bytes);
+            }
+            conn.drain();
+            None
         }
     }
 }
@@ -165,7 +207,7 @@ async fn recv_within(session: &Session, buf: &mut [u8]) -> Option<crate::listene
 struct Session {
     conn: Connection,
     broker: Arc<Broker>,
-    peer: Peer,
+    peer: Arc<Peer>,
     greeted: bool,
     /// The token this connection acts with, once bound.
     bound: Option<Arc<BoundToken>>,
@@ -173,6 +215,10 @@ struct Session {
     /// Pid of the current message's sender (on a bound connection, any
     /// process of the sandbox), for the audit records.
     sender_pid: i32,
+    /// This session's admission slot (counted against its token once bound).
+    slot: SessionSlot,
+    /// A channel's slot in the session it was passed over.
+    _channel_slot: Option<ChannelSlot>,
 }
 
 impl Session {
@@ -215,6 +261,18 @@ impl Session {
             return self
                 .protocol_error(ErrorCode::Malformed, "unexpected file descriptors".into())
                 .await;
+        }
+        if !matches!(request, Request::Hello(_) | Request::Channel) {
+            if let Err((refusal, first)) = self.broker.rate(self.peer.uid) {
+                // A run of refusals is audited once, at its start.
+                if first {
+                    self.audit_token(
+                        self.record(Event::Refused, Decision::Deny)
+                            .reason(&refusal.to_string()),
+                    );
+                }
+                return self.reply_error(ErrorCode::Busy, refusal.to_string()).await;
+            }
         }
         match request {
             Request::Hello(hello) => self.hello(hello).await,
@@ -306,9 +364,9 @@ impl Session {
                 .await;
         }
         match self.broker.executor.execute(&authorized).await {
-            Ok(result) => {
-                let response = Response::Done(result);
-                if encode(&response).is_err() {
+            Ok(result) => match encode(&Response::Done(result)) {
+                Ok(bytes) => self.send_encoded(&bytes).await,
+                Err(_) => {
                     let reason = "the result is too large to return";
                     self.audit_token(
                         self.record(Event::CallFailed, Decision::Error)
@@ -316,10 +374,9 @@ impl Session {
                             .principal(principal)
                             .reason(reason),
                     );
-                    return self.reply_error(ErrorCode::Upstream, reason.into()).await;
+                    self.reply_error(ErrorCode::Upstream, reason.into()).await
                 }
-                self.send(&response).await
-            }
+            },
             Err(ExecError::Rejected(reason)) => {
                 let reason = format!("call denied: {reason}");
                 self.audit_token(
@@ -420,6 +477,11 @@ impl Session {
                 return self.deny(Event::Bind, denial.reason).await;
             }
         };
+        if let Err(refusal) = self.broker.attach_token(&mut self.slot, bound.id()) {
+            return self
+                .deny(Event::Bind, format!("bind denied: {refusal}"))
+                .await;
+        }
         let body = &bound.verified.body;
         let reply = Response::Bound(Bound {
             id: body.id,
@@ -467,23 +529,30 @@ impl Session {
                 "channel refused: the session already has {} channels open",
                 token::MAX_CHANNELS_PER_SESSION
             )),
-            (Ok(()), Some(slot)) => {
-                match crate::listener::adopt_channel(fd, self.peer.uid, self.peer.gid) {
-                    Ok(conn) => {
-                        let broker = Arc::clone(&self.broker);
-                        let sessions = self.sessions.clone();
-                        let channel = ChannelOf { bound, _slot: slot };
-                        self.sessions.tracker.spawn(serve_connection(
-                            conn,
-                            broker,
-                            sessions,
-                            Some(channel),
-                        ));
-                        None
+            (Ok(()), Some(slot)) => match self.broker.admit(self.peer.uid, Some(bound.id())) {
+                Err(refusal) => Some(format!("channel refused: {refusal}")),
+                Ok(admitted) => {
+                    match crate::listener::adopt_channel(fd, self.peer.uid, self.peer.gid) {
+                        Ok(conn) => {
+                            let broker = Arc::clone(&self.broker);
+                            let sessions = self.sessions.clone();
+                            let channel = ChannelOf {
+                                bound,
+                                slot,
+                                admitted,
+                            };
+                            self.sessions.tracker.spawn(serve_connection(
+                                conn,
+                                broker,
+                                sessions,
+                                Some(channel),
+                            ));
+                            None
+                        }
+                        Err(e) => Some(format!("channel refused: {e}")),
                     }
-                    Err(e) => Some(format!("channel refused: {e}")),
                 }
-            }
+            },
         };
         if let Some(reason) = refused {
             self.audit_token(self.record(Event::Refused, Decision::Deny).reason(&reason));
@@ -596,7 +665,24 @@ impl Session {
         let id = revoke.id.to_string();
         match revoked {
             Ok(()) => {
-                self.audit_token(self.record(Event::Revoke, Decision::Allow).token(&id));
+                // Like every other success, a revocation is confirmed only
+                // once recorded. It is not undone without a record (that
+                // would keep alive a token someone wants dead), but the
+                // caller learns that the record is missing.
+                if self
+                    .must_audit_token(self.record(Event::Revoke, Decision::Allow).token(&id))
+                    .is_err()
+                {
+                    return self
+                        .reply_error(
+                            ErrorCode::Internal,
+                            format!(
+                                "token {id} is revoked, but the audit trail is unavailable \
+                                 to record it"
+                            ),
+                        )
+                        .await;
+                }
                 self.send(&Response::Revoked(Revoked { id: revoke.id }))
                     .await
             }
@@ -622,7 +708,11 @@ impl Session {
 
     /// Refuse a message before any policy decision, then close.
     async fn protocol_error(&mut self, code: ErrorCode, message: String) -> Next {
-        refuse(&self.broker, &self.peer, &message);
+        refuse(
+            &self.broker,
+            (self.peer.pid, self.peer.uid, self.peer.gid),
+            &message,
+        );
         let _ = reply_error(&self.conn, code, message).await;
         self.conn.drain();
         Next::Close
@@ -634,7 +724,14 @@ impl Session {
     }
 
     async fn send(&mut self, response: &Response) -> Next {
-        match send_response(&self.conn, response).await {
+        match encode(response) {
+            Ok(bytes) => self.send_encoded(&bytes).await,
+            Err(_) => Next::Close,
+        }
+    }
+
+    async fn send_encoded(&mut self, bytes: &[u8]) -> Next {
+        match send_bytes(&self.conn, bytes).await {
             Ok(()) => Next::Continue,
             Err(_) => Next::Close,
         }
@@ -650,10 +747,10 @@ fn off_reactor<T>(op: impl FnOnce() -> T) -> T {
     }
 }
 
-fn refuse(broker: &Broker, peer: &Peer, reason: &str) {
+fn refuse(broker: &Broker, (pid, uid, gid): (i32, u32, u32), reason: &str) {
     let _ = broker.audit.must_record(
         &Record::new(Event::Refused, Decision::Deny)
-            .peer(peer.pid, peer.uid, peer.gid)
+            .peer(pid, uid, gid)
             .reason(reason),
     );
 }
@@ -664,7 +761,11 @@ async fn reply_error(conn: &Connection, code: ErrorCode, message: String) -> std
 
 async fn send_response(conn: &Connection, response: &Response) -> std::io::Result<()> {
     let bytes = encode(response).map_err(std::io::Error::other)?;
-    match tokio::time::timeout(SEND_DEADLINE, conn.send(&bytes)).await {
+    send_bytes(conn, &bytes).await
+}
+
+async fn send_bytes(conn: &Connection, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(SEND_DEADLINE, conn.send(bytes)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
