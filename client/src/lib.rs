@@ -260,7 +260,14 @@ impl Client {
     /// Send one request and read its response.
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
         let bytes = encode(request)?;
-        self.send_raw(&bytes)?;
+        if let Err(e) = self.send_raw(&bytes) {
+            // A broker that refuses a connection (e.g. at its session cap)
+            // answers at once and closes: its reason may be waiting.
+            if let Ok(reply @ Response::Error(_)) = self.recv_with(MsgFlags::MSG_DONTWAIT) {
+                return Ok(reply);
+            }
+            return Err(e);
+        }
         self.recv_response()
     }
 
@@ -289,8 +296,12 @@ impl Client {
 
     /// Read one response.
     pub fn recv_response(&mut self) -> Result<Response, ClientError> {
+        self.recv_with(MsgFlags::empty())
+    }
+
+    fn recv_with(&mut self, flags: MsgFlags) -> Result<Response, ClientError> {
         let n = loop {
-            match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC) {
+            match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC | flags) {
                 Ok(n) => break n,
                 Err(nix::Error::EINTR) => continue,
                 Err(nix::Error::EAGAIN) => {
