@@ -34,7 +34,7 @@ use keyward_proto::{
 use crate::audit::{Decision, Event, Record};
 use crate::broker::Broker;
 use crate::executor::ExecError;
-use crate::limits::SessionSlot;
+use crate::limits::{Refusal, SessionSlot};
 use crate::listener::{Connection, Received, RECV_BUFFER};
 use crate::peer::{Peer, OVERFLOW_ID};
 use crate::policy::{AuthorizedCall, Denial as PolicyDenial};
@@ -271,7 +271,14 @@ impl Session {
                             .reason(&refusal.to_string()),
                     );
                 }
-                return self.reply_error(ErrorCode::Busy, refusal.to_string()).await;
+                let next = self.reply_error(ErrorCode::Busy, refusal.to_string()).await;
+                // Read nothing more from this connection until the budget
+                // has room again: a peer that ignores the refusal cannot
+                // keep the broker busy refusing it.
+                if let Refusal::RateLimited { rate, .. } = refusal {
+                    tokio::time::sleep(Duration::from_secs(1) / rate.max(1)).await;
+                }
+                return next;
             }
         }
         match request {
@@ -388,6 +395,10 @@ impl Session {
                 self.send(&Response::Denied(Denial { reason })).await
             }
             Err(e) => {
+                let code = match e {
+                    ExecError::Internal(_) => ErrorCode::Internal,
+                    _ => ErrorCode::Upstream,
+                };
                 let reason = e.to_string();
                 self.audit_token(
                     self.record(Event::CallFailed, Decision::Error)
@@ -395,7 +406,7 @@ impl Session {
                         .principal(principal)
                         .reason(&reason),
                 );
-                self.reply_error(ErrorCode::Upstream, reason).await
+                self.reply_error(code, reason).await
             }
         }
     }
@@ -779,4 +790,212 @@ fn shown_name(name: &str) -> String {
         shown.push('…');
     }
     shown.escape_default().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Dispatch, end to end within the process: a session served over a
+    //! socketpair, driven by the real client. The tests run as root.
+    use super::*;
+
+    use std::os::fd::OwnedFd;
+
+    use keyward_client::{Client, ClientError};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    use crate::audit::Audit;
+    use crate::config::Source;
+    use crate::credential::Credentials;
+    use crate::executor::Executor;
+    use crate::limits::Limits;
+    use crate::policy::Policy;
+
+    const CONFIG: &str = r#"
+[broker]
+socket = "/nonexistent/broker.sock"
+
+[[principal]]
+name = "root"
+uids = [0]
+may_call = ["echo", "api"]
+
+[credential.api]
+file = "api.token"
+
+[[tool]]
+name = "echo"
+kind = "echo"
+params.message = { type = "string", max_len = 10 }
+
+[[tool]]
+name = "api"
+kind = "http"
+credential = "api"
+method = "GET"
+url = "http://127.0.0.1:9/x"
+auth = { bearer = true }
+"#;
+
+    struct Harness {
+        runtime: tokio::runtime::Runtime,
+        broker: Arc<Broker>,
+        sessions: Sessions,
+    }
+
+    impl Harness {
+        fn new(limits: Option<Limits>) -> Harness {
+            let source = Source::parse("t.toml", CONFIG.to_owned()).unwrap();
+            let policy = Policy::compile(&source).unwrap();
+            // No credential is loaded: the "api" tool names one anyway.
+            let executor = Executor::new(Credentials::default()).unwrap();
+            let mut broker = Broker::new(policy, executor, Audit::stderr());
+            if let Some(limits) = limits {
+                broker = broker.with_limits(limits, 1024);
+            }
+            Harness {
+                runtime: tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+                broker: Arc::new(broker),
+                sessions: Sessions {
+                    tracker: TaskTracker::new(),
+                    stopping: CancellationToken::new(),
+                },
+            }
+        }
+
+        /// A new session; the client's end, not yet greeted.
+        fn socket(&self) -> OwnedFd {
+            let (ours, theirs) = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .unwrap();
+            nix::sys::socket::setsockopt(&theirs, nix::sys::socket::sockopt::PassCred, &true)
+                .unwrap();
+            let flags = nix::fcntl::fcntl(&theirs, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+            nix::fcntl::fcntl(
+                &theirs,
+                nix::fcntl::FcntlArg::F_SETFL(
+                    nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK,
+                ),
+            )
+            .unwrap();
+            let _entered = self.runtime.enter();
+            let conn = Connection::new(theirs).unwrap();
+            self.runtime
+                .spawn(run(conn, Arc::clone(&self.broker), self.sessions.clone()));
+            ours
+        }
+
+        fn client(&self) -> Client {
+            Client::over(self.socket()).unwrap()
+        }
+    }
+
+    fn echo(client: &mut Client, message: &str) -> Response {
+        client
+            .call("echo", &[("message".to_owned(), message.to_owned())])
+            .unwrap()
+    }
+
+    #[test]
+    fn calls_go_through_policy_to_the_executor() {
+        let h = Harness::new(None);
+        let mut client = h.client();
+        assert!(matches!(echo(&mut client, "hi"), Response::Done(_)));
+        // Over the tool's max_len: a denial, and the session goes on.
+        let denied = echo(&mut client, "far too long for it");
+        assert!(matches!(denied, Response::Denied(_)), "{denied:?}");
+        let unknown = client.call("nope", &[]).unwrap();
+        assert!(matches!(unknown, Response::Denied(_)), "{unknown:?}");
+        assert!(matches!(echo(&mut client, "again"), Response::Done(_)));
+    }
+
+    #[test]
+    fn a_credential_that_is_not_loaded_is_an_internal_fault() {
+        let h = Harness::new(None);
+        let mut client = h.client();
+        match client.call("api", &[]).unwrap() {
+            Response::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Internal, "{e:?}");
+                assert!(e.message.contains("credential api is not loaded"), "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_second_hello_is_a_protocol_error_and_closes() {
+        let h = Harness::new(None);
+        let mut client = h.client();
+        let reply = client
+            .request(&Request::Hello(Hello {
+                version: PROTOCOL_VERSION,
+            }))
+            .unwrap();
+        assert!(
+            matches!(&reply, Response::Error(e) if e.code == ErrorCode::Malformed),
+            "{reply:?}"
+        );
+        assert!(matches!(
+            client.request(&Request::Tools),
+            Err(ClientError::Closed | ClientError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn without_a_state_directory_token_requests_are_denied() {
+        let h = Harness::new(None);
+        let mut client = h.client();
+        let requests = [
+            Request::Bind(Bind { token: "x".into() }),
+            Request::Revoke(Revoke {
+                id: keyward_proto::token::TokenId([0; 16]),
+            }),
+        ];
+        for request in requests {
+            match client.request(&request).unwrap() {
+                Response::Denied(d) => assert!(d.reason.contains("tokens are disabled"), "{d:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Denials leave the session usable.
+        assert!(matches!(
+            client.request(&Request::Tools),
+            Ok(Response::ToolList(_))
+        ));
+    }
+
+    #[test]
+    fn sessions_beyond_the_cap_are_refused_with_the_reason() {
+        let h = Harness::new(Some(Limits {
+            max_sessions: 2,
+            reserved_sessions: 1,
+            max_sessions_per_token: 4,
+            requests_per_second: 10,
+            request_burst: 10,
+        }));
+        let _one = h.client();
+        let _two = h.client();
+        match Client::over(h.socket()) {
+            Err(ClientError::Handshake(message)) => {
+                assert!(message.contains("maximum of 2 sessions"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(_two);
+        // The slot comes back once the session has ended.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while h.broker.open_sessions() > 1 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut three = h.client();
+        assert!(matches!(echo(&mut three, "hi"), Response::Done(_)));
+    }
 }

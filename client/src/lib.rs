@@ -301,7 +301,11 @@ impl Client {
 
     fn recv_with(&mut self, flags: MsgFlags) -> Result<Response, ClientError> {
         let n = loop {
-            match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC | flags) {
+            match recv(
+                self.fd.as_raw_fd(),
+                &mut self.buf,
+                MsgFlags::MSG_TRUNC | flags,
+            ) {
                 Ok(n) => break n,
                 Err(nix::Error::EINTR) => continue,
                 Err(nix::Error::EAGAIN) => {

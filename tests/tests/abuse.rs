@@ -136,7 +136,9 @@ fn flood(broker: &Broker, token: &Path) -> (Peer, usize, usize) {
 }
 
 fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 fn echo_as(broker: &Broker, uid: u32) -> Ran {
@@ -180,9 +182,9 @@ fn a_flood_of_channels_starves_no_other_principal_and_not_root() {
     assert!(ran.stdout.contains("revoked"), "{ran:?}");
     let records = broker.audit_records();
     assert!(
-        records.iter().any(|r| r["reason"]
-            .as_str()
-            .is_some_and(|s| s.contains("already holds its maximum of 32 connections and channels"))),
+        records.iter().any(|r| r["reason"].as_str().is_some_and(
+            |s| s.contains("already holds its maximum of 32 connections and channels")
+        )),
         "no refusal was audited"
     );
     drop(flood);
@@ -225,12 +227,16 @@ fn a_uid_over_its_request_rate_is_told_so() {
         "burst",
         broker.socket.to_str().unwrap(),
         &PRINCIPAL_UID.to_string(),
-        "20",
+        "8",
     ]);
-    let outcomes: Vec<String> = (0..20).map(|_| burst.line()).collect();
-    assert_eq!(outcomes[..5], ["ok"; 5], "{outcomes:?}");
-    assert!(
-        outcomes[5..].iter().filter(|o| *o == "rate").count() >= 14,
+    let outcomes: Vec<String> = (0..8).map(|_| burst.line()).collect();
+    // The burst, then a refusal; the broker reads that connection's next
+    // request only once the budget has room again (1 a second here), so
+    // a peer that ignores refusals gets one answer a second, not a
+    // stream of refusals.
+    assert_eq!(
+        outcomes,
+        ["ok", "ok", "ok", "ok", "ok", "rate", "ok", "rate"],
         "{outcomes:?}"
     );
     drop(burst);
@@ -288,7 +294,10 @@ fn run_bounded(mut cmd: Command) -> Option<(Ran, Duration)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Some((Ran::from(child.wait_with_output().unwrap()), started.elapsed()))
+    Some((
+        Ran::from(child.wait_with_output().unwrap()),
+        started.elapsed(),
+    ))
 }
 
 #[test]
@@ -318,7 +327,10 @@ fn clients_give_up_on_a_broker_that_never_answers() {
     let revoked = run_bounded(revoke);
     let shim = shim.join().unwrap();
     broker.signal(nix::sys::signal::Signal::SIGCONT);
-    for (what, outcome) in [("agent-shim call", shim), ("keyward-broker revoke", revoked)] {
+    for (what, outcome) in [
+        ("agent-shim call", shim),
+        ("keyward-broker revoke", revoked),
+    ] {
         let (ran, _) = outcome.unwrap_or_else(|| panic!("{what} hung"));
         assert_eq!(ran.code, Some(1), "{what}: {ran:?}");
         assert!(

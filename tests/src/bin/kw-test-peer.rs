@@ -28,6 +28,14 @@
 //! - `kw-test-peer burst SOCKET UID N`: as UID, send N `echo` calls on one
 //!   connection as fast as it can, one outcome per line (`rate` for a
 //!   `rate limited` error).
+//! - `kw-test-peer measure SOCKET UID TOKEN_FILE SECONDS`: as UID, for
+//!   SECONDS, alternate a direct `echo` call and one with the (counted)
+//!   token, 50 of each a second (within the default request rate); print
+//!   `direct P50 P99 N ERRORS` and `token P50 P99 N ERRORS` (µs).
+//! - `kw-test-peer stress SOCKET UID TOKEN_FILE SECONDS`: as UID, for
+//!   SECONDS, flood from several threads at once: connections, bound
+//!   connections with 16 channels each, mints and calls; print what the
+//!   broker took and refused.
 //! - `kw-test-peer silent SOCKET`: listen on SOCKET and never accept:
 //!   a broker that never answers. Prints `ready`; exits when stdin closes.
 #![allow(clippy::unwrap_used)]
@@ -80,6 +88,18 @@ fn main() {
         ),
         "burst" => burst(socket, args[3].parse().unwrap(), args[4].parse().unwrap()),
         "silent" => silent(socket),
+        "measure" => measure(
+            socket,
+            args[3].parse().unwrap(),
+            std::path::Path::new(&args[4]),
+            args[5].parse().unwrap(),
+        ),
+        "stress" => stress(
+            socket,
+            args[3].parse().unwrap(),
+            std::path::Path::new(&args[4]),
+            args[5].parse().unwrap(),
+        ),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -296,7 +316,9 @@ fn burst(socket: &std::path::Path, uid: u32, n: usize) {
 }
 
 fn silent(socket: &std::path::Path) {
-    use nix::sys::socket::{bind, listen, socket as mk, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use nix::sys::socket::{
+        bind, listen, socket as mk, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
     use std::os::fd::AsRawFd;
     let listener = mk(
         AddressFamily::Unix,
@@ -310,4 +332,136 @@ fn silent(socket: &std::path::Path) {
     listen(&listener, Backlog::new(8).unwrap()).unwrap();
     println!("ready");
     wait_for_stdin_to_close();
+}
+
+fn measure(socket: &std::path::Path, uid: u32, token_file: &std::path::Path, seconds: u64) {
+    use agent_shim::client::Client;
+    use keyward_tests::bench::{micros, Stats};
+    use std::time::{Duration, Instant};
+    let token = std::fs::read_to_string(token_file).unwrap();
+    drop_to(uid);
+    let mut direct = Client::connect(socket).unwrap();
+    let mut counted = Client::connect(socket).unwrap();
+    let reply = counted.request(&keyward_proto::Request::Bind(keyward_proto::Bind {
+        token: token.trim().to_owned(),
+    }));
+    assert!(matches!(reply, Ok(Response::Bound(_))), "{reply:?}");
+    let params = [("message".to_owned(), "m".to_owned())];
+    let mut samples = [Vec::new(), Vec::new()];
+    let mut errors = [0usize, 0];
+    let period = Duration::from_millis(20);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut next = Instant::now();
+    while Instant::now() < end {
+        for (i, client) in [&mut direct, &mut counted].into_iter().enumerate() {
+            let start = Instant::now();
+            match client.call("echo", &params) {
+                Ok(Response::Done(_)) => samples[i].push(start.elapsed()),
+                other => {
+                    if errors[i] == 0 {
+                        eprintln!("kw-test-peer measure: first error: {other:?}");
+                    }
+                    errors[i] += 1
+                }
+            }
+        }
+        // Never catch up in a burst: that would be the measurer's own
+        // flood.
+        next = (next + period).max(Instant::now());
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    for (i, name) in ["direct", "token"].into_iter().enumerate() {
+        let n = samples[i].len();
+        let stats = Stats::of(std::mem::take(&mut samples[i]));
+        println!(
+            "{name} {:.0} {:.0} {n} {}",
+            micros(stats.p50),
+            micros(stats.p99),
+            errors[i]
+        );
+    }
+}
+
+fn stress(socket: &std::path::Path, uid: u32, token_file: &std::path::Path, seconds: u64) {
+    use agent_shim::client::Client;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let token = std::fs::read_to_string(token_file).unwrap();
+    drop_to(uid);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    // ok / refused per kind: connections, channels, mints, calls.
+    let counts: Arc<[AtomicUsize; 8]> = Arc::new(Default::default());
+    let count = |counts: &[AtomicUsize; 8], kind: usize, ok: bool| {
+        counts[kind * 2 + usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    };
+    let socket = socket.to_owned();
+    let mut threads = Vec::new();
+    for kind in [0, 1, 2, 3, 3, 3] {
+        let counts = Arc::clone(&counts);
+        let socket = socket.clone();
+        let token = token.trim().to_owned();
+        threads.push(std::thread::spawn(move || {
+            let params = [("message".to_owned(), "flood".to_owned())];
+            let mut client: Option<Client> = None;
+            while Instant::now() < end {
+                match kind {
+                    0 => count(&counts, 0, Client::connect(&socket).is_ok()),
+                    1 => {
+                        let Some(fd) = bind(&socket, &token) else {
+                            count(&counts, 1, false);
+                            continue;
+                        };
+                        let channels: Vec<_> = (0..16)
+                            .filter_map(|_| Client::open_channel(&fd).ok())
+                            .collect();
+                        count(&counts, 1, channels.len() == 16);
+                    }
+                    _ => {
+                        let c = match client.as_mut() {
+                            Some(c) => c,
+                            None => match Client::connect(&socket) {
+                                Ok(c) => client.insert(c),
+                                Err(_) => {
+                                    count(&counts, kind, false);
+                                    continue;
+                                }
+                            },
+                        };
+                        let reply = if kind == 2 {
+                            c.request(&keyward_proto::Request::Mint(keyward_proto::Mint {
+                                tools: vec!["echo".into()],
+                                params: vec![],
+                                ttl_secs: Some(60),
+                                max_uses: Some(1),
+                                task: String::new(),
+                                audience: None,
+                                exact_call: false,
+                            }))
+                        } else {
+                            c.call("echo", &params)
+                        };
+                        match reply {
+                            Ok(Response::Done(_) | Response::Minted(_)) => {
+                                count(&counts, kind, true)
+                            }
+                            Ok(_) => count(&counts, kind, false),
+                            Err(_) => {
+                                count(&counts, kind, false);
+                                client = None;
+                            }
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let c: Vec<usize> = counts.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    println!(
+        "connections {}/{} channel-sets {}/{} mints {}/{} calls {}/{} (taken/refused)",
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+    );
 }
