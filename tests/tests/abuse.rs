@@ -344,3 +344,50 @@ fn clients_give_up_on_a_broker_that_never_answers() {
     }
     let _ = broker.stop();
 }
+
+/// The load bench (`benches/abuse.rs`) in short, for correctness only:
+/// while a principal floods connections, channels, mints and calls,
+/// another principal's direct and counted-token calls all succeed.
+#[test]
+fn a_flooding_principal_causes_no_errors_for_another() {
+    let broker = start("");
+    let mint = |uid: u32, extra: &[&str]| {
+        let mut args = vec!["mint", "--tool", "echo"];
+        args.extend_from_slice(extra);
+        let ran = Ran::from(broker.shim(uid, &args));
+        assert_eq!(ran.code, Some(0), "{ran:?}");
+        let file = broker.dir.path().join(format!("token-{uid}"));
+        std::fs::write(&file, ran.stdout.trim()).unwrap();
+        std::os::unix::fs::chown(&file, Some(uid), Some(uid)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        file
+    };
+    // The orchestrator floods with a token of its own; "other" cannot
+    // mint, so the orchestrator mints its counted token for it.
+    let flood_token = mint(PRINCIPAL_UID, &[]);
+    let other = OTHER_UID.to_string();
+    let counted = mint(PRINCIPAL_UID, &["--uses", "100000", "--for-uid", &other]);
+    let mut flood = Peer::start(&[
+        "stress",
+        broker.socket.to_str().unwrap(),
+        &PRINCIPAL_UID.to_string(),
+        flood_token.to_str().unwrap(),
+        "4",
+    ]);
+    let mut measured = Peer::start(&[
+        "measure",
+        broker.socket.to_str().unwrap(),
+        &OTHER_UID.to_string(),
+        counted.to_str().unwrap(),
+        "3",
+    ]);
+    for kind in ["direct", "token"] {
+        let line = measured.line();
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w[0], kind, "{line}");
+        assert!(w[3].parse::<usize>().unwrap() > 0, "no call made: {line}");
+        assert_eq!(w[4], "0", "errors for uid {OTHER_UID}: {line}");
+    }
+    let flooded = flood.line();
+    assert!(flooded.starts_with("connections "), "{flooded}");
+}
