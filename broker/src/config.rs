@@ -56,7 +56,8 @@ pub struct BrokerConfig {
     pub call_timeout: Option<Duration>,
     /// Default cap on an upstream response body, in bytes.
     pub max_response_bytes: Option<usize>,
-    /// Connections one uid may hold open at once.
+    /// Sessions one uid may hold open at once: its connections and every
+    /// channel passed over them.
     pub max_connections_per_uid: Option<usize>,
     /// Uids (besides root) allowed to revoke any token.
     #[serde(default)]
@@ -65,6 +66,21 @@ pub struct BrokerConfig {
     /// bytes or their base64); without it the key is generated into the
     /// state directory.
     pub signing_key: Option<String>,
+
+    // -- admission and rate limits (see `crate::limits`) --
+    /// Sessions (connections and channels) the broker serves at once, all
+    /// uids together; by default as many as its descriptor limit allows.
+    pub max_sessions: Option<usize>,
+    /// Of `max_sessions`, how many only root and `admin_uids` may take.
+    pub reserved_sessions: Option<usize>,
+    /// Sessions (bound connections and channels) open at once with one
+    /// token.
+    pub max_sessions_per_token: Option<usize>,
+    /// Requests per second one uid may make, sustained (root and
+    /// `admin_uids` are not limited).
+    pub requests_per_second: Option<u32>,
+    /// Requests one uid may make in a burst above that rate.
+    pub request_burst: Option<u32>,
 }
 
 fn default_socket_mode() -> String {

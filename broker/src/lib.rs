@@ -18,16 +18,19 @@
 
 pub mod access;
 pub mod audit;
+pub mod broker;
 pub mod config;
 pub mod credential;
 pub mod executor;
 pub mod journal;
 pub mod keys;
+pub mod limits;
 pub mod listener;
 pub mod notify;
 pub mod peer;
 pub mod policy;
 pub mod redact;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod state;
@@ -35,7 +38,8 @@ pub mod sys;
 pub mod template;
 pub mod token;
 
-pub use server::{serve, Broker};
+pub use broker::Broker;
+pub use server::serve;
 
 /// Everything that can stop the broker from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,8 @@ pub enum Error {
     Listener(#[from] listener::ListenerError),
     #[error(transparent)]
     Executor(#[from] executor::ExecError),
+    #[error(transparent)]
+    Limits(#[from] limits::LimitsError),
     #[error(transparent)]
     Sys(#[from] sys::SysError),
     #[error(transparent)]

@@ -313,6 +313,18 @@ impl Connection {
         }
     }
 
+    /// Send one message if the socket takes it now, without waiting.
+    pub fn try_send(&self, bytes: &[u8]) -> io::Result<()> {
+        sendmsg::<()>(
+            self.fd.get_ref().as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            &[],
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        )?;
+        Ok(())
+    }
+
     /// Discard what the peer has queued (a bounded number of messages),
     /// so that closing does not turn its unread messages into ECONNRESET
     /// on its side before it has read our last reply.

@@ -12,10 +12,11 @@ use keyward_broker::config::{Source, EXAMPLE};
 use keyward_broker::credential;
 use keyward_broker::executor::Executor;
 use keyward_broker::keys::Keys;
+use keyward_broker::limits::{self, Limits};
 use keyward_broker::listener::{self, Listener};
 use keyward_broker::notify::Notifier;
 use keyward_broker::policy::Policy;
-use keyward_broker::server::reload_on_hangup;
+use keyward_broker::reload::reload_on_hangup;
 use keyward_broker::token::{self, Tokens};
 use keyward_broker::{serve, sys, Broker, Error};
 
@@ -147,6 +148,10 @@ fn run_pubkey(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// How long `revoke` waits for the broker's answer: it writes one record
+/// to the state and one to the audit trail.
+const REVOKE_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn run_revoke(path: &Path, id: &str) -> ExitCode {
     use keyward_proto::{Request, Response, Revoke};
     let fail = |message: String| {
@@ -158,13 +163,17 @@ fn run_revoke(path: &Path, id: &str) -> ExitCode {
         Err(e) => return fail(format!("{id:?}: {e}")),
     };
     let socket = match Source::load(path) {
-        Ok(source) => std::env::var_os("KEYWARD_SOCKET")
-            .map(PathBuf::from)
-            .unwrap_or(source.config.broker.socket),
+        // `$KEYWARD_SOCKET` by the client's rule (an empty value is unset).
+        Ok(source) => keyward_client::socket_path_or(source.config.broker.socket),
         Err(e) => return fail(e.to_string()),
     };
-    let reply = keyward_client::Client::connect(&socket)
-        .and_then(|mut client| client.request(&Request::Revoke(Revoke { id })));
+    // Bounded waits: a broker that is stopped or swamped gets a clear
+    // error, not a hang.
+    let reply = keyward_client::Client::connect_within(&socket, keyward_client::CONNECT_TIMEOUT)
+        .and_then(|mut client| {
+            client.set_reply_timeout(REVOKE_REPLY_TIMEOUT)?;
+            client.request(&Request::Revoke(Revoke { id }))
+        });
     match reply {
         Ok(Response::Revoked(r)) => {
             println!("revoked {}", r.id);
@@ -204,6 +213,10 @@ fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Result
         None => example_source()?,
     };
     let policy = Policy::compile(&source).map_err(Error::Policy)?;
+    // Every session holds descriptors: take all the kernel allows, and
+    // keep the session cap below it.
+    let fd_limit = limits::raise_fd_limit()?;
+    let limits = Limits::from_config(&source.config.broker, fd_limit)?;
     // Socket activation edits the environment: before any thread starts.
     let inherited = listener::activation_fd()?;
     let notifier = Notifier::from_env();
@@ -212,7 +225,9 @@ fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Result
     let tokens = open_tokens(&policy, &credentials)?;
     let executor = Executor::new(credentials)?;
     let settings = policy.broker.clone();
-    let mut broker = Broker::new(policy, executor, audit).with_notifier(notifier);
+    let mut broker = Broker::new(policy, executor, audit)
+        .with_notifier(notifier)
+        .with_limits(limits, fd_limit);
     if let Some(tokens) = tokens {
         broker = broker.with_tokens(tokens);
     }

@@ -4,10 +4,10 @@
 //! reloads or stops.
 //!
 //! `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` are read once, at
-//! start, and removed from the environment, so no process the broker
-//! spawns (the `exec` tool kind) inherits a channel to the service
-//! manager or a watchdog it would be expected to feed. That is why this is
-//! not the `sd-notify` crate, which reads the environment on every call.
+//! start, and removed from the environment, so that nothing the broker
+//! might ever start inherits a channel to the service manager or a
+//! watchdog it would be expected to feed. That is why this is not the
+//! `sd-notify` crate, which reads the environment on every call.
 //! A message is one datagram; a socket path starting with `@` is in the
 //! abstract namespace. Sending is best effort: a lost status line must not
 //! stop the broker (systemd notices a missing `READY=1` or `WATCHDOG=1`

@@ -82,6 +82,17 @@ impl Liveness {
         }
     }
 
+    /// Resolves when the process has exited; never outside the runtime.
+    async fn wait_exit(&self) {
+        match self {
+            // An error means the reactor is gone: the session ends anyway.
+            Liveness::Watched(fd) => {
+                let _ = fd.readable().await;
+            }
+            Liveness::Polled(_) => std::future::pending().await,
+        }
+    }
+
     #[cfg(test)]
     fn fd(&self) -> &OwnedFd {
         match self {
@@ -184,6 +195,12 @@ impl Peer {
             });
         }
         Ok(())
+    }
+
+    /// Resolves when the pinned process has exited (inside the runtime;
+    /// outside it, never).
+    pub async fn exited(&self) {
+        self.pidfd.wait_exit().await
     }
 
     /// The identity policy decides on.

@@ -32,11 +32,12 @@ use keyward_proto::{
 };
 
 use crate::audit::{Decision, Event, Record};
+use crate::broker::Broker;
 use crate::executor::ExecError;
+use crate::limits::{Refusal, SessionSlot};
 use crate::listener::{Connection, Received, RECV_BUFFER};
-use crate::peer::Peer;
+use crate::peer::{Peer, OVERFLOW_ID};
 use crate::policy::{self, AuthorizedCall, Denied};
-use crate::server::Broker;
 use crate::token::{self, BindRefused, BoundToken, ChannelSlot, Tokens};
 
 /// What every session of the broker shares for spawning channel sessions
@@ -54,13 +55,6 @@ pub const SEND_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest peer-supplied name echoed into a message or record.
 const SHOWN_NAME_MAX: usize = 64;
 
-/// What a session holds while it lives; released on drop.
-#[allow(dead_code)] // the slots are held only for their `Drop`
-enum Slot {
-    Connection(crate::server::ConnectionSlot),
-    Channel(ChannelSlot),
-}
-
 /// What to do after answering a message.
 enum Next {
     Continue,
@@ -73,23 +67,40 @@ pub async fn run(conn: Connection, broker: Arc<Broker>, sessions: Sessions) {
     serve_connection(conn, broker, sessions, None).await;
 }
 
-/// A channel passed over a bound connection: its session and its slot
-/// there. Channels count against their session's channel cap, not the
-/// uid's connection cap, so a sandbox cannot crowd out its orchestrator.
+/// A channel passed over a bound connection: its session, its slot there
+/// (a session's channels are capped), and its own admission slot: a
+/// channel counts against the uid's, the token's and the broker's caps
+/// like any connection, since it holds descriptors like one.
 struct ChannelOf {
     bound: Arc<BoundToken>,
-    _slot: ChannelSlot,
+    slot: ChannelSlot,
+    admitted: SessionSlot,
 }
 
 /// Serve a connection: a new one, or a channel of a bound session.
+///
+/// A session ends when its peer closes it, misbehaves, or exits (its
+/// pinned process, watched by pidfd: for a bound connection that is the
+/// shim), when the broker stops, or when the session it is a channel of
+/// ends: every channel passed over a connection closes with it, so a
+/// process that outlives the shim cannot keep calling.
 async fn serve_connection(
     conn: Connection,
     broker: Arc<Broker>,
     sessions: Sessions,
     channel: Option<ChannelOf>,
 ) {
+    // Admission comes before pinning, so a refused connection holds one
+    // descriptor for a moment and no pidfd.
+    let (bound, slot, channel_slot) = match channel {
+        Some(channel) => (Some(channel.bound), channel.admitted, Some(channel.slot)),
+        None => match admit_connection(&conn, &broker) {
+            Some(slot) => (None, slot, None),
+            None => return,
+        },
+    };
     let peer = match Peer::pin(&conn.as_fd()) {
-        Ok(peer) => peer,
+        Ok(peer) => Arc::new(peer),
         Err(e) => {
             let reason = e.to_string();
             let _ = broker
@@ -100,47 +111,78 @@ async fn serve_connection(
             return;
         }
     };
-    let (bound, _slot) = match channel {
-        Some(channel) => (Some(channel.bound), Slot::Channel(channel._slot)),
-        None => match broker.admit(peer.uid) {
-            Some(slot) => (None, Slot::Connection(slot)),
-            None => {
-                let reason = format!(
-                    "uid {} already holds the maximum number of connections",
-                    peer.uid
-                );
-                refuse(&broker, &peer, &reason);
-                let _ = reply_error(&conn, ErrorCode::Busy, reason).await;
-                conn.drain();
-                return;
-            }
-        },
-    };
 
-    let stopping = sessions.stopping.clone();
+    // Cancelled when this session ends (or the broker stops): ends every
+    // channel passed over it, and theirs in turn.
+    let closing = sessions.stopping.child_token();
+    let _close_channels = closing.clone().drop_guard();
     let mut session = Session {
         conn,
         broker,
-        peer,
+        peer: Arc::clone(&peer),
         greeted: false,
         bound,
-        sessions,
+        sessions: Sessions {
+            tracker: sessions.tracker.clone(),
+            stopping: closing.clone(),
+        },
         sender_pid: 0,
+        slot,
+        _channel_slot: channel_slot,
     };
     let mut buf = vec![0u8; RECV_BUFFER];
     // One registration for the connection's life, not one per message.
-    let stopped = stopping.cancelled();
+    let stopped = closing.cancelled();
     tokio::pin!(stopped);
+    let exited = peer.exited();
+    tokio::pin!(exited);
     loop {
         let received = tokio::select! {
             biased;
             () = &mut stopped => break,
+            () = &mut exited => break,
             r = recv_within(&session, &mut buf) => r,
         };
         let Some(received) = received else { break };
         match session.handle(received, &buf).await {
             Next::Continue => {}
             Next::Close => break,
+        }
+    }
+}
+
+/// Admit a new connection by its peer's uid (`SO_PEERCRED`), or refuse
+/// it: `Busy` with the reason, audited, and closed.
+fn admit_connection(conn: &Connection, broker: &Broker) -> Option<SessionSlot> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let (pid, uid, gid, admitted) = match getsockopt(&conn.as_fd(), sockopt::PeerCredentials) {
+        Ok(cred) => (
+            cred.pid(),
+            cred.uid(),
+            cred.gid(),
+            broker.admit(cred.uid(), None).map_err(|r| r.to_string()),
+        ),
+        Err(e) => (
+            0,
+            OVERFLOW_ID,
+            OVERFLOW_ID,
+            Err(format!("SO_PEERCRED: {e}")),
+        ),
+    };
+    match admitted {
+        Ok(slot) => Some(slot),
+        Err(reason) => {
+            refuse(broker, (pid, uid, gid), &reason);
+            // The reply fits in an empty socket buffer: no waiting, and
+            // no task is kept alive for a refused peer.
+            if let Ok(bytes) = encode(&Response::Error(ErrorReply {
+                code: ErrorCode::Busy,
+                message: reason,
+            })) {
+                let _ = conn.try_send(&bytes);
+            }
+            conn.drain();
+            None
         }
     }
 }
@@ -165,7 +207,7 @@ async fn recv_within(session: &Session, buf: &mut [u8]) -> Option<crate::listene
 struct Session {
     conn: Connection,
     broker: Arc<Broker>,
-    peer: Peer,
+    peer: Arc<Peer>,
     greeted: bool,
     /// The token this connection acts with, once bound.
     bound: Option<Arc<BoundToken>>,
@@ -173,6 +215,10 @@ struct Session {
     /// Pid of the current message's sender (on a bound connection, any
     /// process of the sandbox), for the audit records.
     sender_pid: i32,
+    /// This session's admission slot (counted against its token once bound).
+    slot: SessionSlot,
+    /// A channel's slot in the session it was passed over.
+    _channel_slot: Option<ChannelSlot>,
 }
 
 impl Session {
@@ -215,6 +261,25 @@ impl Session {
             return self
                 .protocol_error(ErrorCode::Malformed, "unexpected file descriptors".into())
                 .await;
+        }
+        if !matches!(request, Request::Hello(_) | Request::Channel) {
+            if let Err((refusal, first)) = self.broker.rate(self.peer.uid) {
+                // A run of refusals is audited once, at its start.
+                if first {
+                    self.audit_token(
+                        self.record(Event::Refused, Decision::Deny)
+                            .reason(&refusal.to_string()),
+                    );
+                }
+                let next = self.reply_error(ErrorCode::Busy, refusal.to_string()).await;
+                // Read nothing more from this connection until the budget
+                // has room again: a peer that ignores the refusal cannot
+                // keep the broker busy refusing it.
+                if let Refusal::RateLimited { rate, .. } = refusal {
+                    tokio::time::sleep(Duration::from_secs(1) / rate.max(1)).await;
+                }
+                return next;
+            }
         }
         match request {
             Request::Hello(hello) => self.hello(hello).await,
@@ -302,9 +367,9 @@ impl Session {
                 .await;
         }
         match self.broker.executor.execute(&authorized).await {
-            Ok(result) => {
-                let response = Response::Done(result);
-                if encode(&response).is_err() {
+            Ok(result) => match encode(&Response::Done(result)) {
+                Ok(bytes) => self.send_encoded(&bytes).await,
+                Err(_) => {
                     let reason = "the result is too large to return";
                     self.audit_token(
                         self.record(Event::CallFailed, Decision::Error)
@@ -312,10 +377,9 @@ impl Session {
                             .principal(principal)
                             .reason(reason),
                     );
-                    return self.reply_error(ErrorCode::Upstream, reason.into()).await;
+                    self.reply_error(ErrorCode::Upstream, reason.into()).await
                 }
-                self.send(&response).await
-            }
+            },
             Err(ExecError::Rejected(why)) => {
                 let denial = policy::Denial::new(Denied::Call, why);
                 self.audit_token(
@@ -327,6 +391,10 @@ impl Session {
                 self.send(&Response::Denied(denial.into())).await
             }
             Err(e) => {
+                let code = match e {
+                    ExecError::Internal(_) => ErrorCode::Internal,
+                    _ => ErrorCode::Upstream,
+                };
                 let reason = e.to_string();
                 self.audit_token(
                     self.record(Event::CallFailed, Decision::Error)
@@ -334,7 +402,7 @@ impl Session {
                         .principal(principal)
                         .reason(&reason),
                 );
-                self.reply_error(ErrorCode::Upstream, reason).await
+                self.reply_error(code, reason).await
             }
         }
     }
@@ -414,6 +482,11 @@ impl Session {
                 return self.deny(Event::Bind, denial.to_string()).await;
             }
         };
+        if let Err(refusal) = self.broker.attach_token(&mut self.slot, bound.id()) {
+            return self
+                .deny(Event::Bind, format!("bind denied: {refusal}"))
+                .await;
+        }
         let body = &bound.verified.body;
         let reply = Response::Bound(Bound {
             id: body.id,
@@ -461,23 +534,30 @@ impl Session {
                 "channel refused: the session already has {} channels open",
                 token::MAX_CHANNELS_PER_SESSION
             )),
-            (Ok(()), Some(slot)) => {
-                match crate::listener::adopt_channel(fd, self.peer.uid, self.peer.gid) {
-                    Ok(conn) => {
-                        let broker = Arc::clone(&self.broker);
-                        let sessions = self.sessions.clone();
-                        let channel = ChannelOf { bound, _slot: slot };
-                        self.sessions.tracker.spawn(serve_connection(
-                            conn,
-                            broker,
-                            sessions,
-                            Some(channel),
-                        ));
-                        None
+            (Ok(()), Some(slot)) => match self.broker.admit(self.peer.uid, Some(bound.id())) {
+                Err(refusal) => Some(format!("channel refused: {refusal}")),
+                Ok(admitted) => {
+                    match crate::listener::adopt_channel(fd, self.peer.uid, self.peer.gid) {
+                        Ok(conn) => {
+                            let broker = Arc::clone(&self.broker);
+                            let sessions = self.sessions.clone();
+                            let channel = ChannelOf {
+                                bound,
+                                slot,
+                                admitted,
+                            };
+                            self.sessions.tracker.spawn(serve_connection(
+                                conn,
+                                broker,
+                                sessions,
+                                Some(channel),
+                            ));
+                            None
+                        }
+                        Err(e) => Some(format!("channel refused: {e}")),
                     }
-                    Err(e) => Some(format!("channel refused: {e}")),
                 }
-            }
+            },
         };
         if let Some(reason) = refused {
             self.audit_token(self.record(Event::Refused, Decision::Deny).reason(&reason));
@@ -585,7 +665,24 @@ impl Session {
         let id = revoke.id.to_string();
         match revoked {
             Ok(()) => {
-                self.audit_token(self.record(Event::Revoke, Decision::Allow).token(&id));
+                // Like every other success, a revocation is confirmed only
+                // once recorded. It is not undone without a record (that
+                // would keep alive a token someone wants dead), but the
+                // caller learns that the record is missing.
+                if self
+                    .must_audit_token(self.record(Event::Revoke, Decision::Allow).token(&id))
+                    .is_err()
+                {
+                    return self
+                        .reply_error(
+                            ErrorCode::Internal,
+                            format!(
+                                "token {id} is revoked, but the audit trail is unavailable \
+                                 to record it"
+                            ),
+                        )
+                        .await;
+                }
                 self.send(&Response::Revoked(Revoked { id: revoke.id }))
                     .await
             }
@@ -608,7 +705,11 @@ impl Session {
 
     /// Refuse a message before any policy decision, then close.
     async fn protocol_error(&mut self, code: ErrorCode, message: String) -> Next {
-        refuse(&self.broker, &self.peer, &message);
+        refuse(
+            &self.broker,
+            (self.peer.pid, self.peer.uid, self.peer.gid),
+            &message,
+        );
         let _ = reply_error(&self.conn, code, message).await;
         self.conn.drain();
         Next::Close
@@ -620,7 +721,14 @@ impl Session {
     }
 
     async fn send(&mut self, response: &Response) -> Next {
-        match send_response(&self.conn, response).await {
+        match encode(response) {
+            Ok(bytes) => self.send_encoded(&bytes).await,
+            Err(_) => Next::Close,
+        }
+    }
+
+    async fn send_encoded(&mut self, bytes: &[u8]) -> Next {
+        match send_bytes(&self.conn, bytes).await {
             Ok(()) => Next::Continue,
             Err(_) => Next::Close,
         }
@@ -636,10 +744,10 @@ fn off_reactor<T>(op: impl FnOnce() -> T) -> T {
     }
 }
 
-fn refuse(broker: &Broker, peer: &Peer, reason: &str) {
+fn refuse(broker: &Broker, (pid, uid, gid): (i32, u32, u32), reason: &str) {
     let _ = broker.audit.must_record(
         &Record::new(Event::Refused, Decision::Deny)
-            .peer(peer.pid, peer.uid, peer.gid)
+            .peer(pid, uid, gid)
             .reason(reason),
     );
 }
@@ -650,7 +758,11 @@ async fn reply_error(conn: &Connection, code: ErrorCode, message: String) -> std
 
 async fn send_response(conn: &Connection, response: &Response) -> std::io::Result<()> {
     let bytes = encode(response).map_err(std::io::Error::other)?;
-    match tokio::time::timeout(SEND_DEADLINE, conn.send(&bytes)).await {
+    send_bytes(conn, &bytes).await
+}
+
+async fn send_bytes(conn: &Connection, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(SEND_DEADLINE, conn.send(bytes)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
@@ -664,4 +776,212 @@ fn shown_name(name: &str) -> String {
         shown.push('…');
     }
     shown.escape_default().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Dispatch, end to end within the process: a session served over a
+    //! socketpair, driven by the real client. The tests run as root.
+    use super::*;
+
+    use std::os::fd::OwnedFd;
+
+    use keyward_client::{Client, ClientError};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    use crate::audit::Audit;
+    use crate::config::Source;
+    use crate::credential::Credentials;
+    use crate::executor::Executor;
+    use crate::limits::Limits;
+    use crate::policy::Policy;
+
+    const CONFIG: &str = r#"
+[broker]
+socket = "/nonexistent/broker.sock"
+
+[[principal]]
+name = "root"
+uids = [0]
+may_call = ["echo", "api"]
+
+[credential.api]
+file = "api.token"
+
+[[tool]]
+name = "echo"
+kind = "echo"
+params.message = { type = "string", max_len = 10 }
+
+[[tool]]
+name = "api"
+kind = "http"
+credential = "api"
+method = "GET"
+url = "http://127.0.0.1:9/x"
+auth = { bearer = true }
+"#;
+
+    struct Harness {
+        runtime: tokio::runtime::Runtime,
+        broker: Arc<Broker>,
+        sessions: Sessions,
+    }
+
+    impl Harness {
+        fn new(limits: Option<Limits>) -> Harness {
+            let source = Source::parse("t.toml", CONFIG.to_owned()).unwrap();
+            let policy = Policy::compile(&source).unwrap();
+            // No credential is loaded: the "api" tool names one anyway.
+            let executor = Executor::new(Credentials::default()).unwrap();
+            let mut broker = Broker::new(policy, executor, Audit::stderr());
+            if let Some(limits) = limits {
+                broker = broker.with_limits(limits, 1024);
+            }
+            Harness {
+                runtime: tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+                broker: Arc::new(broker),
+                sessions: Sessions {
+                    tracker: TaskTracker::new(),
+                    stopping: CancellationToken::new(),
+                },
+            }
+        }
+
+        /// A new session; the client's end, not yet greeted.
+        fn socket(&self) -> OwnedFd {
+            let (ours, theirs) = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .unwrap();
+            nix::sys::socket::setsockopt(&theirs, nix::sys::socket::sockopt::PassCred, &true)
+                .unwrap();
+            let flags = nix::fcntl::fcntl(&theirs, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+            nix::fcntl::fcntl(
+                &theirs,
+                nix::fcntl::FcntlArg::F_SETFL(
+                    nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK,
+                ),
+            )
+            .unwrap();
+            let _entered = self.runtime.enter();
+            let conn = Connection::new(theirs).unwrap();
+            self.runtime
+                .spawn(run(conn, Arc::clone(&self.broker), self.sessions.clone()));
+            ours
+        }
+
+        fn client(&self) -> Client {
+            Client::over(self.socket()).unwrap()
+        }
+    }
+
+    fn echo(client: &mut Client, message: &str) -> Response {
+        client
+            .call("echo", &[("message".to_owned(), message.to_owned())])
+            .unwrap()
+    }
+
+    #[test]
+    fn calls_go_through_policy_to_the_executor() {
+        let h = Harness::new(None);
+        let mut client = h.client();
+        assert!(matches!(echo(&mut client, "hi"), Response::Done(_)));
+        // Over the tool's max_len: a denial, and the session goes on.
+        let denied = echo(&mut client, "far too long for it");
+        assert!(matches!(denied, Response::Denied(_)), "{denied:?}");
+        let unknown = client.call("nope", &[]).unwrap();
+        assert!(matches!(unknown, Response::Denied(_)), "{unknown:?}");
+        assert!(matches!(echo(&mut client, "again"), Response::Done(_)));
+    }
+
+    #[test]
+    fn a_credential_that_is_not_loaded_is_an_internal_fault() {
+        let h = Harness::new(None);
+        let mut client = h.client();
+        match client.call("api", &[]).unwrap() {
+            Response::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Internal, "{e:?}");
+                assert!(e.message.contains("credential api is not loaded"), "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_second_hello_is_a_protocol_error_and_closes() {
+        let h = Harness::new(None);
+        let mut client = h.client();
+        let reply = client
+            .request(&Request::Hello(Hello {
+                version: PROTOCOL_VERSION,
+            }))
+            .unwrap();
+        assert!(
+            matches!(&reply, Response::Error(e) if e.code == ErrorCode::Malformed),
+            "{reply:?}"
+        );
+        assert!(matches!(
+            client.request(&Request::Tools),
+            Err(ClientError::Closed | ClientError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn without_a_state_directory_token_requests_are_denied() {
+        let h = Harness::new(None);
+        let mut client = h.client();
+        let requests = [
+            Request::Bind(Bind { token: "x".into() }),
+            Request::Revoke(Revoke {
+                id: keyward_proto::token::TokenId([0; 16]),
+            }),
+        ];
+        for request in requests {
+            match client.request(&request).unwrap() {
+                Response::Denied(d) => assert!(d.reason.contains("tokens are disabled"), "{d:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Denials leave the session usable.
+        assert!(matches!(
+            client.request(&Request::Tools),
+            Ok(Response::ToolList(_))
+        ));
+    }
+
+    #[test]
+    fn sessions_beyond_the_cap_are_refused_with_the_reason() {
+        let h = Harness::new(Some(Limits {
+            max_sessions: 2,
+            reserved_sessions: 1,
+            max_sessions_per_token: 4,
+            requests_per_second: 10,
+            request_burst: 10,
+        }));
+        let _one = h.client();
+        let _two = h.client();
+        match Client::over(h.socket()) {
+            Err(ClientError::Handshake(message)) => {
+                assert!(message.contains("maximum of 2 sessions"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(_two);
+        // The slot comes back once the session has ended.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while h.broker.open_sessions() > 1 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut three = h.client();
+        assert!(matches!(echo(&mut three, "hi"), Response::Done(_)));
+    }
 }

@@ -12,16 +12,23 @@
 //! fd 3 with `SCM_RIGHTS`; the broker serves that end under the same bound
 //! session. Nothing is ever read from the shared fd 3, so concurrent
 //! clients in one sandbox never see each other's replies.
+//!
+//! Every wait is bounded: connecting and the `Hello` exchange by
+//! [`CONNECT_TIMEOUT`], each reply by [`REPLY_TIMEOUT`] (or what
+//! [`Client::set_reply_timeout`] sets), so a stopped or swamped broker
+//! gives a clear [`ClientError::Timeout`] instead of a hang.
 #![deny(unsafe_code)]
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::sys::socket::{
-    connect, recv, sendmsg, socket, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag,
-    SockType, UnixAddr,
+    connect, recv, sendmsg, socket, socketpair, sockopt, AddressFamily, ControlMessage, MsgFlags,
+    SockFlag, SockType, UnixAddr,
 };
+use nix::sys::time::{TimeVal, TimeValLike};
 
 use keyward_proto::{
     decode, encode, Call, DecodeError, EncodeError, Hello, Param, Request, Response, Value,
@@ -52,7 +59,18 @@ pub enum ClientError {
     Handshake(String),
     #[error("$KEYWARD_FD = {value:?}: {message}")]
     InheritedFd { value: String, message: String },
+    #[error(
+        "the broker did not {what} within {} s; it may be stopped or overloaded",
+        .after.as_secs_f32()
+    )]
+    Timeout { what: &'static str, after: Duration },
 }
+
+/// How long connecting and the `Hello` exchange may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reply may take by default: longer than any upstream call
+/// the broker makes on the caller's behalf should.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The variable `agent-shim run` sets to the number of the broker channel
 /// it passes to the sandboxed program.
@@ -63,10 +81,16 @@ pub const CHANNEL_FD: RawFd = 3;
 
 /// The socket path: `$KEYWARD_SOCKET`, else the default.
 pub fn socket_path() -> PathBuf {
+    socket_path_or(PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// The socket path: `$KEYWARD_SOCKET` unless it is unset or empty, else
+/// `default`.
+pub fn socket_path_or(default: PathBuf) -> PathBuf {
     std::env::var_os("KEYWARD_SOCKET")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+        .unwrap_or(default)
 }
 
 /// A connection to the broker that has completed the `Hello` exchange.
@@ -74,11 +98,19 @@ pub fn socket_path() -> PathBuf {
 pub struct Client {
     fd: OwnedFd,
     buf: Vec<u8>,
+    reply_timeout: Duration,
 }
 
 impl Client {
-    /// Connect to the broker socket at `path` and exchange `Hello`.
+    /// Connect to the broker socket at `path` and exchange `Hello`, within
+    /// [`CONNECT_TIMEOUT`].
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        Client::connect_within(path, CONNECT_TIMEOUT)
+    }
+
+    /// Connect to the broker socket at `path` and exchange `Hello`, each
+    /// within `timeout`.
+    pub fn connect_within(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
         let err = |source: io::Error| ClientError::Connect {
             path: path.to_owned(),
             source,
@@ -91,8 +123,23 @@ impl Client {
         )
         .map_err(|e| err(e.into()))?;
         let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
-        connect(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
-        Client::over(fd)
+        // An AF_UNIX connect waits for room in the listener's backlog at
+        // most SO_SNDTIMEO, then fails with EAGAIN.
+        set_timeout(&fd, sockopt::SendTimeout, timeout)?;
+        loop {
+            match connect(fd.as_raw_fd(), &addr) {
+                Ok(()) => break,
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => {
+                    return Err(ClientError::Timeout {
+                        what: "accept the connection",
+                        after: timeout,
+                    })
+                }
+                Err(e) => return Err(err(e.into())),
+            }
+        }
+        Client::over_within(fd, timeout)
     }
 
     /// Open a private channel over a bound broker connection `shared`:
@@ -115,16 +162,20 @@ impl Client {
             .map_err(io::Error::from)?;
         let message = encode(&Request::Channel)?;
         let fds = [theirs.as_raw_fd()];
+        // Without waiting on the shared socket's options (other processes
+        // use it): a non-blocking send, polled for room within the limit.
+        let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
         loop {
             match sendmsg::<()>(
                 shared.as_fd().as_raw_fd(),
                 &[IoSlice::new(&message)],
                 &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::MSG_NOSIGNAL,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
                 None,
             ) {
                 Ok(_) => break,
                 Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => wait_writable(shared, deadline)?,
                 Err(e) => return Err(io::Error::from(e).into()),
             }
         }
@@ -139,15 +190,33 @@ impl Client {
     }
 
     /// Use an already-connected socket (e.g. one inherited from the shim)
-    /// and exchange `Hello` on it.
+    /// and exchange `Hello` on it, within [`CONNECT_TIMEOUT`].
     pub fn over(fd: OwnedFd) -> Result<Client, ClientError> {
+        Client::over_within(fd, CONNECT_TIMEOUT)
+    }
+
+    fn over_within(fd: OwnedFd, timeout: Duration) -> Result<Client, ClientError> {
         let mut client = Client {
             fd,
             buf: vec![0; MAX_MESSAGE + 1],
+            reply_timeout: timeout,
         };
-        match client.request(&Request::Hello(Hello {
+        set_timeout(&client.fd, sockopt::SendTimeout, timeout)?;
+        set_timeout(&client.fd, sockopt::ReceiveTimeout, timeout)?;
+        let hello = client.request(&Request::Hello(Hello {
             version: PROTOCOL_VERSION,
-        }))? {
+        }));
+        let hello = match hello {
+            Err(ClientError::Timeout { after, .. }) => {
+                return Err(ClientError::Timeout {
+                    what: "answer the handshake",
+                    after,
+                })
+            }
+            other => other?,
+        };
+        client.set_reply_timeout(REPLY_TIMEOUT)?;
+        match hello {
             Response::Hello(h) if h.version == PROTOCOL_VERSION => Ok(client),
             Response::Hello(h) => Err(ClientError::Handshake(format!(
                 "broker speaks protocol version {}",
@@ -180,10 +249,25 @@ impl Client {
         self.request(&Request::Call(call))
     }
 
+    /// Wait at most `timeout` for each reply (and for room to send).
+    pub fn set_reply_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        set_timeout(&self.fd, sockopt::SendTimeout, timeout)?;
+        set_timeout(&self.fd, sockopt::ReceiveTimeout, timeout)?;
+        self.reply_timeout = timeout;
+        Ok(())
+    }
+
     /// Send one request and read its response.
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
         let bytes = encode(request)?;
-        self.send_raw(&bytes)?;
+        if let Err(e) = self.send_raw(&bytes) {
+            // A broker that refuses a connection (e.g. at its session cap)
+            // answers at once and closes: its reason may be waiting.
+            if let Ok(reply @ Response::Error(_)) = self.recv_with(MsgFlags::MSG_DONTWAIT) {
+                return Ok(reply);
+            }
+            return Err(e);
+        }
         self.recv_response()
     }
 
@@ -199,6 +283,12 @@ impl Client {
             ) {
                 Ok(_) => return Ok(()),
                 Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => {
+                    return Err(ClientError::Timeout {
+                        what: "take the request",
+                        after: self.reply_timeout,
+                    })
+                }
                 Err(e) => return Err(io::Error::from(e).into()),
             }
         }
@@ -206,10 +296,24 @@ impl Client {
 
     /// Read one response.
     pub fn recv_response(&mut self) -> Result<Response, ClientError> {
+        self.recv_with(MsgFlags::empty())
+    }
+
+    fn recv_with(&mut self, flags: MsgFlags) -> Result<Response, ClientError> {
         let n = loop {
-            match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC) {
+            match recv(
+                self.fd.as_raw_fd(),
+                &mut self.buf,
+                MsgFlags::MSG_TRUNC | flags,
+            ) {
                 Ok(n) => break n,
                 Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => {
+                    return Err(ClientError::Timeout {
+                        what: "answer",
+                        after: self.reply_timeout,
+                    })
+                }
                 Err(e) => return Err(io::Error::from(e).into()),
             }
         };
@@ -222,5 +326,34 @@ impl Client {
         }
         let bytes = self.buf.get(..n).ok_or(ClientError::TooLarge)?;
         Ok(decode(bytes)?)
+    }
+}
+
+/// Set `SO_SNDTIMEO` or `SO_RCVTIMEO` (zero would mean "forever": at
+/// least a microsecond).
+fn set_timeout<O>(fd: &OwnedFd, option: O, timeout: Duration) -> Result<(), ClientError>
+where
+    O: nix::sys::socket::SetSockOpt<Val = TimeVal>,
+{
+    let micros = i64::try_from(timeout.as_micros())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    nix::sys::socket::setsockopt(fd, option, &TimeVal::microseconds(micros))
+        .map_err(|e| ClientError::Io(e.into()))
+}
+
+/// Wait until `fd` has room to send, or fail at `deadline`.
+fn wait_writable(fd: &impl AsFd, deadline: std::time::Instant) -> Result<(), ClientError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+    match poll(&mut fds, PollTimeout::from(millis)) {
+        Ok(0) => Err(ClientError::Timeout {
+            what: "take the channel",
+            after: CONNECT_TIMEOUT,
+        }),
+        Ok(_) | Err(nix::Error::EINTR) => Ok(()),
+        Err(e) => Err(ClientError::Io(e.into())),
     }
 }

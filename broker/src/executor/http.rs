@@ -348,7 +348,7 @@ impl HttpExecutor {
         let mut pair_redactor = None;
         if let Some(auth) = &tool.auth {
             let secret = credentials.get(&auth.credential).ok_or_else(|| {
-                ExecError::Upstream(format!("credential {} is not loaded", auth.credential))
+                ExecError::Internal(format!("credential {} is not loaded", auth.credential))
             })?;
             let value = auth.scheme.header_value(secret).ok_or_else(|| {
                 ExecError::Upstream(format!(

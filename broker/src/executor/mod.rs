@@ -27,6 +27,10 @@ pub enum ExecError {
     TooLarge(usize),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    /// The broker itself is at fault (e.g. a credential the policy names
+    /// was not loaded), not the upstream or the caller.
+    #[error("internal broker error: {0}")]
+    Internal(String),
 }
 
 /// Performs calls. Cheap to share behind an `Arc`.

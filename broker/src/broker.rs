@@ -1,0 +1,150 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The state every session shares: the policy and admission limits in
+//! force, the executor (which alone holds the credentials), the audit
+//! sink, the token authority and the session counts.
+//!
+//! The accept loop ([`crate::server`]) and the sessions
+//! ([`crate::session`]) both use it; reloading it lives in
+//! [`crate::reload`].
+
+use std::sync::{Arc, RwLock};
+
+use keyward_proto::token::TokenId;
+
+use crate::audit::Audit;
+use crate::executor::Executor;
+use crate::limits::{Admission, Limits, Refusal, SessionSlot, Who};
+use crate::notify::Notifier;
+use crate::policy::Policy;
+use crate::token::Tokens;
+
+/// Everything a session needs.
+#[derive(Debug)]
+pub struct Broker {
+    policy: RwLock<Arc<Policy>>,
+    limits: RwLock<Arc<Limits>>,
+    /// The descriptor limit the session cap was derived from.
+    fd_limit: u64,
+    pub executor: Executor,
+    pub audit: Audit,
+    /// The service manager, when there is one.
+    pub notifier: Notifier,
+    /// The token authority; `None` without a state directory.
+    pub tokens: Option<Tokens>,
+    admission: Arc<Admission>,
+}
+
+impl Broker {
+    /// A broker with the default limits for the descriptor limit in force.
+    pub fn new(policy: Policy, executor: Executor, audit: Audit) -> Broker {
+        let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        Broker {
+            policy: RwLock::new(Arc::new(policy)),
+            limits: RwLock::new(Arc::new(Limits::defaults(fd_limit))),
+            fd_limit,
+            executor,
+            audit,
+            notifier: Notifier::disabled(),
+            tokens: None,
+            admission: Admission::new(),
+        }
+    }
+
+    /// Admit sessions within these limits, derived from `fd_limit`.
+    pub fn with_limits(mut self, limits: Limits, fd_limit: u64) -> Broker {
+        self.limits = RwLock::new(Arc::new(limits));
+        self.fd_limit = fd_limit;
+        self
+    }
+
+    /// Mint, verify and revoke tokens with this authority.
+    pub fn with_tokens(mut self, tokens: Tokens) -> Broker {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// Report readiness, status and liveness to this service manager.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Broker {
+        self.notifier = notifier;
+        self
+    }
+
+    /// A one-line summary for `systemctl status`.
+    pub fn status(&self) -> String {
+        let c = self.audit.counts();
+        let mut status = format!(
+            "serving: {} open sessions; {} calls ({} allowed, {} denied, {} failed); {} refused",
+            self.admission.open(),
+            c.calls_allowed + c.calls_denied + c.calls_failed,
+            c.calls_allowed,
+            c.calls_denied,
+            c.calls_failed,
+            c.refused,
+        );
+        if c.write_failures > 0 {
+            status.push_str(&format!("; {} audit write failures", c.write_failures));
+        }
+        status
+    }
+
+    /// The policy in force now. A session takes it once per request, so a
+    /// reload applies from the next request on.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The admission limits in force now.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The descriptor limit the session cap is derived from.
+    pub fn fd_limit(&self) -> u64 {
+        self.fd_limit
+    }
+
+    /// Put a new policy and limits in force (a reload).
+    pub(crate) fn replace(&self, policy: Policy, limits: Limits) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(limits);
+    }
+
+    /// Sessions open now.
+    pub fn open_sessions(&self) -> usize {
+        self.admission.open()
+    }
+
+    fn who(&self, policy: &Policy, uid: u32) -> Who {
+        Who {
+            uid,
+            privileged: uid == 0 || policy.broker.admin_uids.contains(&uid),
+            per_uid: policy.broker.max_connections_per_uid,
+        }
+    }
+
+    /// A slot for a new session (connection or channel) of `uid`, acting
+    /// with `token` if given; refused beyond the limits.
+    pub fn admit(&self, uid: u32, token: Option<TokenId>) -> Result<SessionSlot, Refusal> {
+        let who = self.who(&self.policy(), uid);
+        self.admission.admit(&self.limits(), who, token)
+    }
+
+    /// Count a connection's slot against the token it is being bound to.
+    pub fn attach_token(&self, slot: &mut SessionSlot, id: TokenId) -> Result<(), Refusal> {
+        self.admission.attach_token(&self.limits(), slot, id)
+    }
+
+    /// Take one request from `uid`'s rate budget; `Err((refusal, first))`
+    /// when it is spent, `first` for the first refusal of a run.
+    pub fn rate(&self, uid: u32) -> Result<(), (Refusal, bool)> {
+        let who = self.who(&self.policy(), uid);
+        self.admission.request(&self.limits(), who)
+    }
+}

@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Reloading the configuration on SIGHUP: the new policy and limits apply
+//! from the next request on, or, if they are not valid, the old ones stay.
+//! Either way the outcome is an audit record saying why.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::audit::{Decision, Event, Record};
+use crate::broker::Broker;
+use crate::config::{ConfigError, Located, Source};
+use crate::limits::{Limits, LimitsError};
+use crate::policy::{Action, Policy};
+
+/// Why a reloaded configuration was not put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Policy(Vec<Located>),
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+    #[error(
+        "tool {tool:?} uses credential {credential:?}, which was not loaded at start; \
+         restart the broker to load new credentials"
+    )]
+    CredentialNotLoaded { tool: String, credential: String },
+    #[error(
+        "tool {tool:?} sends credential {credential:?} as HTTP Basic user {user:?}, \
+         which redaction was not set up for at start; restart the broker"
+    )]
+    BasicUserNotRegistered {
+        tool: String,
+        credential: String,
+        user: String,
+    },
+}
+
+impl Broker {
+    /// Re-read the configuration at `path`; if it is valid and needs no
+    /// credential that was not loaded at start, its policy and limits
+    /// apply from the next request on. Otherwise those in force stay.
+    /// Either way the outcome is an audit record saying why.
+    pub fn reload(&self, path: &Path) -> Result<(), ReloadError> {
+        self.notifier.reloading();
+        let result = self.load_policy(path);
+        let outcome = match result {
+            Ok((policy, limits, summary)) => {
+                self.replace(policy, limits);
+                let reason = format!(
+                    "{}: {summary} (socket and credential changes apply at the next restart)",
+                    path.display()
+                );
+                let _ = self
+                    .audit
+                    .must_record(&Record::new(Event::Reload, Decision::Info).reason(&reason));
+                Ok(())
+            }
+            Err(e) => {
+                // Config errors name the file and line already.
+                let mut reason = e.to_string();
+                if !reason.contains(&*path.to_string_lossy()) {
+                    reason = format!("{}: {reason}", path.display());
+                }
+                eprintln!("keyward-broker: reload failed, keeping the old policy: {reason}");
+                let _ = self
+                    .audit
+                    .must_record(&Record::new(Event::Reload, Decision::Error).reason(&reason));
+                Err(e)
+            }
+        };
+        self.notifier.ready(&self.status());
+        outcome
+    }
+
+    fn load_policy(&self, path: &Path) -> Result<(Policy, Limits, String), ReloadError> {
+        let source = Source::load(path)?;
+        let policy = Policy::compile(&source).map_err(ReloadError::Policy)?;
+        let limits = Limits::from_config(&source.config.broker, self.fd_limit())?;
+        let credentials = self.executor.credentials();
+        for tool in policy.tools() {
+            let Some(credential) = &tool.credential else {
+                continue;
+            };
+            if credentials.get(credential).is_none() {
+                return Err(ReloadError::CredentialNotLoaded {
+                    tool: tool.name.clone(),
+                    credential: credential.clone(),
+                });
+            }
+            if let Action::Http(http) = &tool.action {
+                if let Some((credential, user)) = http.basic_user() {
+                    if !credentials.has_basic_user(credential, user) {
+                        return Err(ReloadError::BasicUserNotRegistered {
+                            tool: tool.name.clone(),
+                            credential: credential.to_owned(),
+                            user: user.to_owned(),
+                        });
+                    }
+                }
+            }
+        }
+        let summary = format!(
+            "{} principals, {} tools",
+            source.config.principals.len(),
+            source.config.tools.len()
+        );
+        Ok((policy, limits, summary))
+    }
+}
+
+/// Reload the configuration at `config` on every SIGHUP, for as long as
+/// the returned future runs. The handler is installed before this returns,
+/// so a SIGHUP after startup never kills the broker (its default action);
+/// without a file (the built-in example) a SIGHUP is only reported.
+pub fn reload_on_hangup(
+    broker: Arc<Broker>,
+    config: Option<PathBuf>,
+) -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())?;
+    Ok(async move {
+        while hangups.recv().await.is_some() {
+            let Some(path) = config.clone() else {
+                eprintln!(
+                    "keyward-broker: SIGHUP ignored: the built-in example has no file to reload"
+                );
+                continue;
+            };
+            let broker = Arc::clone(&broker);
+            // Reading and compiling the policy is blocking work.
+            let _ = tokio::task::spawn_blocking(move || broker.reload(&path)).await;
+        }
+    })
+}
