@@ -272,6 +272,14 @@ impl UrlTemplate {
                 Part::Param(_) => "x",
             })
             .collect();
+        if has_dot_segment(&skeleton) {
+            return Err(
+                "has a dot segment (\".\" or \"..\") in its path, which the URL parser \
+                 resolves, dropping or climbing past the segments before it; write the \
+                 path it resolves to"
+                    .to_owned(),
+            );
+        }
         let url = Url::parse(&skeleton).map_err(|e| format!("not a valid URL: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("scheme {} is not http or https", url.scheme()));
@@ -353,6 +361,25 @@ impl UrlTemplate {
     pub fn host(&self) -> &str {
         &self.host
     }
+}
+
+/// Whether the path of a URL has a segment the URL parser resolves as
+/// `.` or `..` (also `%2e` forms, and `\` as a separator, as it reads
+/// them in http and https URLs).
+fn has_dot_segment(url: &str) -> bool {
+    let Some(after_scheme) = url.find("://").map(|i| i + 3) else {
+        return false;
+    };
+    let rest = &url[after_scheme..];
+    let Some(path_start) = rest.find(['/', '\\', '?', '#']) else {
+        return false;
+    };
+    let path = &rest[path_start..];
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    path.split(['/', '\\']).any(|segment| {
+        let dotted = segment.to_ascii_lowercase().replace("%2e", ".");
+        dotted == "." || dotted == ".."
+    })
 }
 
 /// Whether the placeholder at `i` fills whole path segments: a `/` right
@@ -724,6 +751,20 @@ mod tests {
         ] {
             assert!(err(bad).contains("stand between \"/\"s"), "{bad}");
         }
+        // The URL parser resolves the template's own dot segments, which
+        // would drop values or climb out of where a `path` value was put
+        // (`/files/{p}/..` with p = `reports` is `/files/`).
+        for bad in [
+            "https://h/files/{p}/..",
+            "https://h/files/{p}/../../admin",
+            "https://h/files/./{a}",
+            "https://h/a/%2E%2e/{a}",
+            "https://h/a/.%2E/{a}?q=1",
+            "https://h/a\\..\\{a}",
+            "https://h/../{a}",
+        ] {
+            assert!(err(bad).contains("dot segment"), "{bad}");
+        }
         for good in [
             "https://h/files/{p}",
             "https://h/files/{p}/raw",
@@ -732,6 +773,9 @@ mod tests {
             "https://h/files/{p}/{q}",
             // In the query it is text.
             "https://h/files?path={p}x",
+            "https://h/files/{a}?up=../..",
+            "https://h/v1/{a}..json",
+            "https://h/v1/..{a}",
         ] {
             compile_url(good);
         }

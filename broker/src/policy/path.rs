@@ -220,10 +220,12 @@ fn check_text(text: &str) -> Result<(), SegmentFault> {
 /// The part of a segment a server judges: before a `;` path parameter
 /// (Tomcat, Jetty), without trailing dots and spaces (Windows), nor
 /// whitespace trimmed at either end (Unicode whitespace, and `+`, which
-/// is a space to a server that form-decodes its path).
+/// is a space to a server that form-decodes its path), nor the invisible
+/// characters some normalisations and file systems drop
+/// ([`is_default_ignorable`]).
 fn check_core(text: &str) -> Result<(), SegmentFault> {
     let core = text.split(';').next().unwrap_or_default();
-    let blank = |c: char| c.is_whitespace() || c == '+';
+    let blank = |c: char| c.is_whitespace() || c == '+' || is_default_ignorable(c);
     if core.chars().all(blank) {
         return Err(SegmentFault::Empty);
     }
@@ -231,6 +233,32 @@ fn check_core(text: &str) -> Result<(), SegmentFault> {
         return Err(SegmentFault::Dot);
     }
     Ok(())
+}
+
+/// Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt):
+/// invisible characters that NFKC_Casefold removes and HFS+ ignores in
+/// names, so `.\u{200B}.` can be read as `..`.
+fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c,
+        '\u{AD}'
+            | '\u{34F}'
+            | '\u{61C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 /// One round of percent-decoding, `%XX` and IIS's `%uXXXX`; `None` when
@@ -280,6 +308,7 @@ fn decode(bytes: &[u8]) -> Result<Option<Vec<u8>>, SegmentFault> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::Strategy;
     use SegmentFault::*;
 
     #[test]
@@ -305,6 +334,7 @@ mod tests {
             "10:30",
             "urn:x",
             "ab:c",
+            "a\u{200D}b",
         ] {
             assert_eq!(check_segment(ok), Ok(()), "{ok:?}");
         }
@@ -335,6 +365,11 @@ mod tests {
             ("+..", Dot),
             ("..\u{2028}", Dot),
             ("\u{1680}..", Dot),
+            // Invisible characters some normalisations drop.
+            (".\u{200B}.", Dot),
+            ("..\u{FEFF}", Dot),
+            ("\u{AD}", Empty),
+            ("%E2%80%8B..", Dot),
             (".%2e", Dot),
             ("%252e%252e", Dot),
             ("%25252e.", Dot),
@@ -452,5 +487,68 @@ mod tests {
         assert_eq!(check_segment(&long), Err(TooDeep));
         let wide = "\u{FF21}%25".repeat(10_000);
         assert!(check_segment(&wide).is_ok());
+    }
+
+    /// One thing a server may do to a segment before it judges it.
+    fn server_step(step: u8, text: &str) -> String {
+        use unicode_normalization::UnicodeNormalization;
+        match step {
+            0 => percent_encoding::percent_decode_str(text)
+                .decode_utf8_lossy()
+                .into_owned(),
+            1 => match decode(text.as_bytes()) {
+                Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                _ => text.to_owned(),
+            },
+            2 => text.replace('+', " "),
+            3 => text.nfkc().collect(),
+            4 => text.nfd().collect(),
+            5 => text.trim().to_owned(),
+            6 => text.trim_end_matches(['.', ' ']).to_owned(),
+            7 => text.split(';').next().unwrap_or_default().to_owned(),
+            8 => text.replace('\\', "/"),
+            9 => text.to_lowercase(),
+            10 => text.chars().filter(|&c| !is_default_ignorable(c)).collect(),
+            _ => text.nfkc().collect::<String>().to_lowercase(),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 3000,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// A segment accepted here stays one segment that is not empty,
+        /// `.` or `..` through any few steps a server may take: decoding
+        /// (`%XX`, `%uXXXX`, `+`), normalising (NFKC, NFD, case), trimming
+        /// (whitespace, trailing dots, invisible characters), dropping a
+        /// `;` parameter, reading `\\` as `/`.
+        #[test]
+        fn accepted_segments_survive_server_steps(
+            value in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    ".", "..", "%", "2", "5", "e", "E", "f", "F", "c", "C", "u", "0", "+",
+                    " ", ";", "\\", "a", "%2e", "%25", "%2f", "%u002e", "%2B", "\u{FF0E}",
+                    "\u{2024}", "\u{FF05}", "\u{FF12}", "\u{FF25}", "\u{200B}", "\u{AD}",
+                    "\u{FEFF}", "\u{130}", "\u{212A}", "\u{2025}", "\u{FE52}", "\u{307}",
+                    "\u{2044}", "\u{FF3C}", "\u{A0}", "\u{2028}", "\u{FF1A}", ":",
+                ]),
+                0..8,
+            )
+            .prop_map(|atoms: Vec<&str>| atoms.concat()),
+            steps in proptest::collection::vec(0u8..12, 0..5),
+        ) {
+            if check_segment(&value).is_ok() {
+                let mut seen = value.clone();
+                for &step in &steps {
+                    seen = server_step(step, &seen);
+                }
+                proptest::prop_assert!(
+                    !seen.is_empty() && seen != "." && seen != ".." && !seen.contains(['/', '\0']),
+                    "{value:?} through steps {steps:?} is {seen:?}"
+                );
+            }
+        }
     }
 }
