@@ -23,6 +23,7 @@ pub mod credential;
 pub mod executor;
 pub mod journal;
 pub mod keys;
+pub mod leak;
 pub mod listener;
 pub mod notify;
 pub mod peer;

@@ -8,8 +8,12 @@
 //! (a redirect would carry a named credential header to another host) and
 //! uses no proxy. The whole exchange runs under the tool's timeout, the
 //! body is read up to the tool's cap and refused beyond it (a truncated
-//! body could end in half a secret, which redaction would miss), and the
-//! response headers and body are redacted before they are returned.
+//! body could end in half a secret, which redaction would miss), a
+//! response with any `Content-Encoding` but identity is refused, whole
+//! credentials in their common encodings are redacted from headers and
+//! body, and then what would be returned is judged by the leak scanner
+//! ([`crate::leak`]): any fragment of a credential left, in any encoding
+//! it normalises, and the whole response is withheld.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -413,6 +417,16 @@ impl HttpExecutor {
             }
             headers.push(Header { name, value });
         }
+        // The status is a number; the reason phrase is not returned.
+        credentials
+            .scanner()
+            .check_response(
+                headers
+                    .iter()
+                    .map(|h| (h.name.as_bytes(), h.value.as_bytes())),
+                &body,
+            )
+            .map_err(ExecError::Withheld)?;
         Ok(CallResult {
             status,
             headers,
@@ -435,13 +449,21 @@ impl HttpExecutor {
         {
             return Err(FetchError::TooLarge);
         }
-        if let Some(encoding) = response.headers().get(header::CONTENT_ENCODING) {
-            if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") {
-                return Err(FetchError::Upstream(
-                    "the response is compressed (content-encoding), which the broker cannot redact"
-                        .to_owned(),
-                ));
-            }
+        // Every Content-Encoding header, every coding listed in each: the
+        // first saying `identity` must not hide a second saying `gzip`.
+        let encoded = response
+            .headers()
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .map(|coding| coding.trim_ascii())
+            .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
+        if encoded {
+            return Err(FetchError::Upstream(
+                "the response is compressed (content-encoding), which the broker refuses: \
+                 it asks for identity and judges only what it can read"
+                    .to_owned(),
+            ));
         }
         // Sized once: no reallocation leaves an unzeroized copy behind.
         let mut body = Zeroizing::new(Vec::with_capacity(cap));
