@@ -417,16 +417,18 @@ impl HttpExecutor {
             }
             headers.push(Header { name, value });
         }
-        // The status is a number; the reason phrase is not returned.
-        credentials
-            .scanner()
-            .check_response(
+        // The status is a number; the reason phrase is not returned. The
+        // judgement is CPU work (milliseconds for a full body, more for a
+        // hostile one): off the reactor.
+        off_reactor(|| {
+            credentials.scanner().check_response(
                 headers
                     .iter()
                     .map(|h| (h.name.as_bytes(), h.value.as_bytes())),
                 &body,
             )
-            .map_err(ExecError::Withheld)?;
+        })
+        .map_err(ExecError::Withheld)?;
         Ok(CallResult {
             status,
             headers,
@@ -476,6 +478,15 @@ impl HttpExecutor {
         let status = response.status().as_u16();
         let headers = std::mem::take(response.headers_mut());
         Ok((status, headers, body))
+    }
+}
+
+/// Run CPU-bound `op` where it does not stall other sessions' I/O: on a
+/// multi-threaded runtime the worker hands its other tasks off first.
+fn off_reactor<T>(op: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(op),
+        _ => op(),
     }
 }
 

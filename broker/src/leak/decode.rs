@@ -10,8 +10,6 @@
 
 use std::io::Read;
 
-use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use base64::Engine as _;
 use zeroize::Zeroizing;
 
 /// Decoded bytes; wiped on drop.
@@ -21,15 +19,6 @@ pub type Bytes = Zeroizing<Vec<u8>>;
 /// not read as one. (A credential with a NUL byte in a window could be
 /// missed where it straddles two runs; none is expected.)
 pub const RUN_SEPARATOR: u8 = 0;
-
-/// Lenient base64: standard alphabet (URL-safe input is mapped onto it),
-/// padding optional, trailing bits ignored.
-const BASE64: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new()
-        .with_decode_allow_trailing_bits(true)
-        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
 
 /// The compression format whose magic starts at some offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +114,16 @@ pub fn unescape(view: &[u8], plus_is_space: bool) -> Option<Bytes> {
     let mut changed = false;
     let mut i = 0;
     while i < view.len() {
+        // Copy up to the next byte that may start an escape in one go.
+        let plain = view[i..]
+            .iter()
+            .position(interesting)
+            .unwrap_or(view.len() - i);
+        out.extend_from_slice(&view[i..i + plain]);
+        i += plain;
+        if i == view.len() {
+            break;
+        }
         let step = match view[i] {
             b'\\' => json_escape(&view[i..], &mut out),
             b'%' => percent_escape(&view[i..], &mut out),
@@ -273,103 +272,200 @@ fn html_reference(text: &[u8], out: &mut Vec<u8>) -> Option<usize> {
     }
 }
 
-/// Whether `b` may appear in base64 (either alphabet, no padding).
-fn is_base64(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
+/// How a byte reads in base64 text: its 6-bit value (either alphabet),
+/// whitespace (skipped: line-wrapped base64), or anything else (ends a
+/// run).
+const B64_SPACE: u8 = 0xfe;
+const B64_OTHER: u8 = 0xff;
+const BASE64_CLASS: [u8; 256] = {
+    let mut table = [B64_OTHER; 256];
+    let mut i = 0;
+    while i < 64 {
+        table[b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[i] as usize] =
+            i as u8;
+        i += 1;
+    }
+    table[b'-' as usize] = 62;
+    table[b'_' as usize] = 63;
+    table[b' ' as usize] = B64_SPACE;
+    table[b'\t' as usize] = B64_SPACE;
+    table[b'\n' as usize] = B64_SPACE;
+    table[b'\r' as usize] = B64_SPACE;
+    table[0x0c] = B64_SPACE;
+    table
+};
+
+/// The runs of `view` in one alphabet: `(values, run ends)` where each
+/// run's values follow the previous run's end. Separators are dropped.
+type Runs = (Bytes, Vec<usize>);
+
+/// Split `view` into runs of the bytes `class` maps below `B64_SPACE`,
+/// skipping bytes it maps to `B64_SPACE` and ending a run at any other;
+/// runs shorter than `min` are dropped.
+fn runs(view: &[u8], class: &[u8; 256], min: usize) -> Option<Runs> {
+    let mut values = Zeroizing::new(Vec::with_capacity(view.len()));
+    let mut ends = Vec::new();
+    let mut start = 0;
+    for &b in view {
+        let c = class[usize::from(b)];
+        if c < B64_SPACE {
+            values.push(c);
+        } else if c == B64_OTHER && values.len() > start {
+            if values.len() - start >= min {
+                ends.push(values.len());
+                start = values.len();
+            } else {
+                values.truncate(start);
+            }
+        }
+    }
+    if values.len() - start >= min {
+        ends.push(values.len());
+    } else {
+        values.truncate(start);
+    }
+    (!ends.is_empty()).then_some((values, ends))
 }
 
 /// The base64 runs of `view` — maximal stretches of base64 characters and
-/// whitespace, the whitespace dropped (line-wrapped base64), the URL-safe
-/// alphabet mapped to the standard one — each at least `min_chars` long,
-/// decoded starting at character `offset` (0 to 3: where the run really
-/// starts is unknown, and a word glued to its front shifts it). Runs are
-/// joined by [`RUN_SEPARATOR`]. `None` if no run is long enough.
-pub fn base64_runs(view: &[u8], offset: usize, min_chars: usize) -> Option<Bytes> {
-    let mut out = Zeroizing::new(Vec::new());
-    let mut run = Zeroizing::new(Vec::new());
-    let mut any = false;
-    let mut flush = |run: &mut Zeroizing<Vec<u8>>, out: &mut Zeroizing<Vec<u8>>| {
-        if run.len() >= min_chars.max(offset + 2) {
-            let chars = &run[offset..];
-            // A lone trailing character holds less than a byte.
-            let usable = if chars.len() % 4 == 1 {
-                chars.len() - 1
-            } else {
-                chars.len()
-            };
-            let mut decoded = Zeroizing::new(Vec::with_capacity(usable / 4 * 3 + 3));
-            if BASE64.decode_vec(&chars[..usable], &mut decoded).is_ok() {
-                if any {
-                    out.push(RUN_SEPARATOR);
+/// whitespace, the whitespace dropped (line-wrapped base64), either
+/// alphabet — of at least `min_chars`, decoded starting at each character
+/// offset 0 to 3 (where a run really starts is unknown: a word glued to
+/// its front shifts it). One view per offset, its runs joined by
+/// [`RUN_SEPARATOR`]; none if no run is long enough.
+pub fn base64_runs(view: &[u8], min_chars: usize) -> Vec<Bytes> {
+    let Some((sextets, ends)) = runs(view, &BASE64_CLASS, min_chars.max(2)) else {
+        return Vec::new();
+    };
+    let mut views = Vec::with_capacity(4);
+    for offset in 0..4 {
+        // Sized once: no reallocation leaves an unwiped copy behind.
+        let mut out = Zeroizing::new(Vec::with_capacity(sextets.len() * 3 / 4 + ends.len()));
+        let mut start = 0;
+        for &end in &ends {
+            let run = &sextets[start..end];
+            start = end;
+            if run.len() < offset + 2 {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(RUN_SEPARATOR);
+            }
+            // Four sextets make three bytes; two or three trailing ones
+            // one or two more; a lone trailing one less than a byte.
+            let mut quads = run[offset..].chunks(4);
+            for quad in &mut quads {
+                let mut bits = 0u32;
+                for (i, &v) in quad.iter().enumerate() {
+                    bits |= u32::from(v) << (18 - 6 * i);
                 }
-                out.extend_from_slice(&decoded);
-                any = true;
+                let bytes = bits.to_be_bytes();
+                let take = match quad.len() {
+                    4 => 3,
+                    3 => 2,
+                    2 => 1,
+                    _ => 0,
+                };
+                out.extend_from_slice(&bytes[1..1 + take]);
             }
         }
-        run.clear();
-    };
-    for &b in view {
-        if is_base64(b) {
-            run.push(match b {
-                b'-' => b'+',
-                b'_' => b'/',
-                b => b,
-            });
-        } else if !b.is_ascii_whitespace() {
-            flush(&mut run, &mut out);
+        if !out.is_empty() {
+            views.push(out);
         }
     }
-    flush(&mut run, &mut out);
-    any.then_some(out)
+    views
 }
+
+/// Hex digits' values; separators (`:`, `-`, `.`, `,`, `;`, whitespace)
+/// skipped; anything else ends a run.
+const HEX_CLASS: [u8; 256] = {
+    let mut table = [B64_OTHER; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    let separators = b":-.,; \t\n\r";
+    let mut i = 0;
+    while i < separators.len() {
+        table[separators[i] as usize] = B64_SPACE;
+        i += 1;
+    }
+    table
+};
 
 /// The hex runs of `view` — hex digits in either case, with or without
 /// separators between them (`:`, `-`, `.`, `,`, `;`, whitespace, and
-/// `\x` / `0x` prefixes) — each of at least `min_digits` digits, decoded
-/// starting at digit `offset` (0 or 1). Runs are joined by
-/// [`RUN_SEPARATOR`]. `None` if no run is long enough.
-pub fn hex_runs(view: &[u8], offset: usize, min_digits: usize) -> Option<Bytes> {
-    let mut out = Zeroizing::new(Vec::new());
-    let mut digits = Zeroizing::new(Vec::new());
-    let mut any = false;
-    let mut flush = |digits: &mut Zeroizing<Vec<u8>>, out: &mut Zeroizing<Vec<u8>>| {
-        if digits.len() >= min_digits.max(offset + 2) {
-            if any {
+/// `\x` / `0x` prefixes) — of at least `min_digits` digits, decoded
+/// starting at digit offset 0 and 1. One view per offset, its runs joined
+/// by [`RUN_SEPARATOR`]; none if no run is long enough.
+pub fn hex_runs(view: &[u8], min_digits: usize) -> Vec<Bytes> {
+    // Drop `\x` and `0x` prefixes first: the `0` of `0x` is a digit.
+    let has_prefix = view
+        .windows(2)
+        .any(|w| matches!(w, [b'0' | b'\\', b'x' | b'X']));
+    let cleaned;
+    let view = if has_prefix {
+        let mut out = Zeroizing::new(Vec::with_capacity(view.len()));
+        let mut i = 0;
+        while i < view.len() {
+            let b = view[i];
+            let prefix = matches!(b, b'0' | b'\\')
+                && matches!(view.get(i + 1), Some(b'x' | b'X'))
+                && view.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+                && (b == b'\\' || i == 0 || !view[i - 1].is_ascii_hexdigit());
+            if prefix {
+                out.push(b' ');
+                i += 2;
+            } else {
+                out.push(b);
+                i += 1;
+            }
+        }
+        cleaned = out;
+        cleaned.as_slice()
+    } else {
+        view
+    };
+    let Some((nibbles, ends)) = runs(view, &HEX_CLASS, min_digits.max(2)) else {
+        return Vec::new();
+    };
+    let mut views = Vec::with_capacity(2);
+    for offset in 0..2 {
+        let mut out = Zeroizing::new(Vec::with_capacity(nibbles.len() / 2 + ends.len()));
+        let mut start = 0;
+        for &end in &ends {
+            let run = &nibbles[start..end];
+            start = end;
+            if run.len() < offset + 2 {
+                continue;
+            }
+            if !out.is_empty() {
                 out.push(RUN_SEPARATOR);
             }
-            for pair in digits[offset..].chunks_exact(2) {
+            for pair in run[offset..].chunks_exact(2) {
                 out.push(pair[0] << 4 | pair[1]);
             }
-            any = true;
         }
-        digits.clear();
-    };
-    let mut i = 0;
-    while i < view.len() {
-        let b = view[i];
-        let prefix = matches!(b, b'0' | b'\\')
-            && matches!(view.get(i + 1), Some(b'x' | b'X'))
-            && view.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
-            && (b == b'\\' || i == 0 || !view[i - 1].is_ascii_hexdigit());
-        if prefix {
-            i += 2;
-            continue;
+        if !out.is_empty() {
+            views.push(out);
         }
-        if let Some(v) = hex_value(b) {
-            digits.push(v);
-        } else if !(matches!(b, b':' | b'-' | b'.' | b',' | b';') || b.is_ascii_whitespace()) {
-            flush(&mut digits, &mut out);
-        }
-        i += 1;
     }
-    flush(&mut digits, &mut out);
-    any.then_some(out)
+    views
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use std::io::Write;
+
+    use base64::Engine as _;
 
     use super::*;
 
@@ -395,21 +491,20 @@ mod tests {
     fn base64_runs_strip_whitespace_and_find_every_offset() {
         let encoded = base64::engine::general_purpose::STANDARD.encode(b"the secret value");
         let wrapped = format!("x: {}\r\n {}", &encoded[..7], &encoded[7..]);
-        let out = base64_runs(wrapped.as_bytes(), 0, 8).unwrap();
-        assert_eq!(&out[..], b"the secret value");
+        let out = base64_runs(wrapped.as_bytes(), 8);
+        assert_eq!(&out[0][..], b"the secret value");
         // A word glued to the front shifts the run by its length.
         let glued = format!("key{encoded}");
-        let found = (0..4).any(|o| {
-            base64_runs(glued.as_bytes(), o, 8)
-                .is_some_and(|d| d.windows(16).any(|w| w == b"the secret value"))
-        });
+        let found = base64_runs(glued.as_bytes(), 8)
+            .iter()
+            .any(|d| d.windows(16).any(|w| w == b"the secret value"));
         assert!(found);
         let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xfb, 0xff, 0xfe, 1]);
         assert_eq!(
-            &base64_runs(url.as_bytes(), 0, 4).unwrap()[..],
+            &base64_runs(url.as_bytes(), 4)[0][..],
             [0xfb, 0xff, 0xfe, 1]
         );
-        assert!(base64_runs(b"short, runs; only", 0, 8).is_none());
+        assert!(base64_runs(b"short, runs; only", 8).is_empty());
     }
 
     #[test]
@@ -421,12 +516,12 @@ mod tests {
             "\\x73\\x65\\x63\\x72\\x65\\x74\\x2d\\x76\\x61\\x6c\\x75\\x65",
             "0x73, 0x65, 0x63, 0x72, 0x65, 0x74, 0x2d, 0x76, 0x61, 0x6c, 0x75, 0x65",
         ] {
-            let out = hex_runs(text.as_bytes(), 0, 16).unwrap();
-            assert_eq!(&out[..], b"secret-value", "{text}");
+            let out = hex_runs(text.as_bytes(), 16);
+            assert_eq!(&out[0][..], b"secret-value", "{text}");
         }
-        let odd = hex_runs(b"z a7365637265742d76616c7565", 1, 16).unwrap();
-        assert_eq!(&odd[..], b"secret-value");
-        assert!(hex_runs(b"cafe", 0, 16).is_none());
+        let odd = hex_runs(b"z a7365637265742d76616c7565", 16);
+        assert_eq!(&odd[1][..], b"secret-value");
+        assert!(hex_runs(b"cafe", 16).is_empty());
     }
 
     #[test]

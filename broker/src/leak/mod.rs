@@ -71,11 +71,11 @@ pub const MAX_WINDOWS_PER_SECRET: usize = 4096;
 pub const MAX_DEPTH: usize = 8;
 
 /// Bytes of decoded views one judgement may produce.
-pub const MAX_SCAN_BYTES: usize = 32 << 20;
+pub const MAX_SCAN_BYTES: usize = 16 << 20;
 
 /// Bytes one compressed stream may expand to (a decompression bomb stops
 /// here).
-pub const MAX_INFLATED: usize = 8 << 20;
+pub const MAX_INFLATED: usize = 4 << 20;
 
 /// Total window bytes above which the automaton is an NFA, not a DFA.
 const MAX_DFA_PATTERN_BYTES: usize = 16 * 1024;
@@ -286,15 +286,11 @@ impl<'s> Judgement<'s> {
         }
         // A window of `shortest` bytes is at least this many characters.
         let base64_chars = (shortest * 4).div_ceil(3);
-        for offset in 0..4 {
-            if let Some(data) = decode::base64_runs(bytes, offset, base64_chars) {
-                children.push(("base64", data));
-            }
+        for data in decode::base64_runs(bytes, base64_chars) {
+            children.push(("base64", data));
         }
-        for offset in 0..2 {
-            if let Some(data) = decode::hex_runs(bytes, offset, 2 * shortest) {
-                children.push(("hex", data));
-            }
+        for data in decode::hex_runs(bytes, 2 * shortest) {
+            children.push(("hex", data));
         }
         for (name, data) in children {
             if data.len() < shortest {

@@ -315,7 +315,7 @@ fn encode_step(step: u8, column: usize, data: &[u8]) -> Option<Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     /// Any window of a secret, inside any text, through up to three
     /// supported encodings, inside any outer text, is caught.
