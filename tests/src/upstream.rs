@@ -236,6 +236,19 @@ pub fn wrapped_base64_across_a_break() -> String {
     lines.join("\r\n")
 }
 
+/// Base64 of the secret wrapped at 8 columns: no line holds a window of
+/// it (6 bytes a line, the window is 9), only the joined text does.
+pub fn narrow_base64() -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(SECRET);
+    let lines: Vec<&str> = encoded
+        .as_bytes()
+        .chunks(8)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    lines.join("\n")
+}
+
 /// Every character of `text` as a JSON `\uXXXX` escape.
 pub fn json_u(text: &str) -> String {
     text.chars()
@@ -302,6 +315,12 @@ fn serve_hostile(mut stream: std::net::TcpStream) {
             "200 OK",
             &[("Content-Type", "text/plain".to_owned())],
             wrapped_base64_across_a_break().as_bytes(),
+        ),
+        "/base64-narrow" => respond(
+            &mut stream,
+            "200 OK",
+            &[("Content-Type", "text/plain".to_owned())],
+            narrow_base64().as_bytes(),
         ),
         "/split-headers" => {
             let (a, b) = SECRET.split_at(SECRET.len() / 2);

@@ -10,6 +10,7 @@
 //! | `/two-encodings` | `Content-Encoding: identity`, then `Content-Encoding: gzip`, gzip body |
 //! | `/gzip-bare` | a gzip body with no `Content-Encoding` |
 //! | `/base64-wrapped` | base64 wrapped at 76 columns, the secret across a line break |
+//! | `/base64-narrow` | base64 wrapped at 8 columns: no line holds a window |
 //! | `/split-headers` | the secret in halves over two `X-Part` headers |
 //! | `/split-headers-short` | a 16-byte fragment in two 8-byte `X-Part` headers (each under the window) |
 //! | `/json-u` | JSON with every character `\u`-escaped |
@@ -25,6 +26,7 @@ const ROUTES: &[&str] = &[
     "two-encodings",
     "gzip-bare",
     "base64-wrapped",
+    "base64-narrow",
     "split-headers",
     "split-headers-short",
     "json-u",
@@ -180,7 +182,9 @@ fn gzip_body_without_content_encoding() {
 
 #[test]
 fn base64_wrapped_across_a_line_break() {
-    fixture().assert_withheld("base64-wrapped");
+    let f = fixture();
+    f.assert_withheld("base64-wrapped");
+    f.assert_withheld("base64-narrow");
 }
 
 #[test]

@@ -102,6 +102,7 @@ fn each_fault_is_a_clear_error_and_the_broker_keeps_serving() {
         ("cut", "upstream request failed"),
     ] {
         let ran = call(tool);
+        eprintln!("{tool:<13} {}", ran.stderr.trim_end());
         assert_eq!(ran.code, Some(1), "{tool}: {ran:?}");
         assert!(
             ran.stdout.is_empty(),

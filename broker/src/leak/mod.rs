@@ -199,7 +199,11 @@ impl LeakScanner {
         body: &[u8],
     ) -> Result<(), Leak> {
         let mut judgement = Judgement::new(self);
-        let mut joined = Zeroizing::new(Vec::new());
+        let headers: Vec<(&[u8], &[u8])> = headers.into_iter().collect();
+        // Sized once: no reallocation leaves an unwiped copy behind.
+        let mut joined = Zeroizing::new(Vec::with_capacity(
+            headers.iter().map(|(_, value)| value.len()).sum(),
+        ));
         for (name, value) in headers {
             judgement.judge("a header", name)?;
             judgement.judge("a header", value)?;
