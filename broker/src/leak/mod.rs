@@ -19,11 +19,13 @@
 //! already a quarter of its entropy gone: a 32-character key quoted but
 //! for its last 8 characters is brute-forceable, so for such a key every
 //! 8-byte fragment is caught. Shorter windows would match ordinary text:
-//! 8 random base64 characters are 48 bits, so the chance that a 64 KiB
-//! response and all its decoded views (~1M positions) contain by accident
-//! one of a key's ~30 windows is about 1e-7. Above 128 bytes (PEM keys,
-//! long JWTs) the window stays at 32 bytes: 32 bytes of a private key are
-//! already too many to quote, and 256 bits never occur by chance. Keys
+//! 8 random base64 characters, matched in any case, are about 42 bits, so
+//! the chance that a 60 KiB response and all its decoded views (~1M
+//! positions) contain by accident one of a 32-byte key's 25 windows is
+//! about 1e-5; with 6-byte windows it would be about 1e-2. Above 128
+//! bytes (PEM keys, long JWTs) the window stays at 32 bytes: 32 bytes of
+//! a private key are already too many to quote, and 256 bits never occur
+//! by chance. Keys
 //! with a fixed public prefix longer than their window (`sk_live_` on an
 //! 8-byte window) make that prefix a window: a response quoting the
 //! prefix alone is withheld. That is the price of catching fragments.
