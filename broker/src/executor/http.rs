@@ -896,6 +896,33 @@ mod tests {
         assert!(err.to_string().contains("compressed"), "{err}");
     }
 
+    /// The line between redact and withhold: a whole credential echoed in
+    /// a plain form is redacted and the rest returned; a fragment, or the
+    /// whole one in a form redaction does not know, withholds everything.
+    #[tokio::test]
+    async fn a_fragment_is_withheld_where_a_whole_echo_is_redacted() {
+        let (addr, _seen) = upstream(|seen| {
+            let body = match seen.url.as_str() {
+                u if u.contains("/whole/") => format!("key={SECRET}"),
+                u if u.contains("/part/") => format!("bad key {}", &SECRET[..SECRET.len() - 2]),
+                _ => SECRET.bytes().map(|b| format!("{b:02x} ")).collect(),
+            };
+            tiny_http::Response::from_string(body).boxed()
+        });
+        let tool = tool(&url_tool(addr, "auth = { bearer = true }"));
+        let result = run(&tool, &[("a", "whole")], &credentials()).await.unwrap();
+        assert_eq!(result.body, b"key=[REDACTED]");
+        for a in ["part", "spaced-hex"] {
+            let err = run(&tool, &[("a", a)], &credentials()).await.unwrap_err();
+            assert!(matches!(err, ExecError::Withheld(_)), "{a}: {err:?}");
+            assert!(
+                err.to_string()
+                    .starts_with("withheld: the response contains credential material"),
+                "{err}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn upstream_errors_carry_no_url_or_secret() {
         // Bind then drop a listener: the port refuses connections.
