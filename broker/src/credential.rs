@@ -17,6 +17,7 @@ use std::path::{Component, Path, PathBuf};
 use zeroize::Zeroizing;
 
 use crate::access;
+use crate::leak::{LeakError, LeakScanner};
 use crate::redact::{RedactError, Redactor};
 
 /// Shortest accepted secret, in bytes (after trimming one trailing
@@ -87,6 +88,9 @@ pub struct Credentials {
     /// also covers `user:secret` for each.
     basic_users: BTreeSet<(String, String)>,
     redactor: Redactor,
+    /// Windows of the secrets themselves (not of the Basic pairs, whose
+    /// user part is public): what no response or parameter may carry.
+    scanner: LeakScanner,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +135,8 @@ pub enum CredentialError {
     Invalid { name: String, message: String },
     #[error("cannot build the credential redactor: {0}")]
     Redactor(#[from] RedactError),
+    #[error(transparent)]
+    Scanner(#[from] LeakError),
 }
 
 impl Credentials {
@@ -197,7 +203,9 @@ impl Credentials {
             secrets,
             basic_users: BTreeSet::new(),
             redactor: Redactor::default(),
+            scanner: LeakScanner::default(),
         };
+        credentials.scanner = LeakScanner::new(credentials.secrets.values().map(|s| s.expose()))?;
         credentials.rebuild_redactor()?;
         Ok(credentials)
     }
@@ -254,6 +262,11 @@ impl Credentials {
     /// The redactor covering every loaded secret and registered Basic pair.
     pub fn redactor(&self) -> &Redactor {
         &self.redactor
+    }
+
+    /// The leak scanner covering every loaded secret.
+    pub fn scanner(&self) -> &LeakScanner {
+        &self.scanner
     }
 
     /// The names of the loaded credentials.

@@ -5,7 +5,8 @@
 //! carries kernel-verified `SCM_CREDENTIALS`, which are checked against the
 //! peer pinned (by pidfd) at connect time. The policy engine authorizes
 //! each call on that kernel identity alone, an executor performs it with
-//! the credential injected, and the result is redacted before it leaves.
+//! the credential injected, and the result is redacted before it leaves
+//! (or withheld whole if a fragment of a credential remains in it).
 //! Every decision is an audit record.
 //!
 //! Threat model: peers are untrusted local processes. They must not get a
@@ -24,6 +25,7 @@ pub mod credential;
 pub mod executor;
 pub mod journal;
 pub mod keys;
+pub mod leak;
 pub mod limits;
 pub mod listener;
 pub mod notify;

@@ -24,8 +24,11 @@
 //! nothing comes out byte for byte the same.
 //!
 //! Limits: an encoding not listed here (base32, compression, a reversed or
-//! split value) is not recognised. The automaton and the regex hold copies
-//! of the patterns that are not zeroized on drop.
+//! split value) and a fragment of a value are not recognised here: what
+//! redaction leaves is judged by [`crate::leak`], which withholds the whole
+//! response if any fragment remains in any encoding it normalises. The
+//! automaton and the regex hold copies of the patterns that are not
+//! zeroized on drop.
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};

@@ -11,6 +11,9 @@
 //! - `/big`: a 100 000-byte body.
 //!
 //! Every request is recorded so tests can see exactly what arrived.
+//!
+//! [`Hostile`] is the other kind: a raw TCP server whose routes leak the
+//! credential in every encoding an upstream can choose, or misbehave.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -135,4 +138,275 @@ fn respond(mut request: tiny_http::Request, seen: &Mutex<Vec<Seen>>) {
         tiny_http::Response::from_string("not found").with_status_code(404)
     };
     let _ = request.respond(response);
+}
+
+/// A hostile upstream on loopback that speaks raw HTTP/1.1 over TCP, so
+/// it can answer what no server library lets one write: two
+/// `Content-Encoding` headers, a body shorter than its `Content-Length`,
+/// a connection closed mid-body. Each route performs one leak or fault of
+/// the table in `tests/tests/leaks.rs` and `upstream_faults.rs`; `/ok`
+/// answers 200 "legitimate" for the call that must keep working.
+pub struct Hostile {
+    pub port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Hostile {
+    pub fn start() -> Hostile {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let requests = Arc::clone(&requests);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            requests.fetch_add(1, Ordering::Relaxed);
+                            std::thread::spawn(move || serve_hostile(stream));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        Hostile {
+            port,
+            stop,
+            requests,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The body a careless upstream would echo: the request's credential in a
+/// JSON debug document.
+/// (Long and repetitive enough that gzip Huffman-codes it rather than
+/// storing it raw.)
+pub fn debug_document() -> String {
+    format!(
+        r#"{{"debug":{{"authorization":"Bearer {SECRET}"}},"status":"ok","padding":"{}"}}"#,
+        "status ok ".repeat(30)
+    )
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Base64 of `prefix + secret + suffix`, wrapped at 76 columns with CRLF,
+/// with the secret's encoding split by a line break.
+pub fn wrapped_base64_across_a_break() -> String {
+    use base64::Engine as _;
+    // 48 bytes of prefix = 64 characters: the secret's encoding starts at
+    // column 64, so only its first 9 bytes are on the first line.
+    let data = format!("{}{SECRET} and more text after it", "p".repeat(48));
+    let encoded = base64::engine::general_purpose::STANDARD.encode(data);
+    let lines: Vec<&str> = encoded
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    assert!(!lines
+        .iter()
+        .any(|l| { l.contains(&base64::engine::general_purpose::STANDARD.encode(&SECRET[..12])) }));
+    lines.join("\r\n")
+}
+
+/// Base64 of the secret wrapped at 8 columns: no line holds a window of
+/// it (6 bytes a line, the window is 9), only the joined text does.
+pub fn narrow_base64() -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(SECRET);
+    let lines: Vec<&str> = encoded
+        .as_bytes()
+        .chunks(8)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    lines.join("\n")
+}
+
+/// Every character of `text` as a JSON `\uXXXX` escape.
+pub fn json_u(text: &str) -> String {
+    text.chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect()
+}
+
+fn serve_hostile(mut stream: std::net::TcpStream) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    // Skip the request headers (the broker sends no body to these routes).
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line == "\r\n" || line == "\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let target = request_line.split(' ').nth(1).unwrap_or("/");
+    let path = target.split('?').next().unwrap_or("/").to_owned();
+    let respond = |stream: &mut std::net::TcpStream,
+                   status: &str,
+                   headers: &[(&str, String)],
+                   body: &[u8]| {
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let _ = stream.write_all(head.as_bytes());
+        let _ = stream.write_all(body);
+        let _ = stream.flush();
+    };
+    let json = ("Content-Type", "application/json".to_owned());
+    let doc = debug_document();
+    match path.as_str() {
+        "/ok" => respond(&mut stream, "200 OK", &[], b"legitimate"),
+        "/two-encodings" => respond(
+            &mut stream,
+            "200 OK",
+            &[
+                json,
+                ("Content-Encoding", "identity".to_owned()),
+                ("Content-Encoding", "gzip".to_owned()),
+            ],
+            &gzip(doc.as_bytes()),
+        ),
+        "/gzip-bare" => respond(
+            &mut stream,
+            "200 OK",
+            &[("Content-Type", "application/octet-stream".to_owned())],
+            &gzip(doc.as_bytes()),
+        ),
+        "/base64-wrapped" => respond(
+            &mut stream,
+            "200 OK",
+            &[("Content-Type", "text/plain".to_owned())],
+            wrapped_base64_across_a_break().as_bytes(),
+        ),
+        "/base64-narrow" => respond(
+            &mut stream,
+            "200 OK",
+            &[("Content-Type", "text/plain".to_owned())],
+            narrow_base64().as_bytes(),
+        ),
+        "/split-headers" => {
+            let (a, b) = SECRET.split_at(SECRET.len() / 2);
+            respond(
+                &mut stream,
+                "200 OK",
+                &[("X-Part", a.to_owned()), ("X-Part", b.to_owned())],
+                b"{}",
+            )
+        }
+        "/split-headers-short" => {
+            // A 16-byte fragment in two 8-byte pieces, each shorter than
+            // the scanner's window: only the joined value shows it.
+            respond(
+                &mut stream,
+                "200 OK",
+                &[
+                    ("X-Part", SECRET[..8].to_owned()),
+                    ("X-Part", SECRET[8..16].to_owned()),
+                ],
+                b"{}",
+            )
+        }
+        "/json-u" => respond(
+            &mut stream,
+            "200 OK",
+            &[json],
+            format!(r#"{{"debug":"{}"}}"#, json_u(&format!("Bearer {SECRET}"))).as_bytes(),
+        ),
+        "/json-in-json" => {
+            let inner = format!(
+                r#"{{"authorization":"{}"}}"#,
+                json_u(&format!("Bearer {SECRET}"))
+            );
+            let outer = serde_json::json!({ "data": inner }).to_string();
+            respond(&mut stream, "200 OK", &[json], outer.as_bytes())
+        }
+        "/hex-colons" => {
+            let hex: Vec<String> = SECRET.bytes().map(|b| format!("{b:02x}")).collect();
+            respond(
+                &mut stream,
+                "200 OK",
+                &[("Content-Type", "text/plain".to_owned())],
+                format!("fingerprint {}", hex.join(":")).as_bytes(),
+            )
+        }
+        "/partial-401" => respond(
+            &mut stream,
+            "401 Unauthorized",
+            &[json],
+            format!(
+                r#"{{"error":"invalid api key {}"}}"#,
+                &SECRET[..SECRET.len() - 2]
+            )
+            .as_bytes(),
+        ),
+        "/slow" => {
+            std::thread::sleep(Duration::from_secs(3));
+            respond(&mut stream, "200 OK", &[], b"too late");
+        }
+        "/huge" => {
+            let body = vec![b'x'; 10 << 20];
+            respond(&mut stream, "200 OK", &[], &body);
+        }
+        "/huge-chunked" => {
+            // No Content-Length: the cap must hold while streaming.
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+            );
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..160 {
+                let _ = stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes());
+                if stream.write_all(&chunk).is_err() || stream.write_all(b"\r\n").is_err() {
+                    return;
+                }
+            }
+            let _ = stream.write_all(b"0\r\n\r\n");
+        }
+        "/cut" => {
+            // Promise 1000 bytes, send 100, close.
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n");
+            let _ = stream.write_all(&[b'y'; 100]);
+            let _ = stream.flush();
+        }
+        _ => respond(&mut stream, "404 Not Found", &[], b"not found"),
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }

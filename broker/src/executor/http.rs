@@ -8,8 +8,12 @@
 //! (a redirect would carry a named credential header to another host) and
 //! uses no proxy. The whole exchange runs under the tool's timeout, the
 //! body is read up to the tool's cap and refused beyond it (a truncated
-//! body could end in half a secret, which redaction would miss), and the
-//! response headers and body are redacted before they are returned.
+//! body could end in half a secret, which redaction would miss), a
+//! response with any `Content-Encoding` but identity is refused, whole
+//! credentials in their common encodings are redacted from headers and
+//! body, and then what would be returned is judged by the leak scanner
+//! ([`crate::leak`]): any fragment of a credential left, in any encoding
+//! it normalises, and the whole response is withheld.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -415,6 +419,18 @@ impl HttpExecutor {
             }
             headers.push(Header { name, value });
         }
+        // The status is a number; the reason phrase is not returned. The
+        // judgement is CPU work (milliseconds for a full body, more for a
+        // hostile one): off the reactor.
+        off_reactor(|| {
+            credentials.scanner().check_response(
+                headers
+                    .iter()
+                    .map(|h| (h.name.as_bytes(), h.value.as_bytes())),
+                &body,
+            )
+        })
+        .map_err(ExecError::Withheld)?;
         Ok(CallResult {
             status,
             headers,
@@ -437,13 +453,21 @@ impl HttpExecutor {
         {
             return Err(FetchError::TooLarge);
         }
-        if let Some(encoding) = response.headers().get(header::CONTENT_ENCODING) {
-            if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") {
-                return Err(FetchError::Upstream(
-                    "the response is compressed (content-encoding), which the broker cannot redact"
-                        .to_owned(),
-                ));
-            }
+        // Every Content-Encoding header, every coding listed in each: the
+        // first saying `identity` must not hide a second saying `gzip`.
+        let encoded = response
+            .headers()
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .map(|coding| coding.trim_ascii())
+            .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
+        if encoded {
+            return Err(FetchError::Upstream(
+                "the response is compressed (content-encoding), which the broker refuses: \
+                 it asks for identity and judges only what it can read"
+                    .to_owned(),
+            ));
         }
         // Sized once: no reallocation leaves an unzeroized copy behind.
         let mut body = Zeroizing::new(Vec::with_capacity(cap));
@@ -456,6 +480,15 @@ impl HttpExecutor {
         let status = response.status().as_u16();
         let headers = std::mem::take(response.headers_mut());
         Ok((status, headers, body))
+    }
+}
+
+/// Run CPU-bound `op` where it does not stall other sessions' I/O: on a
+/// multi-threaded runtime the worker hands its other tasks off first.
+fn off_reactor<T>(op: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(op),
+        _ => op(),
     }
 }
 
@@ -863,6 +896,33 @@ mod tests {
         let tool = tool(&url_tool(addr, "auth = { bearer = true }"));
         let err = run(&tool, &[("a", "x")], &credentials()).await.unwrap_err();
         assert!(err.to_string().contains("compressed"), "{err}");
+    }
+
+    /// The line between redact and withhold: a whole credential echoed in
+    /// a plain form is redacted and the rest returned; a fragment, or the
+    /// whole one in a form redaction does not know, withholds everything.
+    #[tokio::test]
+    async fn a_fragment_is_withheld_where_a_whole_echo_is_redacted() {
+        let (addr, _seen) = upstream(|seen| {
+            let body = match seen.url.as_str() {
+                u if u.contains("/whole/") => format!("key={SECRET}"),
+                u if u.contains("/part/") => format!("bad key {}", &SECRET[..SECRET.len() - 2]),
+                _ => SECRET.bytes().map(|b| format!("{b:02x} ")).collect(),
+            };
+            tiny_http::Response::from_string(body).boxed()
+        });
+        let tool = tool(&url_tool(addr, "auth = { bearer = true }"));
+        let result = run(&tool, &[("a", "whole")], &credentials()).await.unwrap();
+        assert_eq!(result.body, b"key=[REDACTED]");
+        for a in ["part", "spaced-hex"] {
+            let err = run(&tool, &[("a", a)], &credentials()).await.unwrap_err();
+            assert!(matches!(err, ExecError::Withheld(_)), "{a}: {err:?}");
+            assert!(
+                err.to_string()
+                    .starts_with("withheld: the response contains credential material"),
+                "{err}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -8,7 +8,8 @@ pub mod http;
 use keyward_proto::CallResult;
 
 use crate::credential::Credentials;
-use crate::policy::{Action, AuthorizedCall};
+use crate::leak::Leak;
+use crate::policy::{Action, AuthorizedCall, TypedValue};
 
 /// Why a call that policy allowed still failed. Messages are already
 /// redacted and safe to return to the caller.
@@ -21,6 +22,10 @@ pub enum ExecError {
     Rejected(String),
     #[error("upstream request failed: {0}")]
     Upstream(String),
+    /// The response carries credential material (or cannot be checked
+    /// for it): nothing of it is returned.
+    #[error("withheld: {0}")]
+    Withheld(crate::leak::Leak),
     #[error("upstream did not answer within {0:?}")]
     Timeout(std::time::Duration),
     #[error("upstream response exceeds the {0}-byte limit")]
@@ -54,11 +59,42 @@ impl Executor {
         &self.credentials
     }
 
-    /// Perform an authorized call.
+    /// Perform an authorized call. A parameter that carries credential
+    /// material is refused first: a caller who learned a secret must not
+    /// get it sent upstream (to be reflected back, or smuggled out).
     pub async fn execute(&self, call: &AuthorizedCall) -> Result<CallResult, ExecError> {
+        self.refuse_credential_material(call)?;
         match &call.tool.action {
             Action::Echo => Ok(echo::execute(call)),
             Action::Http(tool) => self.http.execute(tool, call, &self.credentials).await,
         }
+    }
+
+    fn refuse_credential_material(&self, call: &AuthorizedCall) -> Result<(), ExecError> {
+        let scanner = self.credentials.scanner();
+        for (name, value) in &call.params {
+            let int;
+            let bytes = match value {
+                TypedValue::Str(s) => s.as_bytes(),
+                TypedValue::Int(i) => {
+                    int = i.to_string();
+                    int.as_bytes()
+                }
+                TypedValue::Bool(_) => continue,
+            };
+            if let Err(leak) = scanner.check(bytes) {
+                let why = match leak {
+                    Leak::Found { .. } => "carries credential material",
+                    Leak::Bomb { .. } | Leak::TooDeep { .. } => {
+                        "is encoded too deeply to be checked for credential material"
+                    }
+                };
+                return Err(ExecError::Rejected(format!(
+                    "parameter \"{name}\" of tool {} {why}",
+                    call.tool.name
+                )));
+            }
+        }
+        Ok(())
     }
 }
