@@ -1,0 +1,8 @@
+// SPDX-License-Identifier: Apache-2.0
+//! cargo-fuzz target `decode_message`: the properties of `checks/proto.rs`.
+#![no_main]
+
+#[path = "../checks/proto.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::decode_message(data));

@@ -1,0 +1,72 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The fuzz targets of `proto` (`decode_message`, `token`), run for a
+//! bounded number of cases on stable: every committed corpus entry, then
+//! random edits of them and random bytes. The properties are those of the
+//! cargo-fuzz targets (`fuzz/checks/proto.rs`); a case that fails here is
+//! a finding to add to the corpus once fixed.
+
+#[path = "../../fuzz/checks/proto.rs"]
+mod checks;
+#[path = "../../fuzz/checks/mutate.rs"]
+mod mutate;
+
+use proptest::prelude::*;
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+#[test]
+fn decode_message_corpus() {
+    for seed in mutate::corpus("decode_message") {
+        checks::decode_message(&seed);
+    }
+}
+
+#[test]
+fn token_corpus() {
+    let seeds = mutate::corpus("token");
+    // The corpus holds at least one valid token, so edits start from one.
+    let key = ed25519_dalek::SigningKey::from_bytes(&checks::TOKEN_KEY);
+    assert!(seeds.iter().any(|s| std::str::from_utf8(s)
+        .is_ok_and(|t| keyward_proto::token::verify(t, &key.verifying_key()).is_ok())));
+    for seed in seeds {
+        checks::token(&seed);
+    }
+}
+
+proptest! {
+    #![proptest_config(config(2000))]
+
+    #[test]
+    fn decode_message_edits(
+        pick in any::<prop::sample::Index>(),
+        edits in prop::collection::vec(mutate::edit(), 1..8),
+    ) {
+        let seeds = mutate::corpus("decode_message");
+        checks::decode_message(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+    }
+
+    #[test]
+    fn decode_message_bytes(data in prop::collection::vec(any::<u8>(), 0..512)) {
+        checks::decode_message(&data);
+    }
+}
+
+proptest! {
+    // Each case verifies an ed25519 signature: fewer cases.
+    #![proptest_config(config(300))]
+
+    #[test]
+    fn token_edits(
+        pick in any::<prop::sample::Index>(),
+        edits in prop::collection::vec(mutate::edit(), 1..4),
+    ) {
+        let seeds = mutate::corpus("token");
+        checks::token(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+    }
+}
