@@ -39,6 +39,30 @@ fn token_corpus() {
     }
 }
 
+/// The end of a token string is where a lax base64 decoder would accept
+/// a second spelling (unused low bits of the last character, padding):
+/// try every spelling of the last character of each valid corpus token,
+/// and padded ones.
+#[test]
+fn token_tail_variants() {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=";
+    let key = ed25519_dalek::SigningKey::from_bytes(&checks::TOKEN_KEY).verifying_key();
+    let valid = mutate::corpus("token").into_iter().filter(|s| {
+        std::str::from_utf8(s).is_ok_and(|t| keyward_proto::token::verify(t, &key).is_ok())
+    });
+    for seed in valid {
+        let last = seed.len() - 1;
+        for &c in ALPHABET {
+            let mut variant = seed.clone();
+            variant[last] = c;
+            checks::token(&variant);
+        }
+        for pad in ["=", "==", "\n"] {
+            checks::token(&[seed.as_slice(), pad.as_bytes()].concat());
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(config(2000))]
 
