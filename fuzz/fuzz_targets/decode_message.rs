@@ -2,6 +2,8 @@
 //! cargo-fuzz target `decode_message`: the properties of `checks/proto.rs`.
 #![no_main]
 
+// Each target uses one check of the file.
+#[allow(dead_code)]
 #[path = "../checks/proto.rs"]
 mod checks;
 

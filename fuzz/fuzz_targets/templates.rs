@@ -2,6 +2,8 @@
 //! cargo-fuzz target `templates`: the properties of `checks/broker.rs`.
 #![no_main]
 
+// Each target uses one check of the file.
+#[allow(dead_code)]
 #[path = "../checks/broker.rs"]
 mod checks;
 
