@@ -3,9 +3,13 @@
 //!
 //! Records are written synchronously, before the decision takes effect: if
 //! the record of an allowed call cannot be written, the call is not made.
-//! They go to journald as native entries with `KEYWARD_*` fields (see
-//! [`crate::journal`]), or as JSON lines on stderr where no journald runs
-//! (`--audit journald|stderr|auto`). A record the journal did not take is
+//! They go to journald as native entries (sent by [`crate::journal`]), or
+//! as JSON lines on stderr where no journald runs
+//! (`--audit journald|stderr|auto`). A journal entry has a human-readable
+//! `MESSAGE`, a fixed `MESSAGE_ID` per [`Event`] (documented in
+//! `systemd/keyward.catalog`), and a `KEYWARD_<FIELD>` field for every
+//! [`Record`] field by its serde name, so a field added to `Record` is in
+//! the journal without another change. A record the journal did not take is
 //! reported and written to stderr instead, never silently dropped.
 //!
 //! Records carry kernel-supplied peer identity, the tool, the decision and
@@ -167,6 +171,141 @@ impl<'a> Record<'a> {
     }
 }
 
+// The journald entry of a record. journald is a transport here
+// ([`crate::journal`]); what an entry says is the audit trail's to decide.
+
+/// `SYSLOG_IDENTIFIER` of every entry.
+const IDENTIFIER: &str = "keyward-broker";
+
+/// `SYSLOG_FACILITY` of every entry: LOG_AUTHPRIV, as for other
+/// security and authorization messages.
+const FACILITY: &str = "10";
+
+/// The fixed `MESSAGE_ID` of each kind of event. Generated once with
+/// `systemd-id128 new`; never change one, admins' queries depend on them.
+fn message_id(event: Event) -> &'static str {
+    match event {
+        Event::Start => "2f6f954213d045c7b7e2f07fb5a25a54",
+        Event::Stop => "79cd98555a5542d6ab8fa32725de9145",
+        Event::Call => "2199d2a66c774d17a375b2811c3c4b75",
+        Event::CallFailed => "d11b115f3ba641a68843f326c621ab76",
+        Event::Refused => "95d29be4eed1432eb41ef5872bf68756",
+        Event::Reload => "1bc3a11bb0d94fb584a80cf0d9f0158d",
+        Event::Mint => "6d763ac31ec241fd8a83dbff57ce3acd",
+        Event::Bind => "08daf13a681c42a8a88d9fa9df2fae43",
+        Event::Attenuate => "767ff77ad6b84a3296efbdf565364149",
+        Event::Revoke => "f72395a0f9f445e6b0c0e20b12483a96",
+    }
+}
+
+/// syslog priority of a record: denials are notices, failures errors.
+fn priority(decision: Decision) -> u8 {
+    match decision {
+        Decision::Allow | Decision::Info => 6,
+        Decision::Deny => 5,
+        Decision::Error => 3,
+    }
+}
+
+/// The fields of the journald entry for `record`: the standard ones, then
+/// `KEYWARD_<NAME>` for every field the record has.
+fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut fields = vec![
+        ("MESSAGE".to_owned(), message(record).into_bytes()),
+        (
+            "MESSAGE_ID".to_owned(),
+            message_id(record.event).as_bytes().to_vec(),
+        ),
+        (
+            "PRIORITY".to_owned(),
+            priority(record.decision).to_string().into_bytes(),
+        ),
+        (
+            "SYSLOG_IDENTIFIER".to_owned(),
+            IDENTIFIER.as_bytes().to_vec(),
+        ),
+        ("SYSLOG_FACILITY".to_owned(), FACILITY.as_bytes().to_vec()),
+    ];
+    let serde_json::Value::Object(map) = serde_json::to_value(record).map_err(io::Error::other)?
+    else {
+        return Err(io::Error::other("an audit record must serialize as a map"));
+    };
+    for (name, value) in map {
+        let value = match value {
+            serde_json::Value::Null => continue,
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        fields.push((field_name(&name), value.into_bytes()));
+    }
+    Ok(fields)
+}
+
+/// `peer_uid` -> `KEYWARD_PEER_UID`. Journal field names are uppercase
+/// ASCII letters, digits and `_`; anything else becomes `_`.
+fn field_name(name: &str) -> String {
+    let mut out = String::with_capacity(8 + name.len());
+    out.push_str("KEYWARD_");
+    out.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
+    out
+}
+
+/// The human-readable `MESSAGE`: one sentence an admin can read in
+/// `journalctl` without `-o verbose`.
+fn message(record: &Record<'_>) -> String {
+    let peer = match (record.peer_uid, record.peer_pid) {
+        (Some(uid), Some(pid)) => format!(" (uid {uid}, pid {pid})"),
+        _ => String::new(),
+    };
+    let tool = record.tool.unwrap_or("?");
+    let reason = record.reason.unwrap_or("");
+    match (record.event, record.decision) {
+        (Event::Start, _) => "broker started".to_owned(),
+        (Event::Stop, _) => "broker stopped".to_owned(),
+        (Event::Reload, Decision::Error) => {
+            format!("policy reload failed, the old policy stays in force: {reason}")
+        }
+        (Event::Reload, _) => format!("policy reloaded: {reason}"),
+        (Event::Call, Decision::Allow) => format!(
+            "call allowed: tool \"{tool}\" for principal \"{}\"{peer}",
+            record.principal.unwrap_or("?")
+        ),
+        (Event::CallFailed, _) => format!("call of tool \"{tool}\" failed: {reason}{peer}"),
+        (Event::Refused, _) => format!("refused: {reason}{peer}"),
+        (Event::Call, _) if !reason.is_empty() => format!("{reason}{peer}"),
+        (event, decision) => {
+            let outcome = match decision {
+                Decision::Allow => "allowed",
+                Decision::Deny => "denied",
+                Decision::Error => "failed",
+                Decision::Info => "done",
+            };
+            let mut text = format!("{} {outcome}", event_name(event));
+            if let Some(tool) = record.tool {
+                text.push_str(&format!(": tool \"{tool}\""));
+            }
+            if !reason.is_empty() {
+                text.push_str(&format!(": {reason}"));
+            }
+            text + &peer
+        }
+    }
+}
+
+/// The event's name as in `KEYWARD_EVENT` (its serde name).
+fn event_name(event: Event) -> String {
+    match serde_json::to_value(event) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{event:?}"),
+    }
+}
+
 /// Where the audit trail goes, as chosen with `--audit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuditTarget {
@@ -289,14 +428,12 @@ impl Audit {
                 sink: "stderr".into(),
                 source,
             }),
-            Sink::Journal(journal) => {
-                journal
-                    .send_record(record)
-                    .map_err(|source| AuditError::Write {
-                        sink: format!("the journal ({})", journal.path().display()),
-                        source,
-                    })
-            }
+            Sink::Journal(journal) => journal_entry(record)
+                .and_then(|fields| journal.send(&fields))
+                .map_err(|source| AuditError::Write {
+                    sink: format!("the journal ({})", journal.path().display()),
+                    source,
+                }),
             #[cfg(test)]
             Sink::Memory(lines) => json_line(record)
                 .map(|line| {
@@ -392,6 +529,83 @@ pub(crate) mod test_util {
     }
 
     #[test]
+    fn every_record_field_becomes_a_keyward_field() {
+        let record = Record::new(Event::Call, Decision::Deny)
+            .peer(7, 1000, 1001)
+            .tool("send_email")
+            .principal("orchestrator")
+            .reason("call denied: no")
+            .status(403);
+        let fields = journal_entry(&record).unwrap();
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(get("KEYWARD_EVENT").as_deref(), Some("call"));
+        assert_eq!(get("KEYWARD_DECISION").as_deref(), Some("deny"));
+        assert_eq!(get("KEYWARD_TOOL").as_deref(), Some("send_email"));
+        assert_eq!(get("KEYWARD_PRINCIPAL").as_deref(), Some("orchestrator"));
+        assert_eq!(get("KEYWARD_PEER_PID").as_deref(), Some("7"));
+        assert_eq!(get("KEYWARD_PEER_UID").as_deref(), Some("1000"));
+        assert_eq!(get("KEYWARD_PEER_GID").as_deref(), Some("1001"));
+        assert_eq!(get("KEYWARD_REASON").as_deref(), Some("call denied: no"));
+        assert_eq!(get("KEYWARD_STATUS").as_deref(), Some("403"));
+        assert_eq!(get("PRIORITY").as_deref(), Some("5"));
+        assert_eq!(get("SYSLOG_IDENTIFIER").as_deref(), Some("keyward-broker"));
+        assert_eq!(
+            get("MESSAGE_ID").as_deref(),
+            Some("2199d2a66c774d17a375b2811c3c4b75")
+        );
+        assert_eq!(
+            get("MESSAGE").as_deref(),
+            Some("call denied: no (uid 1000, pid 7)")
+        );
+        // Every field name is one journald accepts from a client.
+        for (name, _) in &fields {
+            assert!(!name.starts_with('_'), "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn absent_fields_are_left_out() {
+        let fields = journal_entry(&Record::new(Event::Start, Decision::Info)).unwrap();
+        let names: Vec<_> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"KEYWARD_EVENT"));
+        assert!(!names.contains(&"KEYWARD_TOOL"), "{names:?}");
+        assert!(!names.contains(&"KEYWARD_PEER_UID"), "{names:?}");
+    }
+
+    #[test]
+    fn message_ids_are_distinct_128_bit_ids() {
+        let ids: Vec<_> = Event::ALL.into_iter().map(message_id).collect();
+        for id in &ids {
+            assert_eq!(id.len(), 32);
+            assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        }
+        let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+    }
+
+    #[test]
+    fn the_catalog_documents_every_message_id() {
+        let catalog = include_str!("../../systemd/keyward.catalog");
+        for event in Event::ALL {
+            let id = message_id(event);
+            assert!(
+                catalog.contains(&format!("-- {id}\n")),
+                "{event:?} ({id}) has no catalog entry"
+            );
+        }
+    }
+
+    #[test]
     fn records_are_json_lines() {
         let audit = Audit::memory();
         audit
@@ -462,6 +676,27 @@ pub(crate) mod test_util {
             0,
             "a failed write counts as nothing"
         );
+    }
+
+    #[test]
+    fn a_journal_record_arrives_as_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socket");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let audit = Audit::journald(&path).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(server.recv(&mut buf).unwrap(), 0, "the probe is empty");
+        let record = Record::new(Event::Revoke, Decision::Allow).token("ab12");
+        audit.record(&record).unwrap();
+        let n = server.recv(&mut buf).unwrap();
+        let want = crate::journal::encode(&journal_entry(&record).unwrap());
+        assert_eq!(&buf[..n], want.as_slice());
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            text.contains("MESSAGE_ID=f72395a0f9f445e6b0c0e20b12483a96\n"),
+            "{text}"
+        );
+        assert!(text.contains("KEYWARD_TOKEN_ID=ab12\n"), "{text}");
     }
 
     #[test]

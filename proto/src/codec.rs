@@ -3,8 +3,8 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::message::ErrorCode;
-use crate::MAX_MESSAGE;
+/// Hard cap on one encoded message, in bytes, in both directions.
+pub const MAX_MESSAGE: usize = 64 * 1024;
 
 /// Why untrusted bytes were rejected. Carries no peer-supplied data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -22,21 +22,6 @@ pub enum DecodeError {
     UnknownVariant,
     #[error("message is malformed")]
     Malformed,
-}
-
-impl DecodeError {
-    /// The wire error code reported to the peer, as rustls maps parse
-    /// failures to alerts.
-    pub fn code(self) -> ErrorCode {
-        match self {
-            DecodeError::TooLarge => ErrorCode::TooLarge,
-            DecodeError::Empty
-            | DecodeError::Truncated
-            | DecodeError::TrailingBytes
-            | DecodeError::UnknownVariant
-            | DecodeError::Malformed => ErrorCode::Malformed,
-        }
-    }
 }
 
 /// Why a message could not be encoded.
@@ -91,6 +76,7 @@ fn classify(err: postcard::Error) -> DecodeError {
 mod tests {
     use super::*;
     use crate::message::*;
+    use crate::Value;
     use proptest::prelude::*;
 
     fn sample_call() -> Request {

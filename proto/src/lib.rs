@@ -24,19 +24,18 @@ mod bounded;
 mod codec;
 mod message;
 pub mod token;
+mod value;
 
-pub use codec::{decode, encode, DecodeError, EncodeError};
+pub use codec::{decode, encode, DecodeError, EncodeError, MAX_MESSAGE};
 pub use message::{
     Attenuate, Bind, Bound, Call, CallResult, Denial, ErrorCode, ErrorReply, Header, Hello, Mint,
-    Minted, Param, ParamInfo, Request, Response, Revoke, Revoked, ToolInfo, ToolList, Value,
+    Minted, Param, ParamInfo, Request, Response, Revoke, Revoked, ToolInfo, ToolList,
 };
+pub use value::Value;
 
 /// The protocol version this build speaks; a `Hello` with any other version
 /// is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
-
-/// Hard cap on one encoded message, in bytes, in both directions.
-pub const MAX_MESSAGE: usize = 64 * 1024;
 
 /// The socket path used when `KEYWARD_SOCKET` is not set.
 pub const DEFAULT_SOCKET: &str = "/run/keyward/broker.sock";

@@ -6,7 +6,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::DecodeError;
 use crate::token::{Audience, ParamConstraint, TokenId};
+use crate::value::Value;
 
 /// What a client sends.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
@@ -85,32 +87,6 @@ impl fmt::Debug for Param {
     }
 }
 
-/// A parameter value. Clients that do not know a tool's types send
-/// [`Value::Str`]; the broker converts according to the tool's policy.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Value {
-    Str(String),
-    Int(i64),
-    Bool(bool),
-}
-
-impl Value {
-    /// The type name, for messages that must not show the value itself.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Value::Str(_) => "string",
-            Value::Int(_) => "int",
-            Value::Bool(_) => "bool",
-        }
-    }
-}
-
-impl fmt::Debug for Value {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "<{}>", self.kind())
-    }
-}
-
 /// The result of a performed call, already redacted by the broker.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallResult {
@@ -174,6 +150,28 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The peer exceeded a concurrency or rate limit.
     Busy,
+}
+
+impl DecodeError {
+    /// The wire error code reported to the peer, as rustls maps parse
+    /// failures to alerts. It lives beside [`ErrorCode`], not in the
+    /// codec, so the codec stays the bottom layer that imports nothing.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge => ErrorCode::TooLarge,
+            DecodeError::Empty
+            | DecodeError::Truncated
+            | DecodeError::TrailingBytes
+            | DecodeError::UnknownVariant
+            | DecodeError::Malformed => ErrorCode::Malformed,
+        }
+    }
+}
+
+impl From<DecodeError> for ErrorCode {
+    fn from(err: DecodeError) -> ErrorCode {
+        err.code()
+    }
 }
 
 /// `Bind`: the token string. `Debug` never shows it.
@@ -289,4 +287,23 @@ pub struct ParamInfo {
     pub required: bool,
     #[serde(deserialize_with = "crate::bounded::vec")]
     pub rules: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_errors_map_to_wire_codes() {
+        assert_eq!(DecodeError::TooLarge.code(), ErrorCode::TooLarge);
+        for err in [
+            DecodeError::Empty,
+            DecodeError::Truncated,
+            DecodeError::TrailingBytes,
+            DecodeError::UnknownVariant,
+            DecodeError::Malformed,
+        ] {
+            assert_eq!(ErrorCode::from(err), ErrorCode::Malformed, "{err:?}");
+        }
+    }
 }

@@ -18,7 +18,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{decode, DecodeError};
-use crate::message::Value;
+use crate::value::Value;
 
 /// Every token string starts with this.
 pub const TOKEN_PREFIX: &str = "kw1.";
@@ -191,13 +191,13 @@ pub struct Verified {
 
 /// Sign a body and encode the token string.
 pub fn issue(body: &TokenBody, key: &SigningKey) -> String {
-    let body_bytes = postcard::to_stdvec(body).unwrap_or_default();
+    let body_bytes = to_bytes(body);
     let signature = key.sign(&signing_input(&body_bytes));
     let signed = SignedToken {
         body: body_bytes,
         signature: signature.to_bytes().to_vec(),
     };
-    let bytes = postcard::to_stdvec(&signed).unwrap_or_default();
+    let bytes = to_bytes(&signed);
     let mut out = String::with_capacity(TOKEN_PREFIX.len() + bytes.len() * 4 / 3 + 4);
     out.push_str(TOKEN_PREFIX);
     B64.encode_string(bytes, &mut out);
@@ -242,6 +242,19 @@ fn unpack(token: &str) -> Result<(Vec<u8>, SignedToken), TokenError> {
     Ok((bytes, signed))
 }
 
+/// The postcard encoding of a value of this module's types.
+///
+/// Encoding them cannot fail: postcard's only serialization errors are a
+/// full fixed buffer (a `Vec` grows instead), a sequence of unknown length
+/// (every sequence here is a `Vec` or slice, whose length is known) and a
+/// custom error raised by a hand-written `Serialize` (every type here
+/// derives it). So a failure is a bug in this crate, and it panics rather
+/// than sign an empty body or give every call the same hash, as falling
+/// back to empty bytes would.
+fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("postcard encodes keyward's own derived types into a Vec")
+}
+
 fn signing_input(body: &[u8]) -> Vec<u8> {
     let mut input = Vec::with_capacity(SIGNING_CONTEXT.len() + body.len());
     input.extend_from_slice(SIGNING_CONTEXT);
@@ -269,7 +282,7 @@ pub fn task_hash(task: &str) -> [u8; 32] {
 pub fn call_hash(tool: &str, params: &[(String, Value)]) -> [u8; 32] {
     let mut sorted: Vec<&(String, Value)> = params.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let encoded = postcard::to_stdvec(&(tool, sorted)).unwrap_or_default();
+    let encoded = to_bytes(&(tool, sorted));
     blake3::derive_key(CALL_HASH_CONTEXT, &encoded)
 }
 
@@ -364,6 +377,24 @@ mod tests {
             TokenError::Base64
         );
         assert!(verify(&"kw1.".repeat(5000), &key().verifying_key()).is_err());
+    }
+
+    /// A value postcard cannot encode must stop the signer, not be signed
+    /// (or hashed) as empty bytes. Every real type here encodes; this one
+    /// fails on purpose, as a hand-written `Serialize` could.
+    #[test]
+    #[should_panic(expected = "postcard encodes")]
+    fn an_encoding_failure_is_never_signed_as_empty_bytes() {
+        struct Unencodable;
+        impl Serialize for Unencodable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("cannot encode"))
+            }
+        }
+        let bytes = to_bytes(&Unencodable);
+        // Reached only if the failure was swallowed: show what would have
+        // been signed.
+        panic!("encoded as {bytes:?}");
     }
 
     #[test]
