@@ -65,6 +65,12 @@ pub struct BrokerConfig {
     /// bytes or their base64); without it the key is generated into the
     /// state directory.
     pub signing_key: Option<String>,
+
+    // -- token state (broker/src/state) --
+    /// Live tokens one uid may have minted or attenuated at once.
+    pub max_live_tokens_per_uid: Option<u32>,
+    /// Live attenuated tokens one uid may have made at once.
+    pub max_attenuations_per_uid: Option<u32>,
 }
 
 fn default_socket_mode() -> String {
