@@ -99,7 +99,10 @@ impl Log {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
-            .map_err(io(&path))?;
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EROFS) => StateError::ReadOnly { path: path.clone() },
+                _ => io(&path)(source),
+            })?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io(&path))?;
         let corrupt = |message: String| StateError::Corrupt {

@@ -91,6 +91,8 @@ pub enum StateError {
     Corrupt { path: PathBuf, message: String },
     #[error("state directory entry {path} {who}; the state directory and its files must be the broker's alone (chown them to its user, chmod 0700 the directory and 0600 the files)")]
     Access { path: PathBuf, who: String },
+    #[error("token state {path} is on a read-only file system; refusing to start, since no use or revocation could be recorded")]
+    ReadOnly { path: PathBuf },
     #[error("token state {path}: the file system is full; minting and counted uses are refused so that revocations can still be recorded")]
     Full { path: PathBuf },
     #[error("token state {path} could not be repaired after a failed write ({message}); restart the broker")]
