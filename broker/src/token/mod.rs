@@ -703,3 +703,6 @@ fn random_id() -> Result<TokenId, String> {
     getrandom::fill(&mut id).map_err(|e| format!("no randomness for a token id: {e}"))?;
     Ok(TokenId(id))
 }
+
+#[cfg(test)]
+mod tests;
