@@ -341,7 +341,7 @@ impl SmallFs {
     }
 
     /// Start a broker inside the namespace; its stderr goes to `log`.
-    fn broker(&self, config: &Path, log: &Path) -> Child {
+    fn broker(&self, config: &Path, log: &Path) -> Running {
         let stderr = std::fs::File::create(log).unwrap();
         Command::new("nsenter")
             .arg(format!("--mount=/proc/{}/ns/mnt", self.holder.id()))
@@ -354,6 +354,7 @@ impl SmallFs {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
+            .map(Running)
             .unwrap()
     }
 
@@ -385,7 +386,7 @@ impl Drop for SmallFs {
     }
 }
 
-fn wait_serving(child: &mut Child, socket: &Path, log: &Path) {
+fn wait_serving(Running(child): &mut Running, socket: &Path, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Client::connect(socket).is_err() {
         if let Some(status) = child.try_wait().unwrap() {
@@ -399,9 +400,19 @@ fn wait_serving(child: &mut Child, socket: &Path, log: &Path) {
     }
 }
 
-fn kill(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// A broker started by the test, killed when dropped (also when the test
+/// fails half-way).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kill(running: Running) {
+    drop(running);
 }
 
 #[test]
@@ -455,7 +466,7 @@ fn a_full_file_system_stops_minting_but_not_revocations() {
     let remount = ["mount", "-o", "remount,ro", fs.state.to_str().unwrap()];
     assert!(fs.run(&remount).success());
     let mut broker = fs.broker(&config_path, &log);
-    let status = broker.wait().unwrap();
+    let status = broker.0.wait().unwrap();
     assert!(!status.success());
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(

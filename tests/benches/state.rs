@@ -1,0 +1,181 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The token state under load, side by side in one run:
+//!
+//! 1. counted-token call latency (each call writes its use to the log and
+//!    waits for the `fdatasync`) with 0 live tokens, then with 100 000
+//!    (target: flat — the state is in memory and a write appends a frame
+//!    whatever the state's size);
+//! 2. the same call while another uid (not a principal) attenuates in a
+//!    loop from 8 processes at a time (group commit: the call shares an
+//!    `fdatasync` with the attenuations instead of queueing behind them).
+//!
+//! Run: `cargo bench -p keyward-tests --bench state` (as root, after
+//! `cargo build --release --workspace --bins`).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_shim::client::Client;
+use keyward_proto::token::Audience;
+use keyward_proto::{Bind, Mint, Request, Response};
+use keyward_tests::bench::{micros, Stats};
+use keyward_tests::{echo_request, Broker, STRANGER_UID};
+
+const CONFIG: &str = r#"
+[broker]
+socket = "{socket}"
+socket_mode = "0666"
+state_dir = "{dir}/state"
+max_token_ttl = "2h"
+max_live_tokens_per_uid = 1000000
+max_attenuations_per_uid = 1000000
+
+[[principal]]
+name = "bench"
+uids = [0]
+may_call = ["echo"]
+may_delegate = ["echo"]
+
+[[tool]]
+name = "echo"
+kind = "echo"
+params.message = { type = "string", max_len = 100 }
+"#;
+
+const CALLS: usize = 3_000;
+const LIVE: usize = 100_000;
+
+fn mint(client: &mut Client, uid: u32, max_uses: Option<u32>) -> String {
+    match client
+        .request(&Request::Mint(Mint {
+            tools: vec!["echo".into()],
+            params: Vec::new(),
+            ttl_secs: Some(3600),
+            max_uses,
+            task: "bench".into(),
+            audience: Some(Audience { uid, gid: None }),
+            exact_call: false,
+        }))
+        .unwrap()
+    {
+        Response::Minted(m) => m.token,
+        other => panic!("mint: {other:?}"),
+    }
+}
+
+fn bound(socket: &Path, token: &str) -> Client {
+    let mut client = Client::connect(socket).unwrap();
+    let reply = client
+        .request(&Request::Bind(Bind {
+            token: token.to_owned(),
+        }))
+        .unwrap();
+    assert!(matches!(reply, Response::Bound(_)), "{reply:?}");
+    client
+}
+
+/// Latency of `CALLS` counted calls on a fresh counted token.
+fn counted_calls(socket: &Path) -> Stats {
+    let token = mint(&mut Client::connect(socket).unwrap(), 0, Some(1_000_000));
+    let mut client = bound(socket, &token);
+    let mut samples = Vec::with_capacity(CALLS);
+    for _ in 0..CALLS {
+        let start = Instant::now();
+        let reply = client.request(&echo_request("hi")).unwrap();
+        samples.push(start.elapsed());
+        assert!(matches!(reply, Response::Done(_)), "{reply:?}");
+    }
+    Stats::of(samples)
+}
+
+fn line(what: &str, s: &Stats) {
+    println!(
+        "{what:<48} p50 {:>8.0} µs  p90 {:>8.0} µs  p99 {:>8.0} µs  mean {:>8.0} µs",
+        micros(s.p50),
+        micros(s.p90),
+        micros(s.p99),
+        micros(s.mean)
+    );
+}
+
+fn main() {
+    let broker = Broker::start(CONFIG, &[]);
+    let socket = broker.socket.clone();
+    let empty = counted_calls(&socket);
+
+    // 100 000 live tokens, minted from 32 connections at once.
+    let started = Instant::now();
+    let minted = Arc::new(AtomicUsize::new(0));
+    let minters: Vec<_> = (0..32)
+        .map(|_| {
+            let socket = socket.clone();
+            let minted = Arc::clone(&minted);
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&socket).unwrap();
+                while minted.fetch_add(1, Ordering::Relaxed) < LIVE {
+                    mint(&mut client, 0, Some(5));
+                }
+            })
+        })
+        .collect();
+    for minter in minters {
+        minter.join().unwrap();
+    }
+    let mint_secs = started.elapsed().as_secs_f64();
+    let full = counted_calls(&socket);
+
+    // Another uid attenuating in a loop, 8 processes at a time.
+    let token = mint(&mut Client::connect(&socket).unwrap(), STRANGER_UID, None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let attenuated = Arc::new(AtomicUsize::new(0));
+    let attackers: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            let attenuated = Arc::clone(&attenuated);
+            let socket = socket.clone();
+            let token = token.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let out = keyward_tests::shim_command(
+                        &socket,
+                        STRANGER_UID,
+                        &["attenuate", "--token", &token],
+                    )
+                    .output()
+                    .unwrap();
+                    assert!(out.status.success(), "{out:?}");
+                    attenuated.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = attenuated.load(Ordering::Relaxed);
+    let loaded_started = Instant::now();
+    let loaded = counted_calls(&socket);
+    let rate = (attenuated.load(Ordering::Relaxed) - before) as f64
+        / loaded_started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.join().unwrap();
+    }
+    let log = std::fs::metadata(broker.dir.path().join("state/tokens.log"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+
+    println!("counted-token call (echo), {CALLS} calls each:");
+    line("  0 live tokens", &empty);
+    line(&format!("  {LIVE} live tokens"), &full);
+    line(
+        &format!("  {LIVE} live, uid {STRANGER_UID} attenuating ({rate:.0}/s)"),
+        &loaded,
+    );
+    println!(
+        "minting {LIVE} tokens from 32 connections: {mint_secs:.1} s ({:.0}/s); log now {:.1} MiB",
+        LIVE as f64 / mint_secs,
+        log as f64 / (1 << 20) as f64
+    );
+}
