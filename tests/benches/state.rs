@@ -209,6 +209,9 @@ fn main() {
     let token = mint(&mut Client::connect(&socket).unwrap(), STRANGER_UID, None);
     let (control, control_rate) = under_load(&socket, &token, "tools");
     let (loaded, rate) = under_load(&socket, &token, "attenuate");
+    // The same after a restart (which compacts the log into a fresh file).
+    let broker = broker.kill9_and_restart();
+    let (empty2, full2) = counted_calls_side_by_side(&empty_broker.socket, &broker.socket);
     let log = std::fs::metadata(broker.dir.path().join("state/tokens.log"))
         .map(|m| m.len())
         .unwrap_or(0);
@@ -216,6 +219,8 @@ fn main() {
     println!("counted-token call (echo), {CALLS} calls each; the first two interleaved:");
     line("  0 live tokens", &empty);
     line(&format!("  {live} live tokens"), &full);
+    line("  0 live tokens (again)", &empty2);
+    line(&format!("  {live} live tokens, after a restart"), &full2);
     line(
         &format!("  {live} live, uid {STRANGER_UID} listing tools ({control_rate:.0}/s)"),
         &control,
