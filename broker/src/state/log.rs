@@ -2,8 +2,11 @@
 //! The on-disk form of the token state: an append-only log of frames, one
 //! frame per group commit, each frame a checksummed batch of records.
 //!
-//! Frame: `u32` little-endian payload length, the first 8 bytes of the
-//! payload's BLAKE3 hash, then the payload (postcard of `Vec<Record>`). A
+//! Frame: `u32` little-endian payload length, the first 4 bytes of the
+//! BLAKE3 hash of that length, the first 8 bytes of the payload's BLAKE3
+//! hash, then the payload (the records' postcard encodings one after
+//! another). The length has its own check so that a damaged length is
+//! never mistaken for a torn frame running past the end of the file. A
 //! frame is written whole and `fdatasync`ed before any record in it takes
 //! effect, so after a crash only the last frame can be torn, and its
 //! records were never acknowledged: it is cut off. A bad frame with
@@ -34,7 +37,7 @@ const MAX_FRAME: usize = 16 << 20;
 /// Bytes of records per frame of a snapshot (a record is far smaller
 /// than `MAX_FRAME - SNAPSHOT_FRAME`).
 const SNAPSHOT_FRAME: usize = 1 << 20;
-const HEADER: usize = 12;
+const HEADER: usize = 16;
 
 /// One change to the state. Every record is absolute (a use count is the
 /// count, not an increment), so replaying one twice changes nothing.
@@ -80,7 +83,9 @@ pub fn frame(records: &[Record]) -> Vec<u8> {
 
 fn seal(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let len = (payload.len() as u32).to_le_bytes();
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&blake3::hash(&len).as_bytes()[..4]);
     out.extend_from_slice(&blake3::hash(payload).as_bytes()[..8]);
     out.extend_from_slice(payload);
     out
@@ -113,21 +118,25 @@ impl Log {
         let mut at = 0usize;
         while at < bytes.len() {
             let rest = &bytes[at..];
-            let whole = match read_frame(rest) {
+            let zero = |bytes: &[u8]| bytes.iter().all(|&b| b == 0);
+            let torn = match read_frame(rest) {
                 Frame::Whole(batch, used) => {
                     records.extend(batch);
                     at += used;
                     continue;
                 }
-                Frame::Torn => rest.len() < HEADER || frame_end(rest) >= rest.len(),
-                Frame::Bad => frame_end(rest) >= rest.len(),
+                // A good length whose frame runs past the end: the last
+                // write, cut short.
+                Frame::Torn => true,
+                // The frame is all there but its payload does not check:
+                // torn only if it is the last (or only zeros follow, the
+                // file having grown before its data reached the disk).
+                Frame::BadPayload(end) => end == rest.len() || zero(&rest[end..]),
+                // A damaged length: torn only if nothing but zeros is
+                // left.
+                Frame::BadLength => zero(rest),
             };
-            // Torn: it reaches the end, or only zeros follow it (the file
-            // grew before its data reached the disk).
-            let tail_is_zero = rest[frame_end(rest).min(rest.len())..]
-                .iter()
-                .all(|&b| b == 0);
-            if !(whole || tail_is_zero) {
+            if !torn {
                 return Err(corrupt(format!("a damaged record at byte {at}")));
             }
             break;
@@ -261,29 +270,25 @@ pub enum AppendError {
 enum Frame {
     Whole(Vec<Record>, usize),
     Torn,
-    Bad,
-}
-
-fn frame_end(bytes: &[u8]) -> usize {
-    match bytes.first_chunk::<4>() {
-        Some(len) => HEADER.saturating_add(u32::from_le_bytes(*len) as usize),
-        None => usize::MAX,
-    }
+    /// The frame ends at this offset but its payload is damaged.
+    BadPayload(usize),
+    BadLength,
 }
 
 fn read_frame(bytes: &[u8]) -> Frame {
     let Some(header) = bytes.get(..HEADER) else {
         return Frame::Torn;
     };
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return Frame::Bad;
+    let len_bytes = [header[0], header[1], header[2], header[3]];
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    if blake3::hash(&len_bytes).as_bytes()[..4] != header[4..8] || len == 0 || len > MAX_FRAME {
+        return Frame::BadLength;
     }
     let Some(payload) = bytes.get(HEADER..HEADER + len) else {
         return Frame::Torn;
     };
-    if blake3::hash(payload).as_bytes()[..8] != header[4..HEADER] {
-        return Frame::Bad;
+    if blake3::hash(payload).as_bytes()[..8] != header[8..HEADER] {
+        return Frame::BadPayload(HEADER + len);
     }
     let mut records = Vec::new();
     let mut rest = payload;
@@ -293,7 +298,7 @@ fn read_frame(bytes: &[u8]) -> Frame {
                 records.push(record);
                 rest = tail;
             }
-            Err(_) => return Frame::Bad,
+            Err(_) => return Frame::BadPayload(HEADER + len),
         }
     }
     Frame::Whole(records, HEADER + len)

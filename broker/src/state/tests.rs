@@ -99,6 +99,26 @@ fn corrupt_state_is_an_error() {
 }
 
 #[test]
+fn a_damaged_length_is_corruption_not_a_torn_tail() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    state.revoke(id(1), 0).unwrap();
+    state.revoke(id(2), 0).unwrap();
+    drop(state);
+    // A length grown past the end of the file would read as a frame cut
+    // short, and the revocations after it would be dropped in silence.
+    let path = dir.path().join(LOG_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header = log::frame(&[Record::Format(log::FORMAT_VERSION)]).len();
+    bytes[header + 2] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        TokenState::open(dir.path()),
+        Err(StateError::Corrupt { .. })
+    ));
+}
+
+#[test]
 fn a_torn_last_frame_is_cut_off() {
     let dir = private_dir();
     let state = TokenState::open(dir.path()).unwrap();
