@@ -175,7 +175,7 @@ fn a_state_file_owned_by_another_uid_is_refused_at_start() {
     assert_refused_start(broker, "tokens.json is owned by uid");
     std::fs::remove_file(&planted).unwrap();
     let broker = Broker::start(&config(&state, ""), &[]);
-    let refused = bind(&broker.socket, &token).unwrap_err();
+    let refused = bind(&broker.socket, &token).map(drop).unwrap_err();
     assert!(refused.contains("has been revoked"), "{refused}");
 }
 
@@ -221,7 +221,10 @@ fn kill_9_during_counted_calls_loses_no_use_and_no_revocation() {
         caller.join().unwrap();
     }
     let before = acknowledged.load(Ordering::SeqCst);
-    assert!(before < USES as usize, "the kill came too late to test");
+    assert!(
+        before < USES as usize,
+        "{before} calls went ahead before the kill: more than the token's {USES} uses"
+    );
 
     let (after, why) = call_until_denied(&mut bind(&broker.socket, &counted).unwrap());
     assert!(
@@ -235,7 +238,7 @@ fn kill_9_during_counted_calls_loses_no_use_and_no_revocation() {
     let (again, why) = call_until_denied(&mut bind(&broker.socket, &once).unwrap());
     assert_eq!(again, 0, "a used-up token worked again");
     assert!(why.contains("used all of its 1 uses"), "{why}");
-    let refused = bind(&broker.socket, &revoked).unwrap_err();
+    let refused = bind(&broker.socket, &revoked).map(drop).unwrap_err();
     assert!(refused.contains("has been revoked"), "{refused}");
 }
 
@@ -456,7 +459,7 @@ fn a_full_file_system_stops_minting_but_not_revocations() {
     // Still full after a crash: it starts, and the revocation held.
     let mut broker = fs.broker(&config_path, &log);
     wait_serving(&mut broker, &socket, &log);
-    let refused = bind(&socket, &token).unwrap_err();
+    let refused = bind(&socket, &token).map(drop).unwrap_err();
     assert!(refused.contains("has been revoked"), "{refused}");
     std::fs::remove_file(&filler).unwrap();
     mint(&socket, 0, None).unwrap();
