@@ -477,3 +477,36 @@ fn a_full_file_system_stops_minting_but_not_revocations() {
         "{stderr}"
     );
 }
+
+/// An existing `tokens.json` of the first format is imported once: its
+/// revocations and use counts hold, and the file is gone.
+#[test]
+fn an_old_tokens_json_is_imported_at_start() {
+    let (_base, state) = state_dir();
+    let mut broker = Broker::start(&config(&state, ""), &[]);
+    let (revoked, revoked_id) = mint(&broker.socket, 0, None).unwrap();
+    let (used, used_id) = mint(&broker.socket, 0, Some(2)).unwrap();
+    let (fresh, _) = mint(&broker.socket, 0, Some(2)).unwrap();
+    broker.stop();
+    // What the old broker would have left: no log, one JSON document.
+    std::fs::remove_file(state.join("tokens.log")).unwrap();
+    let far = 4_000_000_000u64;
+    let old = format!(
+        r#"{{"version":1,"revoked":{{"{revoked_id}":{far}}},"uses":{{"{used_id}":2}},"minted":{{"{used_id}":{{"issuer":"ops","expires":{far},"max_uses":2}}}},"high_water":0}}"#
+    );
+    let json = state.join("tokens.json");
+    std::fs::write(&json, old).unwrap();
+    std::fs::set_permissions(&json, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let broker = Broker::start(&config(&state, ""), &[]);
+    assert!(!json.exists(), "tokens.json left behind after the import");
+    let refused = bind(&broker.socket, &revoked).map(drop).unwrap_err();
+    assert!(refused.contains("has been revoked"), "{refused}");
+    let (done, why) = call_until_denied(&mut bind(&broker.socket, &used).unwrap());
+    assert_eq!(done, 0, "use counts were not imported");
+    assert!(why.contains("used all of its 2 uses"), "{why}");
+    assert_eq!(
+        call_until_denied(&mut bind(&broker.socket, &fresh).unwrap()).0,
+        2
+    );
+}
