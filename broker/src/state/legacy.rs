@@ -80,6 +80,6 @@ pub fn read(dir: &Path) -> Result<Option<Vec<Record>>, StateError> {
 pub fn remove(dir: &Path) -> Result<(), StateError> {
     let path = dir.join(LEGACY_FILE);
     std::fs::remove_file(&path)
-        .and_then(|()| crate::keys::sync_dir(&path))
+        .and_then(|()| super::sync_dir(&path))
         .map_err(|source| StateError::Io { path, source })
 }

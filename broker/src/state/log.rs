@@ -151,7 +151,7 @@ impl Log {
                 let header = frame(&[Record::Format(FORMAT_VERSION)]);
                 file.write_all(&header).map_err(io(&path))?;
                 file.sync_all().map_err(io(&path))?;
-                crate::keys::sync_dir(&path).map_err(io(&path))?;
+                super::sync_dir(&path).map_err(io(&path))?;
                 let log = Log {
                     path,
                     file,
@@ -246,7 +246,7 @@ impl Log {
             }
             file.sync_all()?;
             std::fs::rename(&tmp, &self.path)?;
-            crate::keys::sync_dir(&self.path)
+            super::sync_dir(&self.path)
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);

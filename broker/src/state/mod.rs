@@ -519,6 +519,15 @@ fn wait(pending: Result<mpsc::Receiver<Reply>, StateError>) -> Reply {
     })
 }
 
+/// fsync the directory holding `path`, so a rename or link into it is
+/// durable.
+pub fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// Seconds since the epoch.
 fn now() -> u64 {
     std::time::SystemTime::now()
