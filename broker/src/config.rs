@@ -81,6 +81,12 @@ pub struct BrokerConfig {
     pub requests_per_second: Option<u32>,
     /// Requests one uid may make in a burst above that rate.
     pub request_burst: Option<u32>,
+
+    // -- token state (broker/src/state) --
+    /// Live tokens one uid may have minted or attenuated at once.
+    pub max_live_tokens_per_uid: Option<u32>,
+    /// Live attenuated tokens one uid may have made at once.
+    pub max_attenuations_per_uid: Option<u32>,
 }
 
 fn default_socket_mode() -> String {

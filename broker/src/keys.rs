@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 
 use crate::access;
 use crate::credential::Secret;
+use crate::state::sync_dir;
 
 /// File name of the generated key in the state directory.
 pub const KEY_FILE: &str = "signing.key";
@@ -182,15 +183,6 @@ impl Keys {
             "ed25519:{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.verifying().as_bytes())
         )
-    }
-}
-
-/// fsync the directory holding `path`, so a rename or link into it is
-/// durable.
-pub fn sync_dir(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
     }
 }
 

@@ -534,6 +534,7 @@ mod tests {
             max_connections_per_uid: 8,
             admin_uids: Vec::new(),
             signing_key: None,
+            token_limits: crate::state::Limits::default(),
         }
     }
 

@@ -199,6 +199,7 @@ fn compile_broker(src: &Source, errors: &mut Vec<Located>) -> BrokerSettings {
         );
         max_connections_per_uid = DEFAULT_MAX_CONNECTIONS_PER_UID;
     }
+    let token_limits = token_limits(cfg, &mut error);
     BrokerSettings {
         socket: cfg.socket.clone(),
         socket_mode,
@@ -211,6 +212,35 @@ fn compile_broker(src: &Source, errors: &mut Vec<Located>) -> BrokerSettings {
         max_connections_per_uid,
         admin_uids: cfg.admin_uids.clone(),
         signing_key: cfg.signing_key.clone(),
+        token_limits,
+    }
+}
+
+/// The per-uid caps of the token state; zero is an error.
+fn token_limits(
+    cfg: &crate::config::BrokerConfig,
+    error: &mut impl FnMut(&str, String),
+) -> crate::state::Limits {
+    let defaults = crate::state::Limits::default();
+    let mut pick = |key: &str, value: Option<u32>, default: u32| match value {
+        Some(0) => {
+            error(key, "must be greater than zero".to_owned());
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    crate::state::Limits {
+        live_per_uid: pick(
+            "max_live_tokens_per_uid",
+            cfg.max_live_tokens_per_uid,
+            defaults.live_per_uid,
+        ),
+        attenuations_per_uid: pick(
+            "max_attenuations_per_uid",
+            cfg.max_attenuations_per_uid,
+            defaults.attenuations_per_uid,
+        ),
     }
 }
 

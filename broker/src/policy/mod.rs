@@ -52,6 +52,8 @@ pub struct BrokerSettings {
     /// Credential holding the token-signing key, instead of a generated
     /// one in the state directory.
     pub signing_key: Option<String>,
+    /// Per-uid caps of the token state.
+    pub token_limits: crate::state::Limits,
 }
 
 /// A principal: a set of uids/gids and what they may do.

@@ -152,6 +152,8 @@ impl Tokens {
         state_dir: &Path,
         credentials: &Credentials,
     ) -> Result<Tokens, TokenSetupError> {
+        // Before anything in it is read or created.
+        crate::state::check_directory(state_dir)?;
         let keys = match &policy.broker.signing_key {
             Some(name) => {
                 let secret = credentials
@@ -265,10 +267,17 @@ impl Tokens {
             parent: None,
             lineage: Vec::new(),
         };
-        self.issue(body, now).map_err(refuse)
+        self.issue(body, policy, caller, now).map_err(refuse)
     }
 
-    fn issue(&self, body: TokenBody, now: u64) -> Result<Minted, String> {
+    /// Sign, record (within the caller's caps), hand out.
+    fn issue(
+        &self,
+        body: TokenBody,
+        policy: &Policy,
+        caller: &Caller,
+        now: u64,
+    ) -> Result<Minted, String> {
         let token = self.keys.sign_token(&body);
         // A token its own broker would refuse, or that does not fit in a
         // reply, is never recorded or handed out.
@@ -286,10 +295,16 @@ impl Tokens {
                     issuer: body.issuer.clone(),
                     expires: body.expires,
                     max_uses: body.max_uses,
+                    owner: caller.uid,
+                    attenuated: body.parent.is_some(),
                 },
+                policy.broker.token_limits,
                 now,
             )
-            .map_err(|e| format!("cannot record the token: {e}"))?;
+            .map_err(|e| match e {
+                StateError::LiveCap { .. } | StateError::AttenuationCap { .. } => e.to_string(),
+                e => format!("cannot record the token: {e}"),
+            })?;
         Ok(Minted {
             token,
             id: body.id,
@@ -422,7 +437,7 @@ impl Tokens {
                 ));
             }
         }
-        self.consume(bound).map_err(denied)?;
+        self.consume(bound, now).map_err(denied)?;
         Ok(AuthorizedCall {
             tool: std::sync::Arc::clone(tool),
             principal: body.issuer.clone(),
@@ -431,7 +446,7 @@ impl Tokens {
     }
 
     /// Count a use against the token and every limited ancestor.
-    fn consume(&self, bound: &BoundToken) -> Result<(), String> {
+    fn consume(&self, bound: &BoundToken, now: u64) -> Result<(), String> {
         let body = &bound.verified.body;
         let mut limits = Vec::new();
         if let Some(max) = body.max_uses {
@@ -442,7 +457,7 @@ impl Tokens {
                 limits.push((*ancestor, max));
             }
         }
-        match self.state.consume(&limits, now()) {
+        match self.state.consume(&limits, now) {
             Ok(()) => Ok(()),
             Err(UseError::Exhausted(id)) if id == body.id => Err(format!(
                 "has used all of its {} uses",
@@ -567,7 +582,7 @@ impl Tokens {
             parent: Some(bound.verified.hash),
             lineage,
         };
-        self.issue(body, now).map_err(refuse)
+        self.issue(body, policy, caller, now).map_err(refuse)
     }
 
     // -- revoke ---------------------------------------------------------------
@@ -689,3 +704,6 @@ fn random_id() -> Result<TokenId, String> {
     getrandom::fill(&mut id).map_err(|e| format!("no randomness for a token id: {e}"))?;
     Ok(TokenId(id))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,305 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The on-disk form of the token state: an append-only log of frames, one
+//! frame per group commit, each frame a checksummed batch of records.
+//!
+//! Frame: `u32` little-endian payload length, the first 4 bytes of the
+//! BLAKE3 hash of that length, the first 8 bytes of the payload's BLAKE3
+//! hash, then the payload (the records' postcard encodings one after
+//! another). The length has its own check so that a damaged length is
+//! never mistaken for a torn frame running past the end of the file. A
+//! frame is written whole and `fdatasync`ed before any record in it takes
+//! effect, so after a crash only the last frame can be torn, and its
+//! records were never acknowledged: it is cut off. A bad frame with
+//! anything but zeros after it is corruption, and the broker refuses to
+//! start rather than forget revocations.
+//!
+//! Compaction rewrites the live state as a fresh log (temporary file,
+//! fsync, rename, fsync of the directory) once the log has grown to twice
+//! the size of the last one written whole.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use keyward_proto::token::TokenId;
+
+use super::{MintRecord, StateError};
+
+/// File name of the log in the state directory.
+pub const LOG_FILE: &str = "tokens.log";
+/// The log's format version, in its first record.
+pub const FORMAT_VERSION: u32 = 2;
+/// Largest frame read back (a compacted snapshot is split below this).
+const MAX_FRAME: usize = 16 << 20;
+/// Bytes of records per frame of a snapshot (a record is far smaller
+/// than `MAX_FRAME - SNAPSHOT_FRAME`).
+const SNAPSHOT_FRAME: usize = 1 << 20;
+const HEADER: usize = 16;
+
+/// One change to the state. Every record is absolute (a use count is the
+/// count, not an increment), so replaying one twice changes nothing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Record {
+    /// First record of every log file.
+    Format(u32),
+    Mint(TokenId, MintRecord),
+    /// Uses counted so far, per token.
+    Uses(Vec<(TokenId, u32)>),
+    /// A revocation and the token's expiry (when known).
+    Revoke(TokenId, u64),
+    /// The latest unix time the state has seen.
+    Clock(u64),
+}
+
+/// An open log, positioned at its end.
+#[derive(Debug)]
+pub struct Log {
+    pub path: PathBuf,
+    file: File,
+    /// Bytes of whole frames.
+    pub len: u64,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Encode records as one frame: the payload is the records' postcard
+/// encodings one after another.
+pub fn frame(records: &[Record]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for record in records {
+        payload = postcard::to_extend(record, payload)
+            .expect("postcard encodes these plain types into a Vec");
+    }
+    seal(&payload)
+}
+
+fn seal(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    let len = (payload.len() as u32).to_le_bytes();
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&blake3::hash(&len).as_bytes()[..4]);
+    out.extend_from_slice(&blake3::hash(payload).as_bytes()[..8]);
+    out.extend_from_slice(payload);
+    out
+}
+
+impl Log {
+    /// Open (or create) the log and read every record in it. A torn last
+    /// frame is cut off; any other damage is an error.
+    pub fn open(dir: &Path) -> Result<(Log, Vec<Record>), StateError> {
+        let path = dir.join(LOG_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EROFS) => StateError::ReadOnly { path: path.clone() },
+                _ => io(&path)(source),
+            })?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io(&path))?;
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.clone(),
+            message,
+        };
+        let mut records = Vec::new();
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let rest = &bytes[at..];
+            let zero = |bytes: &[u8]| bytes.iter().all(|&b| b == 0);
+            let torn = match read_frame(rest) {
+                Frame::Whole(batch, used) => {
+                    records.extend(batch);
+                    at += used;
+                    continue;
+                }
+                // A good length whose frame runs past the end: the last
+                // write, cut short.
+                Frame::Torn => true,
+                // The frame is all there but its payload does not check:
+                // torn only if it is the last (or only zeros follow, the
+                // file having grown before its data reached the disk).
+                Frame::BadPayload(end) => end == rest.len() || zero(&rest[end..]),
+                // A damaged length: torn only if nothing but zeros is
+                // left.
+                Frame::BadLength => zero(rest),
+            };
+            if !torn {
+                return Err(corrupt(format!("a damaged record at byte {at}")));
+            }
+            break;
+        }
+        let len = at as u64;
+        if len < bytes.len() as u64 {
+            file.set_len(len).map_err(io(&path))?;
+            file.sync_all().map_err(io(&path))?;
+        }
+        match records.first() {
+            None if len == 0 => {
+                let header = frame(&[Record::Format(FORMAT_VERSION)]);
+                file.write_all(&header).map_err(io(&path))?;
+                file.sync_all().map_err(io(&path))?;
+                super::sync_dir(&path).map_err(io(&path))?;
+                let log = Log {
+                    path,
+                    file,
+                    len: header.len() as u64,
+                };
+                return Ok((log, Vec::new()));
+            }
+            Some(Record::Format(FORMAT_VERSION)) => {}
+            Some(Record::Format(v)) => return Err(corrupt(format!("unknown format version {v}"))),
+            _ => return Err(corrupt("it does not start with a format record".into())),
+        }
+        file.seek(SeekFrom::Start(len)).map_err(io(&path))?;
+        Ok((Log { path, file, len }, records))
+    }
+
+    /// Append one frame and make it durable. On failure the log is cut
+    /// back to its last whole frame (so a later append does not follow
+    /// garbage); if even that fails, the error says so and the caller
+    /// must stop writing.
+    pub fn append(&mut self, frame: &[u8]) -> Result<(), AppendError> {
+        let result = self
+            .file
+            .write_all(frame)
+            .and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => {
+                self.len += frame.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let undo = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
+                match undo {
+                    Ok(()) => Err(AppendError::Failed(e)),
+                    Err(_) => Err(AppendError::Broken(e)),
+                }
+            }
+        }
+    }
+
+    /// Keep `bytes` allocated past the end of the log (without growing
+    /// it), so that a revocation can still be written when the file
+    /// system is full. `Ok(false)` when the space is not there.
+    pub fn reserve(&self, bytes: u64) -> std::io::Result<bool> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let len = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let at = i64::try_from(self.len).unwrap_or(i64::MAX);
+        match fallocate(&self.file, FallocateFlags::FALLOC_FL_KEEP_SIZE, at, len) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::ENOSPC | nix::errno::Errno::EDQUOT) => Ok(false),
+            // No fallocate here: judge by the free space instead.
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                let fs = nix::sys::statvfs::fstatvfs(&self.file).map_err(std::io::Error::from)?;
+                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                Ok(free >= bytes)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replace the log with `records` (the live state), durably. The old
+    /// log stays in place if anything fails.
+    pub fn rewrite(&mut self, records: &[Record]) -> Result<(), StateError> {
+        let tmp = self.path.with_extension("log.tmp");
+        let err = io(&tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(&err)?;
+        let mut len = 0u64;
+        let written = (|| {
+            let header = frame(&[Record::Format(FORMAT_VERSION)]);
+            file.write_all(&header)?;
+            len += header.len() as u64;
+            let mut payload = Vec::new();
+            for (i, record) in records.iter().enumerate() {
+                payload = postcard::to_extend(record, payload)
+                    .expect("postcard encodes these plain types into a Vec");
+                if payload.len() >= SNAPSHOT_FRAME || i + 1 == records.len() {
+                    let bytes = seal(&payload);
+                    file.write_all(&bytes)?;
+                    len += bytes.len() as u64;
+                    payload.clear();
+                }
+            }
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            super::sync_dir(&self.path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
+        }
+        self.file = file;
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// Why an append failed.
+#[derive(Debug)]
+pub enum AppendError {
+    /// Nothing was written.
+    Failed(std::io::Error),
+    /// The log could not be cut back: stop writing.
+    Broken(std::io::Error),
+}
+
+enum Frame {
+    Whole(Vec<Record>, usize),
+    Torn,
+    /// The frame ends at this offset but its payload is damaged.
+    BadPayload(usize),
+    BadLength,
+}
+
+fn read_frame(bytes: &[u8]) -> Frame {
+    let Some(header) = bytes.get(..HEADER) else {
+        return Frame::Torn;
+    };
+    let len_bytes = [header[0], header[1], header[2], header[3]];
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    if blake3::hash(&len_bytes).as_bytes()[..4] != header[4..8] || len == 0 || len > MAX_FRAME {
+        return Frame::BadLength;
+    }
+    let Some(payload) = bytes.get(HEADER..HEADER + len) else {
+        return Frame::Torn;
+    };
+    if blake3::hash(payload).as_bytes()[..8] != header[8..HEADER] {
+        return Frame::BadPayload(HEADER + len);
+    }
+    let mut records = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        match postcard::take_from_bytes::<Record>(rest) {
+            Ok((record, tail)) => {
+                records.push(record);
+                rest = tail;
+            }
+            Err(_) => return Frame::BadPayload(HEADER + len),
+        }
+    }
+    Frame::Whole(records, HEADER + len)
+}

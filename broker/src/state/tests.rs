@@ -1,0 +1,315 @@
+// SPDX-License-Identifier: Apache-2.0
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+fn id(n: u8) -> TokenId {
+    TokenId([n; 16])
+}
+
+fn record(expires: u64, max_uses: Option<u32>) -> MintRecord {
+    MintRecord {
+        issuer: "o".into(),
+        expires,
+        max_uses,
+        owner: 1000,
+        attenuated: false,
+    }
+}
+
+fn private_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+const LIMITS: Limits = Limits {
+    live_per_uid: 100,
+    attenuations_per_uid: 10,
+};
+
+#[test]
+fn survives_reopen() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    let r = record(2000, Some(1));
+    state.record_mint(id(1), r.clone(), LIMITS, 1000).unwrap();
+    state.revoke(id(2), 1000).unwrap();
+    state.consume(&[(id(1), 1)], 1000).unwrap();
+    drop(state);
+    let state = TokenState::open(dir.path()).unwrap();
+    assert_eq!(state.minted(&id(1)), Some(r));
+    assert_eq!(state.revoked_among([&id(3), &id(2)]), Some(id(2)));
+    assert!(matches!(
+        state.consume(&[(id(1), 1)], 1000),
+        Err(UseError::Exhausted(_))
+    ));
+    assert_eq!(state.uses(&id(1)), 1);
+}
+
+#[test]
+fn consume_is_all_or_nothing() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    state.consume(&[(id(1), 1)], 0).unwrap();
+    assert!(state.consume(&[(id(2), 5), (id(1), 1)], 0).is_err());
+    assert_eq!(state.uses(&id(2)), 0, "no partial charge");
+}
+
+#[test]
+fn concurrent_uses_are_each_counted_once() {
+    let dir = private_dir();
+    let state = std::sync::Arc::new(TokenState::open(dir.path()).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let state = std::sync::Arc::clone(&state);
+            std::thread::spawn(move || {
+                (0..50)
+                    .filter(|_| state.consume(&[(id(7), 300)], 0).is_ok())
+                    .count()
+            })
+        })
+        .collect();
+    let ok: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(ok, 300, "exactly max_uses calls went ahead");
+    drop(state);
+    let state = TokenState::open(dir.path()).unwrap();
+    assert_eq!(state.uses(&id(7)), 300);
+}
+
+#[test]
+fn corrupt_state_is_an_error() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    state.revoke(id(1), 0).unwrap();
+    state.revoke(id(2), 0).unwrap();
+    drop(state);
+    // Flip a byte inside the first revocation's frame: damage with whole
+    // frames after it is corruption, not a torn tail.
+    let path = dir.path().join(LOG_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header = log::frame(&[Record::Format(log::FORMAT_VERSION)]).len();
+    bytes[header + 14] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        TokenState::open(dir.path()),
+        Err(StateError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_damaged_length_is_corruption_not_a_torn_tail() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    state.revoke(id(1), 0).unwrap();
+    state.revoke(id(2), 0).unwrap();
+    drop(state);
+    // A length grown past the end of the file would read as a frame cut
+    // short, and the revocations after it would be dropped in silence.
+    let path = dir.path().join(LOG_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header = log::frame(&[Record::Format(log::FORMAT_VERSION)]).len();
+    bytes[header + 2] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        TokenState::open(dir.path()),
+        Err(StateError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_torn_last_frame_is_cut_off() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    state.revoke(id(1), 0).unwrap();
+    drop(state);
+    let path = dir.path().join(LOG_FILE);
+    let whole = std::fs::metadata(&path).unwrap().len();
+    let torn = log::frame(&[Record::Revoke(id(2), 9)]);
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(&torn[..torn.len() - 3]).unwrap();
+    drop(file);
+    let state = TokenState::open(dir.path()).unwrap();
+    assert_eq!(state.revoked_among([&id(1)]), Some(id(1)));
+    assert_eq!(state.revoked_among([&id(2)]), None, "never acknowledged");
+    state.revoke(id(3), 0).unwrap();
+    drop(state);
+    assert!(std::fs::metadata(&path).unwrap().len() > whole);
+    let state = TokenState::open(dir.path()).unwrap();
+    assert_eq!(state.revoked_among([&id(3)]), Some(id(3)));
+}
+
+#[test]
+fn a_clock_stepped_back_does_not_revive_pruned_tokens() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    state.revoke(id(1), 4_000_000_000).unwrap();
+    drop(state);
+    let state = TokenState::open(dir.path()).unwrap();
+    assert_eq!(state.clock(5_000), 4_000_000_000);
+    assert_eq!(state.clock(4_000_000_001), 4_000_000_001);
+}
+
+#[test]
+fn expired_entries_are_pruned_from_memory_and_disk() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    state
+        .record_mint(id(1), record(100, None), LIMITS, 50)
+        .unwrap();
+    state.revoke(id(1), 50).unwrap();
+    state.revoke(id(9), 50).unwrap();
+    // A minute past the grace: the next mint prunes.
+    state
+        .record_mint(id(2), record(10_000, None), LIMITS, 1000)
+        .unwrap();
+    assert_eq!(state.minted(&id(1)), None);
+    assert_eq!(state.revoked_among([&id(1)]), None);
+    assert_eq!(
+        state.revoked_among([&id(9)]),
+        Some(id(9)),
+        "unknown expiry kept"
+    );
+    let snapshot = state.shared.snapshot(1000);
+    assert!(!snapshot
+        .iter()
+        .any(|r| matches!(r, Record::Mint(i, _) | Record::Revoke(i, _) if *i == id(1))));
+}
+
+#[test]
+fn compaction_keeps_the_live_state_and_bounds_the_log() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    let limits = Limits {
+        live_per_uid: 1_000_000,
+        attenuations_per_uid: 1,
+    };
+    state
+        .record_mint(id(1), record(4_000_000_000, Some(3)), limits, 50)
+        .unwrap();
+    state.consume(&[(id(1), 3)], 50).unwrap();
+    state.revoke(id(2), 50).unwrap();
+    // Tokens long expired by the wall clock the writer prunes with.
+    let n = 600u32;
+    for i in 0..n {
+        let mut tid = [0xa0u8; 16];
+        tid[..4].copy_from_slice(&i.to_le_bytes());
+        state
+            .record_mint(TokenId(tid), record(100, Some(3)), limits, 50)
+            .unwrap();
+    }
+    let size = std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len();
+    let one = log::frame(&[Record::Mint(id(3), record(100, Some(3))), Record::Clock(50)]).len();
+    assert!(
+        size < (n as u64) * (one as u64) / 2,
+        "{size} bytes for {n} mints of {one} bytes each: not compacted"
+    );
+    drop(state);
+    let state = TokenState::open(dir.path()).unwrap();
+    assert_eq!(state.minted(&id(1)).map(|m| m.max_uses), Some(Some(3)));
+    assert_eq!(state.uses(&id(1)), 1);
+    assert_eq!(state.revoked_among([&id(2)]), Some(id(2)));
+}
+
+#[test]
+fn caps_per_uid() {
+    let dir = private_dir();
+    let state = TokenState::open(dir.path()).unwrap();
+    let limits = Limits {
+        live_per_uid: 3,
+        attenuations_per_uid: 1,
+    };
+    let child = MintRecord {
+        attenuated: true,
+        ..record(500, None)
+    };
+    state
+        .record_mint(id(1), record(500, None), limits, 10)
+        .unwrap();
+    state.record_mint(id(2), child.clone(), limits, 10).unwrap();
+    let e = state.record_mint(id(3), child, limits, 10).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StateError::AttenuationCap {
+                uid: 1000,
+                limit: 1
+            }
+        ),
+        "{e}"
+    );
+    state
+        .record_mint(id(4), record(500, None), limits, 10)
+        .unwrap();
+    let e = state
+        .record_mint(id(5), record(500, None), limits, 10)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StateError::LiveCap {
+                uid: 1000,
+                limit: 3
+            }
+        ),
+        "{e}"
+    );
+    let other = MintRecord {
+        owner: 1001,
+        ..record(500, None)
+    };
+    state.record_mint(id(6), other, limits, 10).unwrap();
+    // Expired ones no longer count.
+    state
+        .record_mint(id(5), record(5000, None), limits, 600)
+        .unwrap();
+}
+
+#[test]
+fn an_old_tokens_json_is_imported_once() {
+    let dir = private_dir();
+    let hex = |n: u8| id(n).to_string();
+    let old = serde_json::json!({
+        "version": 1,
+        "revoked": { hex(1): 4_000_000_000u64 },
+        "uses": { hex(2): 3 },
+        "minted": { hex(2): { "issuer": "ops", "expires": 4_000_000_000u64, "max_uses": 3 } },
+        "high_water": 1234,
+    });
+    let path = dir.path().join(LEGACY_FILE);
+    std::fs::write(&path, old.to_string()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let state = TokenState::open(dir.path()).unwrap();
+    assert!(!path.exists(), "removed once imported");
+    drop(state);
+    let state = TokenState::open(dir.path()).unwrap();
+    assert_eq!(state.revoked_among([&id(1)]), Some(id(1)));
+    assert!(matches!(
+        state.consume(&[(id(2), 3)], 0),
+        Err(UseError::Exhausted(_))
+    ));
+    assert_eq!(state.minted(&id(2)).unwrap().issuer, "ops");
+}
+
+#[test]
+fn a_directory_or_file_others_may_write_is_refused() {
+    let dir = private_dir();
+    drop(TokenState::open(dir.path()).unwrap());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = TokenState::open(dir.path()).unwrap_err();
+    assert!(matches!(e, StateError::Access { .. }), "{e}");
+    assert!(e.to_string().contains("accessible to anyone"), "{e}");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let log = dir.path().join(LOG_FILE);
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o620)).unwrap();
+    let e = TokenState::open(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("tokens.log"), "{e}");
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("x")).unwrap();
+    let e = TokenState::open(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+}
