@@ -113,28 +113,32 @@ impl Fixture {
     fn mint(&self, request: &Mint) -> Minted {
         self.tokens
             .mint(&self.policy, &ORCH, request, T0)
-            .unwrap_or_else(|d| panic!("{}", d.reason))
+            .unwrap_or_else(|d| panic!("{d}"))
     }
 
     fn bind(&self, minted: &Minted, caller: &Caller, now: u64) -> Result<BoundToken, String> {
         self.tokens
             .verify(caller, &minted.token, now)
-            .map_err(|r| r.denial.reason)
+            .map_err(|r| r.denial.to_string())
     }
 
     fn call(&self, bound: &BoundToken, call: &Call, now: u64) -> Result<(), String> {
         self.tokens
             .authorize(&self.policy, &AGENT, bound, call, now)
             .map(drop)
-            .map_err(|d| d.reason)
+            .map_err(|d| d.to_string())
     }
 }
 
 #[test]
 fn mint_stays_within_delegation_ttl_and_principals() {
     let f = fixture();
-    let denied =
-        |caller: &Caller, r: &Mint| f.tokens.mint(&f.policy, caller, r, T0).unwrap_err().reason;
+    let denied = |caller: &Caller, r: &Mint| {
+        f.tokens
+            .mint(&f.policy, caller, r, T0)
+            .unwrap_err()
+            .to_string()
+    };
     assert!(denied(&AGENT, &request(&["echo"])).contains("is not a principal"));
     assert!(denied(&ORCH, &request(&["internal"])).contains("may not delegate tool"));
     let caller = Caller { uid: 1001, gid: 1 };
@@ -218,7 +222,7 @@ fn authorize_checks_grant_constraints_and_current_delegation() {
         .authorize(&narrowed, &AGENT, &bound, &echo("ok-2"), T0)
         .unwrap_err();
     assert!(
-        denied.reason.contains("may no longer delegate"),
+        denied.to_string().contains("may no longer delegate"),
         "{denied:?}"
     );
 }
@@ -259,7 +263,7 @@ fn attenuation_narrows_and_its_uses_count_against_the_parent() {
         f.tokens
             .attenuate(&f.policy, &AGENT, &bound, a, T0)
             .unwrap_err()
-            .reason
+            .to_string()
     };
     let longer = Attenuate {
         ttl_secs: Some(3600),
@@ -328,7 +332,7 @@ fn one_session_attenuates_a_bounded_number_of_times() {
         .attenuate(&f.policy, &AGENT, &bound, &narrow(), T0)
         .unwrap_err();
     assert!(denied
-        .reason
+        .to_string()
         .contains("this session has already attenuated"));
 }
 
@@ -345,7 +349,7 @@ fn revocation_by_whom_and_down_the_lineage() {
     let revoke = |caller: &Caller, id: TokenId| {
         f.tokens
             .revoke(&f.policy, caller, id, T0)
-            .map_err(|d| d.reason)
+            .map_err(|d| d.to_string())
     };
     assert!(revoke(&AGENT, parent.id)
         .unwrap_err()
@@ -381,7 +385,7 @@ fn the_attenuation_cap_is_per_uid_across_sessions() {
         let bound = f.bind(&minted, &AGENT, T0).unwrap();
         match f.tokens.attenuate(&capped, &AGENT, &bound, &narrow(), T0) {
             Ok(_) => made += 1,
-            Err(d) => break d.reason,
+            Err(d) => break d.to_string(),
         }
         assert!(made <= 3, "past the cap");
     };
