@@ -7,6 +7,8 @@
 
 #[path = "../../fuzz/checks/broker.rs"]
 mod checks;
+#[path = "../../fuzz/checks/leak.rs"]
+mod leak;
 #[path = "../../fuzz/checks/mutate.rs"]
 mod mutate;
 
@@ -90,6 +92,27 @@ fn templates_empty_value_next_to_literal_dots() {
     checks::templates(b"https://api.example.com/v1/b/..{a}\0\0");
 }
 
+#[test]
+fn leak_scan_corpus() {
+    for seed in mutate::corpus("leak_scan") {
+        leak::leak_scan(&seed);
+    }
+}
+
+/// Every encoding, every window, at the start, the middle and the end.
+#[test]
+fn leak_scan_every_encoding_and_window() {
+    for how in 0..8u8 {
+        for which in 0..25u8 {
+            for at in [0u8, 7, 255] {
+                let mut input = vec![how, which, at];
+                input.extend_from_slice(b"{\"note\":\"nothing to see\"}");
+                leak::leak_scan(&input);
+            }
+        }
+    }
+}
+
 proptest! {
     // Each case compiles a whole policy (regexes included): few cases.
     #![proptest_config(config(300))]
@@ -110,5 +133,19 @@ proptest! {
     ) {
         let seeds = mutate::corpus("templates");
         checks::templates(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+    }
+
+    #[test]
+    fn leak_scan_edits(
+        pick in any::<prop::sample::Index>(),
+        edits in prop::collection::vec(mutate::edit(), 1..8),
+    ) {
+        let seeds = mutate::corpus("leak_scan");
+        leak::leak_scan(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+    }
+
+    #[test]
+    fn leak_scan_random_bodies(data in prop::collection::vec(any::<u8>(), 3..600)) {
+        leak::leak_scan(&data);
     }
 }
