@@ -10,6 +10,7 @@
 //! | `--upload-pack=evil` as an option | a value starting with `-` refused unless after `--` | `dash_values_are_refused_unless_after_dashdash` |
 //! | NUL, 1 MiB | refused by policy / the frame cap, never run | `nul_and_huge_values_never_run` |
 //! | a child (and its children) that outlive the call | process group killed at the timeout and at exit | `timeout_kills_the_whole_group`, `leftover_children_die_with_the_call` |
+//! | flooding the broker with output | stdout + stderr capped (`max_output_bytes`), the group killed | `output_over_the_cap_is_refused` |
 //! | the broker's environment, privileges | clean environment, no_new_privs, credential file 0600 and removed | `child_environment_is_clean` |
 //! | a token widened to other exec values | tokens pin exec parameters as http ones | `tokens_pin_exec_parameters` |
 #![allow(clippy::unwrap_used)]
@@ -38,6 +39,14 @@ const SLEEPER: &str = r#"#!/bin/sh
 /bin/sleep 300 &
 printf '%s %s\n' "$$" "$!" > "$1"
 /bin/sleep 300
+"#;
+
+/// A child holding the pipe, 5000 bytes on stdout, then waits.
+const NOISY: &str = r#"#!/bin/sh
+/bin/sleep 300 &
+printf '%s %s\n' "$$" "$!" > "$1"
+/usr/bin/head -c 5000 /dev/zero | /usr/bin/tr '\0' x
+wait
 "#;
 
 /// Leaves a child behind (stdout closed) and exits at once.
@@ -71,6 +80,7 @@ fn fixture() -> Fixture {
     let env = script(d, "env.sh", ENV);
     let sleeper = script(d, "sleeper.sh", SLEEPER);
     let leaver = script(d, "leaver.sh", LEAVER);
+    let noisy = script(d, "noisy.sh", NOISY);
     let pids = d.join("pids");
     let config = format!(
         r#"
@@ -83,7 +93,7 @@ state_dir = "{{dir}}/state"
 [[principal]]
 name = "orchestrator"
 uids = [{PRINCIPAL_UID}, 0]
-may_call = ["argv", "argv_dd", "print_env", "print_env_b64", "print_file", "stat_file", "env", "sleeper", "leaver"]
+may_call = ["argv", "argv_dd", "print_env", "print_env_b64", "print_file", "stat_file", "env", "sleeper", "leaver", "noisy"]
 may_delegate = ["argv"]
 
 [credential.api]
@@ -145,6 +155,14 @@ args = ["{pids}"]
 timeout = "1s"
 
 [[tool]]
+name = "noisy"
+kind = "exec"
+program = "{noisy}"
+args = ["{pids}"]
+max_output_bytes = 1000
+timeout = "30s"
+
+[[tool]]
 name = "leaver"
 kind = "exec"
 program = "{leaver}"
@@ -158,6 +176,7 @@ args = ["{pids}"]
         env = env.display(),
         sleeper = sleeper.display(),
         leaver = leaver.display(),
+        noisy = noisy.display(),
         pids = pids.display(),
     );
     let broker = Broker::start(&config, &[("api.token", &format!("{SECRET}\n"))]);
@@ -380,4 +399,19 @@ fn tokens_pin_exec_parameters() {
         let ran = with_token(value);
         assert_eq!(ran.code, Some(3), "{value:?}: {ran:?}");
     }
+}
+
+#[test]
+fn output_over_the_cap_is_refused() {
+    let f = fixture();
+    let ran = f.call(&["noisy"]);
+    assert_ne!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        ran.stderr.contains("exceeds the 1000-byte limit"),
+        "{ran:?}"
+    );
+    assert!(!ran.stdout.contains("xxxx"), "{ran:?}");
+    // Refused as soon as the cap is passed: the group is killed then, not
+    // at the 30 s timeout.
+    assert_all_dead(&f.pids());
 }
