@@ -4,6 +4,7 @@
 
 pub mod echo;
 pub mod http;
+pub mod sql;
 
 use keyward_proto::CallResult;
 
