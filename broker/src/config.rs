@@ -118,56 +118,23 @@ pub struct CredentialConfig {
     pub file: PathBuf,
 }
 
-/// The kinds of tool the broker can perform.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ToolKind {
-    /// An HTTP request with the credential injected.
-    Http,
-    /// Built-in, no network: returns its parameters as a JSON object.
-    Echo,
-}
-
-/// `[[tool]]`: one action the broker performs. Fields after `params` only
-/// apply to `kind = "http"`; the policy compiler rejects them elsewhere.
+/// `[[tool]]`: one action the broker performs. The fields every kind has
+/// are here; the rest of the entry belongs to its kind (`kind = "http"`,
+/// `"exec"`, ...), which parses and checks it when the policy is compiled
+/// ([`crate::tool::KINDS`]): an unknown kind or a field the kind does not
+/// have is an error located on its line.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ToolConfig {
     pub name: String,
-    pub kind: ToolKind,
+    pub kind: String,
     pub description: Option<String>,
     /// Name of a `[credential.NAME]` entry.
     pub credential: Option<String>,
     #[serde(default)]
     pub params: BTreeMap<String, ParamConfig>,
-
-    pub method: Option<String>,
-    /// URL template: `{name}` placeholders in the path and query only.
-    pub url: Option<String>,
-    /// Header templates: fixed names, `{name}` placeholders in values.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// JSON body template; strings that are exactly `"{name}"` become the
-    /// typed value, other strings interpolate.
-    pub body_json: Option<toml::Value>,
-    pub auth: Option<AuthConfig>,
-    #[serde(default, with = "duration_opt")]
-    pub timeout: Option<Duration>,
-    pub max_response_bytes: Option<usize>,
-}
-
-/// How the credential is injected into an HTTP request. Exactly one field
-/// must be set.
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// `Authorization: Bearer <secret>`.
-    #[serde(default)]
-    pub bearer: bool,
-    /// `Authorization: Basic base64(<user>:<secret>)`.
-    pub basic: Option<String>,
-    /// `<header>: <secret>`.
-    pub header: Option<String>,
+    /// Every other field, for the tool's kind.
+    #[serde(flatten)]
+    pub fields: toml::Table,
 }
 
 /// The type of a parameter.
@@ -307,7 +274,9 @@ impl Source {
 }
 
 /// `"15m"`, `"30s"`, `"1h 30m"` (humantime) as an optional duration.
-mod duration_opt {
+/// `Option<Duration>` from text such as `"30s"` (for `#[serde(with)]`);
+/// tool kinds use it for their own fields.
+pub mod duration_opt {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};

@@ -399,28 +399,25 @@ fn trim_one_newline(buf: &mut Zeroizing<Vec<u8>>) {
 }
 
 /// Load every credential the configuration names, from
-/// `$CREDENTIALS_DIRECTORY` or the configured directory, and register the
-/// Basic-auth `user:secret` pairs of the policy's tools with the redactor.
-pub fn load_for(
+/// `$CREDENTIALS_DIRECTORY` or the configured `credentials_dir`, and
+/// register the Basic-auth `(credential, user)` pairs the tools send
+/// (`Policy::basic_users`) with the redactor.
+pub fn load_for<'a>(
     source: &crate::config::Source,
-    policy: &crate::policy::Policy,
+    basic_users: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<Credentials, CredentialError> {
     if source.config.credentials.is_empty() {
         return Ok(Credentials::default());
     }
-    let dir = Credentials::directory(policy.broker.credentials_dir.as_deref())?;
+    let dir = Credentials::directory(source.config.broker.credentials_dir.as_deref())?;
     let wanted = source
         .config
         .credentials
         .iter()
         .map(|(name, c)| (name.clone(), c.get_ref().file.clone()));
     let mut credentials = Credentials::load(&dir, wanted)?;
-    for tool in policy.tools() {
-        if let crate::policy::Action::Http(http) = &tool.action {
-            if let Some((credential, user)) = http.basic_user() {
-                credentials.register_basic_user(credential, user)?;
-            }
-        }
+    for (credential, user) in basic_users {
+        credentials.register_basic_user(credential, user)?;
     }
     Ok(credentials)
 }

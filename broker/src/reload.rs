@@ -11,7 +11,7 @@ use crate::audit::{Decision, Event, Record};
 use crate::broker::Broker;
 use crate::config::{ConfigError, Located, Source};
 use crate::limits::{Limits, LimitsError};
-use crate::policy::{Action, Policy};
+use crate::policy::Policy;
 
 /// Why a reloaded configuration was not put in force.
 #[derive(Debug, thiserror::Error)]
@@ -90,15 +90,13 @@ impl Broker {
                     credential: credential.clone(),
                 });
             }
-            if let Action::Http(http) = &tool.action {
-                if let Some((credential, user)) = http.basic_user() {
-                    if !credentials.has_basic_user(credential, user) {
-                        return Err(ReloadError::BasicUserNotRegistered {
-                            tool: tool.name.clone(),
-                            credential: credential.to_owned(),
-                            user: user.to_owned(),
-                        });
-                    }
+            if let Some((credential, user)) = tool.action.basic_user() {
+                if !credentials.has_basic_user(credential, user) {
+                    return Err(ReloadError::BasicUserNotRegistered {
+                        tool: tool.name.clone(),
+                        credential: credential.to_owned(),
+                        user: user.to_owned(),
+                    });
                 }
             }
         }

@@ -21,7 +21,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::Url;
 
-use crate::policy::{path, TypedValue};
+use crate::param::{path, TypedValue};
 
 /// Everything except ALPHA DIGIT `-` `.` `_` `~` (RFC 3986 unreserved).
 const STRICT: &AsciiSet = &NON_ALPHANUMERIC

@@ -8,13 +8,12 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Located, ParamConfig, ParamType, Source, ToolConfig, ToolKind};
-use crate::executor::http::HttpTool;
+use crate::config::{Located, ParamConfig, ParamType, Source};
+use crate::tool::{self, Defaults, Definition};
 
 use super::{
-    check_value, describe_rule, show_str, show_value, type_name, type_with_article, Action,
-    BrokerSettings, Failure, ParamSpec, Policy, Principal, Rule, Tool, TypedValue,
-    MAX_RESPONSE_BYTES_LIMIT,
+    check_value, describe_rule, show_str, show_value, type_name, type_with_article, BrokerSettings,
+    Failure, ParamSpec, Policy, Principal, Rule, Tool, TypedValue, MAX_RESPONSE_BYTES_LIMIT,
 };
 
 const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
@@ -375,28 +374,43 @@ fn compile_tools(
 
         let params = compile_params(&cfg.params, &mut messages);
 
-        let action = match cfg.kind {
-            ToolKind::Echo => {
-                check_echo_fields(cfg, &mut messages);
-                Some(Action::Echo)
+        let action = match tool::kind(&cfg.kind) {
+            Some(kind) => {
+                let definition = Definition {
+                    name: &cfg.name,
+                    kind: kind.name,
+                    credential: cfg.credential.as_deref(),
+                    params: &params,
+                    fields: &cfg.fields,
+                    defaults: Defaults {
+                        timeout: settings.call_timeout,
+                        max_response_bytes: settings.max_response_bytes,
+                    },
+                };
+                (kind.compile)(&definition)
+                    .map_err(|kind_messages| messages.extend(kind_messages))
+                    .ok()
             }
-            ToolKind::Http => {
-                if let Some(credential) = &cfg.credential {
-                    if !src.config.credentials.contains_key(credential) {
-                        messages.push(format!(
-                            "credential: {credential:?} is not defined by any [credential.NAME] entry"
-                        ));
-                    }
-                }
-                match HttpTool::compile(cfg, &params, settings) {
-                    Ok(http) => Some(Action::Http(http)),
-                    Err(http_messages) => {
-                        messages.extend(http_messages);
-                        None
-                    }
-                }
+            None => {
+                messages.push(format!(
+                    "kind: {:?} is not a kind of tool (one of {})",
+                    cfg.kind,
+                    tool::kind_names()
+                ));
+                None
             }
         };
+
+        // Unless the kind refused the field already.
+        if let Some(credential) = &cfg.credential {
+            if !src.config.credentials.contains_key(credential)
+                && !messages.iter().any(|m| m.starts_with("credential:"))
+            {
+                messages.push(format!(
+                    "credential: {credential:?} is not defined by any [credential.NAME] entry"
+                ));
+            }
+        }
 
         match action {
             Some(action) if messages.is_empty() => {
@@ -434,25 +448,6 @@ pub(super) fn valid_param_name(name: &str) -> bool {
     matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
         && name.len() <= 64
         && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
-}
-
-/// An echo tool has no credential and none of the http fields.
-fn check_echo_fields(cfg: &ToolConfig, messages: &mut Vec<String>) {
-    let present = [
-        ("credential", cfg.credential.is_some()),
-        ("method", cfg.method.is_some()),
-        ("url", cfg.url.is_some()),
-        ("headers", !cfg.headers.is_empty()),
-        ("body_json", cfg.body_json.is_some()),
-        ("auth", cfg.auth.is_some()),
-        ("timeout", cfg.timeout.is_some()),
-        ("max_response_bytes", cfg.max_response_bytes.is_some()),
-    ];
-    for (field, is_set) in present {
-        if is_set {
-            messages.push(format!("{field}: not allowed for kind \"echo\""));
-        }
-    }
 }
 
 /// Every parameter, each compiled as far as it goes: a parameter with an
@@ -649,7 +644,7 @@ mod tests {
     use std::time::Duration;
 
     use super::super::test_util::{call, errors, one_error, policy, s, source, BROKER};
-    use super::super::{Action, Caller, TypedValue};
+    use super::super::{Caller, TypedValue};
     use super::*;
 
     #[test]
@@ -667,7 +662,7 @@ mod tests {
     fn compiles_the_test_policy() {
         let p = policy();
         let mail = p.tool("mail").expect("mail tool");
-        assert!(matches!(mail.action, Action::Echo));
+        assert_eq!(mail.action.kind(), "echo");
         assert!(mail.params["key"].secret);
         assert_eq!(
             mail.params["subject"].default,
@@ -800,7 +795,7 @@ params.n = { type = "int", pattern = "x" }
         let src = source(crate::config::EXAMPLE);
         let p = Policy::compile(&src).unwrap_or_else(|e| panic!("{e:#?}"));
         let weather = p.tool("weather").expect("weather tool");
-        assert!(matches!(weather.action, Action::Http(_)));
+        assert_eq!(weather.action.kind(), "http");
         assert_eq!(weather.credential.as_deref(), Some("example_api"));
     }
 

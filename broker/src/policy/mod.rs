@@ -16,11 +16,11 @@ use std::time::Duration;
 use keyward_proto::Call;
 
 use crate::config::{Located, ParamType, Source};
-use crate::executor::http::HttpTool;
+pub use crate::param::{path, ParamSpec, Rule, TypedValue};
+use crate::tool::Action;
 
 mod compile;
 mod denial;
-pub mod path;
 #[cfg(test)]
 pub(crate) mod test_util;
 
@@ -74,93 +74,8 @@ pub struct Tool {
     /// Name of the credential it uses, if any.
     pub credential: Option<String>,
     pub params: BTreeMap<String, ParamSpec>,
-    pub action: Action,
-}
-
-/// What performing the tool means.
-// One per tool, behind the tool's `Arc`: the size of the `Echo` variant
-// costs nothing worth a `Box` and the churn it would cause in executors.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Action {
-    /// Return the parameters as a JSON object (no network, no credential).
-    Echo,
-    Http(HttpTool),
-}
-
-/// A parameter's type, validators, default and secrecy.
-#[derive(Debug)]
-pub struct ParamSpec {
-    pub ty: ParamType,
-    pub rules: Vec<Rule>,
-    pub default: Option<TypedValue>,
-    pub secret: bool,
-}
-
-/// A validator.
-#[derive(Debug)]
-pub enum Rule {
-    /// Anchored regex over the whole string.
-    Pattern(regex::Regex),
-    MaxLen(usize),
-    OneOf(Vec<TypedValue>),
-    Min(i64),
-    Max(i64),
-    Prefix(String),
-    /// A `path` parameter's value is a relative path of plain segments
-    /// ([`path::check_path`]); always its first rule.
-    Segments,
-    /// A `path` parameter's prefix: whole segments ([`path::has_prefix`]),
-    /// in [`path::canonical_prefix`] form.
-    PathPrefix(String),
-}
-
-/// A parameter value after conversion to the declared type. `Debug` never
-/// shows a string's content.
-#[derive(Clone, PartialEq, Eq)]
-pub enum TypedValue {
-    Str(String),
-    Int(i64),
-    Bool(bool),
-}
-
-impl std::fmt::Debug for TypedValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TypedValue::Str(s) => write!(f, "<string, {} bytes>", s.len()),
-            TypedValue::Int(i) => write!(f, "{i}"),
-            TypedValue::Bool(b) => write!(f, "{b}"),
-        }
-    }
-}
-
-impl TypedValue {
-    /// The value on the wire.
-    pub fn to_wire(&self) -> keyward_proto::Value {
-        match self {
-            TypedValue::Str(s) => keyward_proto::Value::Str(s.clone()),
-            TypedValue::Int(i) => keyward_proto::Value::Int(*i),
-            TypedValue::Bool(b) => keyward_proto::Value::Bool(*b),
-        }
-    }
-
-    /// The value as text, for templates that interpolate into a string.
-    pub fn to_text(&self) -> String {
-        match self {
-            TypedValue::Str(s) => s.clone(),
-            TypedValue::Int(i) => i.to_string(),
-            TypedValue::Bool(b) => b.to_string(),
-        }
-    }
-
-    /// The value as JSON.
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            TypedValue::Str(s) => serde_json::Value::String(s.clone()),
-            TypedValue::Int(i) => serde_json::Value::from(*i),
-            TypedValue::Bool(b) => serde_json::Value::Bool(*b),
-        }
-    }
+    /// What performing it means: its kind, compiled ([`crate::tool`]).
+    pub action: Box<dyn Action>,
 }
 
 /// The caller as the kernel reported it.
@@ -236,6 +151,12 @@ impl Policy {
     /// Every tool, by name.
     pub fn tools(&self) -> impl Iterator<Item = &Arc<Tool>> {
         self.tools.values()
+    }
+
+    /// `(credential, user)` of every tool that sends its credential as an
+    /// HTTP Basic pair, for [`crate::credential::Credentials::register_basic_user`].
+    pub fn basic_users(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.tools.values().filter_map(|t| t.action.basic_user())
     }
 
     /// The principals that match a caller.

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The `http` executor.
+//! `kind = "http"`: an HTTP request with the credential injected.
 //!
 //! A tool's URL, headers and JSON body are templates compiled with the
 //! policy; a call renders them from its validated parameters, injects the
@@ -16,6 +16,7 @@
 //! it normalises, and the whole response is withheld.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -24,10 +25,12 @@ use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::Method;
 use zeroize::Zeroizing;
 
-use super::ExecError;
-use crate::config::{ParamType, ToolConfig};
+use serde::Deserialize;
+
+use super::{off_reactor, Action, Context, Definition, ExecError, Invocation, Kind, Running};
+use crate::config::{duration_opt, ParamType};
 use crate::credential::{basic_pair, Credentials, Secret};
-use crate::policy::{AuthorizedCall, BrokerSettings, ParamSpec};
+use crate::param::TypedValue;
 use crate::redact::Redactor;
 use crate::template::{BodyTemplate, HeaderTemplate, Rejection, UrlTemplate, RESERVED_HEADERS};
 
@@ -54,6 +57,49 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
+
+pub const KIND: Kind = Kind {
+    name: "http",
+    compile: compile_action,
+};
+
+fn compile_action(def: &Definition<'_>) -> Result<Box<dyn Action>, Vec<String>> {
+    let fields = def.fields::<HttpFields>()?;
+    HttpTool::compile(def, &fields).map(|tool| Box::new(tool) as Box<dyn Action>)
+}
+
+/// The fields `kind = "http"` adds to a `[[tool]]` entry.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFields {
+    pub method: Option<String>,
+    /// URL template: `{name}` placeholders in the path and query only.
+    pub url: Option<String>,
+    /// Header templates: fixed names, `{name}` placeholders in values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body template; strings that are exactly `"{name}"` become the
+    /// typed value, other strings interpolate.
+    pub body_json: Option<toml::Value>,
+    pub auth: Option<AuthConfig>,
+    #[serde(default, with = "duration_opt")]
+    pub timeout: Option<Duration>,
+    pub max_response_bytes: Option<usize>,
+}
+
+/// How the credential is injected into an HTTP request. Exactly one field
+/// must be set.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `Authorization: Bearer <secret>`.
+    #[serde(default)]
+    pub bearer: bool,
+    /// `Authorization: Basic base64(<user>:<secret>)`.
+    pub basic: Option<String>,
+    /// `<header>: <secret>`.
+    pub header: Option<String>,
+}
 
 /// A compiled `kind = "http"` tool.
 #[derive(Debug)]
@@ -120,11 +166,8 @@ impl AuthScheme {
 impl HttpTool {
     /// Compile the http fields of a tool. Errors are messages relative to
     /// the tool (e.g. `url: placeholder {x} names no parameter`).
-    pub fn compile(
-        tool: &ToolConfig,
-        params: &BTreeMap<String, ParamSpec>,
-        settings: &BrokerSettings,
-    ) -> Result<HttpTool, Vec<String>> {
+    pub fn compile(def: &Definition<'_>, tool: &HttpFields) -> Result<HttpTool, Vec<String>> {
+        let params = def.params;
         let declared = |name: &str| params.contains_key(name);
         let mut errors = Vec::new();
 
@@ -161,7 +204,7 @@ impl HttpTool {
             }
         };
 
-        let auth = compile_auth(tool, &mut errors);
+        let auth = compile_auth(tool, def.credential, &mut errors);
         let credential_header = auth.as_ref().map(|a| a.scheme.header_name());
 
         let mut headers = Vec::new();
@@ -186,13 +229,13 @@ impl HttpTool {
             None => None,
         };
 
-        let timeout = tool.timeout.unwrap_or(settings.call_timeout);
+        let timeout = tool.timeout.unwrap_or(def.defaults.timeout);
         if timeout.is_zero() {
             errors.push("timeout: must be longer than zero".to_owned());
         }
         let max_response_bytes = tool
             .max_response_bytes
-            .unwrap_or(settings.max_response_bytes);
+            .unwrap_or(def.defaults.max_response_bytes);
         if max_response_bytes == 0 || max_response_bytes > MAX_RESPONSE_CAP {
             let from = if tool.max_response_bytes.is_some() {
                 "max_response_bytes"
@@ -241,8 +284,12 @@ impl HttpTool {
     }
 }
 
-fn compile_auth(tool: &ToolConfig, errors: &mut Vec<String>) -> Option<Auth> {
-    let (config, credential) = match (&tool.auth, &tool.credential) {
+fn compile_auth(
+    tool: &HttpFields,
+    credential: Option<&str>,
+    errors: &mut Vec<String>,
+) -> Option<Auth> {
+    let (config, credential) = match (&tool.auth, credential) {
         (None, None) => return None,
         (Some(_), None) => {
             errors.push("auth: needs a credential (credential = \"NAME\")".to_owned());
@@ -255,7 +302,7 @@ fn compile_auth(tool: &ToolConfig, errors: &mut Vec<String>) -> Option<Auth> {
             ));
             return None;
         }
-        (Some(config), Some(credential)) => (config, credential.clone()),
+        (Some(config), Some(credential)) => (config, credential.to_owned()),
     };
     let set = usize::from(config.bearer)
         + usize::from(config.basic.is_some())
@@ -289,11 +336,8 @@ fn compile_auth(tool: &ToolConfig, errors: &mut Vec<String>) -> Option<Auth> {
     Some(Auth { credential, scheme })
 }
 
-/// Shared HTTP client.
-#[derive(Debug)]
-pub struct HttpExecutor {
-    client: reqwest::Client,
-}
+/// The one HTTP client every http tool shares, built on first use.
+static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
 
 /// How fetching failed, before redaction.
 enum FetchError {
@@ -301,38 +345,61 @@ enum FetchError {
     TooLarge,
 }
 
-impl HttpExecutor {
-    pub fn new() -> Result<HttpExecutor, ExecError> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .referer(false)
-            // Tests talk plain HTTP on loopback; the scheme of each tool is
-            // the admin's choice, checked when the URL is rendered.
-            .https_only(false)
-            .user_agent(concat!("keyward/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ExecError::Client(error_chain(&e)))?;
-        Ok(HttpExecutor { client })
+/// The shared client: no redirects, no proxy. The daemon calls this at
+/// start so that a client that cannot be built fails the start.
+pub fn client() -> Result<&'static reqwest::Client, ExecError> {
+    CLIENT
+        .get_or_init(build_client)
+        .as_ref()
+        .map_err(|e| ExecError::Client(e.clone()))
+}
+
+fn build_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .referer(false)
+        // Tests talk plain HTTP on loopback; the scheme of each tool is
+        // the admin's choice, checked when the URL is rendered.
+        .https_only(false)
+        .user_agent(concat!("keyward/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| error_chain(&e))
+}
+
+impl Action for HttpTool {
+    fn kind(&self) -> &'static str {
+        KIND.name
     }
 
-    pub async fn execute(
+    fn run<'a>(&'a self, call: Invocation<'a>, context: Context<'a>) -> Running<'a> {
+        Box::pin(self.execute(call.tool, call.params, context.credentials))
+    }
+
+    fn basic_user(&self) -> Option<(&str, &str)> {
+        HttpTool::basic_user(self)
+    }
+}
+
+impl HttpTool {
+    async fn execute(
         &self,
-        tool: &HttpTool,
-        call: &AuthorizedCall,
+        tool_name: &str,
+        params: &BTreeMap<String, TypedValue>,
         credentials: &Credentials,
     ) -> Result<CallResult, ExecError> {
-        let reject = |r: Rejection| ExecError::Rejected(r.sentence(&call.tool.name));
-        let url = tool.url.render(&call.params).map_err(reject)?;
+        let tool = self;
+        let reject = |r: Rejection| ExecError::Rejected(r.sentence(tool_name));
+        let url = tool.url.render(params).map_err(reject)?;
         let mut headers = HeaderMap::new();
         for template in &tool.headers {
-            let value = template.render(&call.params).map_err(reject)?;
+            let value = template.render(params).map_err(reject)?;
             headers.insert(template.name().clone(), value);
         }
         let body = match &tool.body {
             Some(template) => {
-                let json = template.render(&call.params).map_err(reject)?;
+                let json = template.render(params).map_err(reject)?;
                 if !headers.contains_key(header::CONTENT_TYPE) {
                     headers.insert(
                         header::CONTENT_TYPE,
@@ -385,10 +452,12 @@ impl HttpExecutor {
         if let Some(body) = body {
             *request.body_mut() = Some(body.into());
         }
-        let fetched =
-            tokio::time::timeout(tool.timeout, self.fetch(request, tool.max_response_bytes))
-                .await
-                .map_err(|_| ExecError::Timeout(tool.timeout))?;
+        let fetched = tokio::time::timeout(
+            tool.timeout,
+            fetch(client()?, request, tool.max_response_bytes),
+        )
+        .await
+        .map_err(|_| ExecError::Timeout(tool.timeout))?;
         let (status, response_headers, raw_body) = fetched.map_err(|e| match e {
             FetchError::TooLarge => ExecError::TooLarge(tool.max_response_bytes),
             FetchError::Upstream(message) => ExecError::Upstream(redact_text(&message)),
@@ -437,59 +506,50 @@ impl HttpExecutor {
             body,
         })
     }
-
-    /// Send the request and read the response, refusing a body over `cap`
-    /// and one the upstream compressed (which could not be redacted).
-    async fn fetch(
-        &self,
-        request: reqwest::Request,
-        cap: usize,
-    ) -> Result<(u16, HeaderMap, Zeroizing<Vec<u8>>), FetchError> {
-        let upstream = |e: reqwest::Error| FetchError::Upstream(error_chain(&e.without_url()));
-        let mut response = self.client.execute(request).await.map_err(upstream)?;
-        if response
-            .content_length()
-            .is_some_and(|len| len > cap as u64)
-        {
-            return Err(FetchError::TooLarge);
-        }
-        // Every Content-Encoding header, every coding listed in each: the
-        // first saying `identity` must not hide a second saying `gzip`.
-        let encoded = response
-            .headers()
-            .get_all(header::CONTENT_ENCODING)
-            .iter()
-            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-            .map(|coding| coding.trim_ascii())
-            .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
-        if encoded {
-            return Err(FetchError::Upstream(
-                "the response is compressed (content-encoding), which the broker refuses: \
-                 it asks for identity and judges only what it can read"
-                    .to_owned(),
-            ));
-        }
-        // Sized once: no reallocation leaves an unzeroized copy behind.
-        let mut body = Zeroizing::new(Vec::with_capacity(cap));
-        while let Some(chunk) = response.chunk().await.map_err(upstream)? {
-            if chunk.len() > cap - body.len() {
-                return Err(FetchError::TooLarge);
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let status = response.status().as_u16();
-        let headers = std::mem::take(response.headers_mut());
-        Ok((status, headers, body))
-    }
 }
 
-/// Run CPU-bound `op` where it does not stall other sessions' I/O: on a
-/// multi-threaded runtime the worker hands its other tasks off first.
-fn off_reactor<T>(op: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(op),
-        _ => op(),
+/// Send the request and read the response, refusing a body over `cap`
+/// and one the upstream compressed (which could not be redacted).
+async fn fetch(
+    client: &reqwest::Client,
+    request: reqwest::Request,
+    cap: usize,
+) -> Result<(u16, HeaderMap, Zeroizing<Vec<u8>>), FetchError> {
+    let upstream = |e: reqwest::Error| FetchError::Upstream(error_chain(&e.without_url()));
+    let mut response = client.execute(request).await.map_err(upstream)?;
+    if response
+        .content_length()
+        .is_some_and(|len| len > cap as u64)
+    {
+        return Err(FetchError::TooLarge);
     }
+    // Every Content-Encoding header, every coding listed in each: the
+    // first saying `identity` must not hide a second saying `gzip`.
+    let encoded = response
+        .headers()
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(|coding| coding.trim_ascii())
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(FetchError::Upstream(
+            "the response is compressed (content-encoding), which the broker refuses: \
+                 it asks for identity and judges only what it can read"
+                .to_owned(),
+        ));
+    }
+    // Sized once: no reallocation leaves an unzeroized copy behind.
+    let mut body = Zeroizing::new(Vec::with_capacity(cap));
+    while let Some(chunk) = response.chunk().await.map_err(upstream)? {
+        if chunk.len() > cap - body.len() {
+            return Err(FetchError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let status = response.status().as_u16();
+    let headers = std::mem::take(response.headers_mut());
+    Ok((status, headers, body))
 }
 
 /// An error and its causes, `: `-separated. (Not yet redacted.)
@@ -511,32 +571,16 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use std::net::SocketAddr;
-    use std::path::PathBuf;
-    use std::sync::{mpsc, Arc};
+    use std::sync::mpsc;
 
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
     use super::*;
-    use crate::policy::{Action, Tool, TypedValue};
+    use crate::config::ToolConfig;
+    use crate::param::ParamSpec;
+    use crate::tool::Defaults;
 
     const SECRET: &str = "tok_Secr3tValue+/=0123456789";
-
-    fn settings() -> BrokerSettings {
-        BrokerSettings {
-            socket: PathBuf::from("/tmp/unused.sock"),
-            socket_mode: 0o660,
-            socket_group: None,
-            credentials_dir: None,
-            state_dir: None,
-            max_token_ttl: Duration::from_secs(900),
-            call_timeout: Duration::from_secs(10),
-            max_response_bytes: 60_000,
-            max_connections_per_uid: 8,
-            admin_uids: Vec::new(),
-            signing_key: None,
-            token_limits: crate::state::Limits::default(),
-        }
-    }
 
     fn config(text: &str) -> ToolConfig {
         toml::from_str(&format!("name = \"t\"\nkind = \"http\"\n{text}")).unwrap()
@@ -560,24 +604,27 @@ mod tests {
 
     fn compile(text: &str) -> Result<HttpTool, Vec<String>> {
         let config = config(text);
-        HttpTool::compile(&config, &params_of(&config), &settings())
+        let params = params_of(&config);
+        let def = Definition {
+            name: &config.name,
+            kind: "http",
+            credential: config.credential.as_deref(),
+            params: &params,
+            fields: &config.fields,
+            defaults: Defaults {
+                timeout: Duration::from_secs(10),
+                max_response_bytes: 60_000,
+            },
+        };
+        HttpTool::compile(&def, &def.fields::<HttpFields>()?)
     }
 
     fn compile_err(text: &str) -> Vec<String> {
         compile(text).unwrap_err()
     }
 
-    fn tool(text: &str) -> Arc<Tool> {
-        let config = config(text);
-        let params = params_of(&config);
-        let http = HttpTool::compile(&config, &params, &settings()).unwrap();
-        Arc::new(Tool {
-            name: config.name.clone(),
-            description: None,
-            credential: config.credential.clone(),
-            params,
-            action: Action::Http(http),
-        })
+    fn tool(text: &str) -> HttpTool {
+        compile(text).unwrap()
     }
 
     fn credentials() -> Credentials {
@@ -585,25 +632,15 @@ mod tests {
     }
 
     async fn run(
-        tool: &Arc<Tool>,
+        tool: &HttpTool,
         params: &[(&str, &str)],
         credentials: &Credentials,
     ) -> Result<CallResult, ExecError> {
-        let Action::Http(http) = &tool.action else {
-            unreachable!("an http tool")
-        };
-        let call = AuthorizedCall {
-            tool: tool.clone(),
-            principal: "tester".to_owned(),
-            params: params
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), TypedValue::Str((*v).to_owned())))
-                .collect(),
-        };
-        HttpExecutor::new()
-            .unwrap()
-            .execute(http, &call, credentials)
-            .await
+        let params: BTreeMap<String, TypedValue> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), TypedValue::Str((*v).to_owned())))
+            .collect();
+        tool.execute("t", &params, credentials).await
     }
 
     /// What the upstream saw.
@@ -751,10 +788,7 @@ mod tests {
             let tool = tool(&url_tool(addr, "auth = { basic = \"alice\" }"));
             let mut credentials = credentials();
             if register {
-                let (credential, user) = match &tool.action {
-                    Action::Http(http) => http.basic_user().unwrap(),
-                    Action::Echo => unreachable!(),
-                };
+                let (credential, user) = tool.basic_user().unwrap();
                 credentials.register_basic_user(credential, user).unwrap();
             }
             let result = run(&tool, &[("a", "x")], &credentials).await.unwrap();

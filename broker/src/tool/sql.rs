@@ -35,15 +35,60 @@ use keyward_proto::{CallResult, Header};
 use serde::Deserialize;
 use tokio_postgres::types::{FromSql, ToSql, Type};
 
+use super::{off_reactor, Action, Context, Definition, ExecError, Invocation, Kind, Running};
 use crate::credential::{Credentials, Secret};
-use crate::policy::TypedValue;
+use crate::param::TypedValue;
+
+pub const KIND: Kind = Kind {
+    name: "sql",
+    compile: compile_action,
+};
+
+fn compile_action(def: &Definition<'_>) -> Result<Box<dyn Action>, Vec<String>> {
+    let fields = def.fields::<SqlConfig>()?;
+    SqlTool::compile(
+        &fields,
+        def.params.keys().map(String::as_str),
+        def.credential,
+        def.defaults.timeout,
+        def.defaults.max_response_bytes,
+    )
+    .map(|tool| Box::new(tool) as Box<dyn Action>)
+    .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+}
+
+impl Action for SqlTool {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+
+    fn run<'a>(&'a self, call: Invocation<'a>, context: Context<'a>) -> Running<'a> {
+        Box::pin(async move {
+            let password = context.credentials.get(&self.credential).ok_or_else(|| {
+                ExecError::Internal(format!("credential {} is not loaded", self.credential))
+            })?;
+            self.execute(call.tool, call.params, password, context.credentials)
+                .await
+                .map_err(|e| match e {
+                    SqlError::Rejected(why) => ExecError::Rejected(why),
+                    SqlError::Timeout(t) => ExecError::Timeout(t),
+                    SqlError::TooLarge(n) => ExecError::TooLarge(n),
+                    SqlError::Withheld(leak) => ExecError::Withheld(leak),
+                    SqlError::Internal(why) => ExecError::Internal(why),
+                    e @ (SqlError::Database(_) | SqlError::Unsupported(_)) => {
+                        ExecError::Upstream(e.to_string())
+                    }
+                })
+        })
+    }
+}
 
 /// The most rows a tool may return (its JSON must fit one reply frame).
 pub const MAX_ROWS_CAP: usize = 10_000;
 /// `max_rows` when the tool does not say.
 pub const DEFAULT_MAX_ROWS: usize = 100;
-/// `timeout` when the tool does not say.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting may take (the call's timeout bounds it as well).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest `timeout` a tool may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// Connections kept per tool.
@@ -67,7 +112,7 @@ pub struct SqlConfig {
     pub read_only: Option<bool>,
     #[serde(default)]
     pub max_rows: Option<usize>,
-    /// humantime, e.g. `"5s"`.
+    /// humantime, e.g. `"5s"`; `broker.call_timeout` when absent.
     #[serde(default)]
     pub timeout: Option<String>,
 }
@@ -140,6 +185,8 @@ pub enum TlsMode {
 
 /// A compiled `sql` tool. The pool is made on first use, with the password.
 pub struct SqlTool {
+    credential: String,
+    max_reply_bytes: usize,
     config: tokio_postgres::Config,
     pub tls: TlsMode,
     pub statement: String,
@@ -154,6 +201,7 @@ impl std::fmt::Debug for SqlTool {
     // No URL (it names hosts and users), and the pool holds the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqlTool")
+            .field("credential", &self.credential)
             .field("tls", &self.tls)
             .field("binds", &self.binds)
             .field("read_only", &self.read_only)
@@ -165,11 +213,15 @@ impl std::fmt::Debug for SqlTool {
 
 impl SqlTool {
     /// Check and compile. `params` are the tool's parameter names;
-    /// `has_credential` whether it names a credential.
+    /// `credential` the credential it names; `default_timeout` and
+    /// `max_reply_bytes` the broker's `call_timeout` and
+    /// `max_response_bytes`.
     pub fn compile<'a>(
         cfg: &SqlConfig,
         params: impl IntoIterator<Item = &'a str>,
-        has_credential: bool,
+        credential: Option<&str>,
+        default_timeout: Duration,
+        max_reply_bytes: usize,
     ) -> Result<SqlTool, Vec<SqlConfigError>> {
         let mut errors = Vec::new();
         let (config, tls) = match parse_database(&cfg.database) {
@@ -179,7 +231,7 @@ impl SqlTool {
                 (tokio_postgres::Config::new(), TlsMode::Disable)
             }
         };
-        if !has_credential {
+        if credential.is_none() {
             errors.push(SqlConfigError::NoCredential);
         }
         if cfg.statement.trim().is_empty() {
@@ -204,7 +256,7 @@ impl SqlTool {
             errors.push(SqlConfigError::MaxRows(max_rows));
         }
         let timeout = match &cfg.timeout {
-            None => DEFAULT_TIMEOUT,
+            None => default_timeout.min(MAX_TIMEOUT),
             Some(text) => match humantime::parse_duration(text) {
                 Ok(t) if t >= Duration::from_millis(1) && t <= MAX_TIMEOUT => t,
                 Ok(_) => {
@@ -212,11 +264,11 @@ impl SqlTool {
                         "{text:?} is not between 1ms and {}s",
                         MAX_TIMEOUT.as_secs()
                     )));
-                    DEFAULT_TIMEOUT
+                    default_timeout
                 }
                 Err(e) => {
                     errors.push(SqlConfigError::Timeout(format!("{text:?}: {e}")));
-                    DEFAULT_TIMEOUT
+                    default_timeout
                 }
             },
         };
@@ -224,6 +276,8 @@ impl SqlTool {
             return Err(errors);
         }
         Ok(SqlTool {
+            credential: credential.unwrap_or_default().to_owned(),
+            max_reply_bytes,
             config,
             tls,
             statement: cfg.statement.clone(),
@@ -244,8 +298,8 @@ impl SqlTool {
         params: &BTreeMap<String, TypedValue>,
         password: &Secret,
         credentials: &Credentials,
-        max_reply_bytes: usize,
     ) -> Result<CallResult, SqlError> {
+        let max_reply_bytes = self.max_reply_bytes;
         let redact = |text: String| credentials.redactor().redact_str(&text);
         let deadline = self.timeout + CLIENT_GRACE;
         let pool = self.pool(password)?;
@@ -441,7 +495,7 @@ fn parse_database(url: &str) -> Result<(tokio_postgres::Config, TlsMode), SqlCon
         TlsMode::VerifyFull => tokio_postgres::config::SslMode::Require,
     });
     config.application_name("keyward-broker");
-    config.connect_timeout(DEFAULT_TIMEOUT);
+    config.connect_timeout(CONNECT_TIMEOUT);
     Ok((config, tls))
 }
 
@@ -664,14 +718,6 @@ fn pool_error(error: &deadpool_postgres::PoolError) -> String {
     }
 }
 
-/// JSON judgement is CPU work: off the reactor on a multi-thread runtime.
-fn off_reactor<T>(op: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(op),
-        _ => op(),
-    }
-}
-
 /// An error and its causes, `: `-separated. (Not yet redacted.)
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
@@ -703,7 +749,7 @@ mod tests {
     }
 
     fn compile(c: &SqlConfig) -> Result<SqlTool, Vec<SqlConfigError>> {
-        SqlTool::compile(c, ["id"], true)
+        SqlTool::compile(c, ["id"], Some("db"), Duration::from_secs(5), 60 * 1024)
     }
 
     #[test]
@@ -747,7 +793,8 @@ mod tests {
         c.binds = vec!["nope".to_owned()];
         c.max_rows = Some(0);
         c.timeout = Some("10m".to_owned());
-        let errors = SqlTool::compile(&c, ["id"], false).unwrap_err();
+        let errors =
+            SqlTool::compile(&c, ["id"], None, Duration::from_secs(5), 60 * 1024).unwrap_err();
         assert!(errors.contains(&SqlConfigError::UnknownBind {
             index: 0,
             name: "nope".to_owned()
