@@ -6,8 +6,8 @@
 //! `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` are read once, at
 //! start, and removed from the environment (as `sd_notify(3)`'s
 //! `unset_environment` does), so nothing that later reads the broker's
-//! environment (a library, or a child process should the broker ever
-//! start one; today it starts none) finds a channel to the service
+//! environment (a library, or the program of an `exec` tool, whose
+//! environment is cleared anyway) finds a channel to the service
 //! manager or a watchdog it would be expected to feed. That is why this is
 //! not the `sd-notify` crate, which reads the environment on every call.
 //! A message is one datagram; a socket path starting with `@` is in the

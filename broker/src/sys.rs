@@ -62,6 +62,37 @@ pub fn pidfd_exited(pidfd: &impl AsFd) -> io::Result<bool> {
 }
 
 /// The pid a pidfd refers to, from `/proc/self/fdinfo` (`-1` once exited).
+/// Prepare a child of `command` (an `exec` tool's program): in the child,
+/// between fork and exec, set `no_new_privs` (no setuid or file
+/// capability can raise it) and mark every descriptor above 2
+/// close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`), so it
+/// inherits nothing of the broker's but stdin, stdout and stderr — while
+/// the standard library's exec-error pipe still reports a failed exec.
+/// Either step failing fails the spawn.
+pub fn harden_child(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe operations are sound: it makes two raw system calls
+    // with integer arguments, allocates nothing, takes no lock, and builds
+    // its error with `last_os_error` (an errno, no allocation).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 pub fn pidfd_pid(pidfd: &impl AsRawFd) -> io::Result<i32> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
