@@ -8,10 +8,13 @@
 //! output or audit record; tokens pin sql parameters.
 #![allow(clippy::unwrap_used)]
 
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use keyward_tests::postgres::Postgres;
-use keyward_tests::{assert_no_secret, Broker, Ran, PRINCIPAL_UID, SECRET, STRANGER_UID};
+use keyward_tests::{
+    assert_no_secret, shim_command, Broker, BrokerSetup, Ran, PRINCIPAL_UID, SECRET, STRANGER_UID,
+};
 
 /// A password that is not `app`'s: the error it earns must not carry it.
 const WRONG: &str = "kw-wrong-password-Qm9vYmFy-0a1b2c3d4e";
@@ -30,7 +33,7 @@ call_timeout = "5s"
 [[principal]]
 name = "orchestrator"
 uids = [{PRINCIPAL_UID}]
-may_call = ["customer_lookup", "by_name", "by_id_as_string", "rename", "slow", "all", "types", "divide", "leaky", "wrong_password", "silent", "raw_numeric"]
+may_call = ["tls_required", "customer_lookup", "by_name", "by_id_as_string", "rename", "slow", "all", "types", "divide", "leaky", "wrong_password", "silent", "raw_numeric"]
 may_delegate = ["customer_lookup"]
 
 [credential.shop_db]
@@ -135,6 +138,13 @@ name = "wrong_password"
 kind = "sql"
 credential = "wrong_db"
 database = "{url}"
+statement = "SELECT 1 AS one"
+
+[[tool]]
+name = "tls_required"
+kind = "sql"
+credential = "shop_db"
+database = "{url}?sslmode=verify-full"
 statement = "SELECT 1 AS one"
 
 [[tool]]
@@ -273,6 +283,11 @@ fn injection_is_refused_by_type_or_bound_as_data() {
         "\\'; TRUNCATE customers; --",
     ];
     for attack in attacks {
+        // A string parameter where the statement takes text: bound as one
+        // value, which no customer is called.
+        let reply = f.json(&["by_name", &format!("name={attack}")]);
+        assert_eq!(reply["rows"], serde_json::json!([]), "{attack:?}: {reply}");
+        f.assert_table_intact();
         // An int parameter: refused by the policy, before any SQL.
         let ran = f.call(PRINCIPAL_UID, &["customer_lookup", &format!("id={attack}")]);
         assert_eq!(ran.code, Some(3), "{attack:?}: {ran:?}");
@@ -283,10 +298,6 @@ fn injection_is_refused_by_type_or_bound_as_data() {
             "is a string, but $1 of the statement takes int4",
         );
         assert_eq!(ran.code, Some(3), "{ran:?}");
-        // A string parameter where the statement takes text: bound as one
-        // value, which no customer is called.
-        let reply = f.json(&["by_name", &format!("name={attack}")]);
-        assert_eq!(reply["rows"], serde_json::json!([]), "{attack:?}: {reply}");
         f.assert_table_intact();
     }
     // The real name matches: the value really is compared, as data.
@@ -340,12 +351,66 @@ fn a_slow_statement_is_cancelled_at_the_timeout() {
 fn a_silent_server_is_given_up_at_the_timeout() {
     let f = fixture();
     let start = Instant::now();
-    f.fails(&["silent"], "did not answer within 1s");
-    assert!(
-        start.elapsed() < Duration::from_secs(8),
-        "{:?}",
-        start.elapsed()
+    // Bounded here too: without the broker's own deadline the call would
+    // hang, and the test must fail rather than hang.
+    let mut child = shim_command(&f.broker.socket, PRINCIPAL_UID, &["call", "silent"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(15) {
+            child.kill().unwrap();
+            panic!("the call to a silent server was not given up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ran = Ran::from(child.wait_with_output().unwrap());
+    f.assert_clean(&ran);
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stderr.contains("did not answer within 1s"), "{ran:?}");
+}
+
+#[test]
+fn verify_full_never_falls_back_to_plaintext() {
+    // The test server has no TLS: a tool that asks for verify-full must
+    // fail to connect, not send its login in the clear.
+    let f = fixture();
+    f.fails(&["tls_required"], "TLS");
+}
+
+#[test]
+fn a_password_in_the_url_is_refused_at_start_without_echoing_it() {
+    let pg = Postgres::shared();
+    let url = format!("postgresql://app:{SECRET}@127.0.0.1:{}/shop", pg.port);
+    let config = format!(
+        r#"
+[broker]
+socket = "{{socket}}"
+credentials_dir = "{{dir}}/creds"
+
+[credential.shop_db]
+file = "shop_db.password"
+
+[[tool]]
+name = "leaky_url"
+kind = "sql"
+credential = "shop_db"
+database = "{url}"
+statement = "SELECT 1 AS one"
+"#
     );
+    let password = format!("{SECRET}\n");
+    let mut broker = Broker::spawn(BrokerSetup {
+        config: &config,
+        credentials: &[("shop_db.password", &password)],
+        ..BrokerSetup::default()
+    });
+    let status = broker.wait_exit();
+    assert!(!status.success());
+    let stderr = broker.stderr();
+    assert!(stderr.contains("database: carries a password"), "{stderr}");
+    assert_no_secret("stderr", &stderr);
 }
 
 #[test]
