@@ -363,6 +363,11 @@ fn child_environment_is_clean() {
     assert!(out.contains("GIT_TERMINAL_PROMPT='0'"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(!out.contains("socket:"), "a socket was inherited:\n{out}");
+    // The shell's own 0, 1 and 2 (stdin /dev/null, two pipes), nothing else.
+    let after = out.split("NoNewPrivs").nth(1).unwrap();
+    let fds: Vec<&str> = after.lines().skip(1).collect();
+    assert_eq!(fds.len(), 3, "inherited descriptors:\n{out}");
+    assert_eq!(fds[0], "/dev/null", "{out}");
 
     // The credential file: 0600 during the call, gone after it.
     let reply = f.reply(&["stat_file"]);

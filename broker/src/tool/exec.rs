@@ -638,6 +638,8 @@ params.repo = { type = "string" }"#,
             ),
             ("program = \"/bin/x\"\nenv = { \"A=B\" = \"x\" }", "env.A=B: not a valid"),
             ("program = \"/bin/x\"\ntimeout = \"0s\"", "timeout: must be longer than zero"),
+            ("program = \"/bin/x\"\ntimeout = 5", "timeout: invalid type: integer"),
+            ("program = 3", "program: invalid type: integer"),
             (
                 "program = \"/bin/x\"\nmax_output_bytes = 1000000",
                 "max_output_bytes: 1000000 is not between",

@@ -123,7 +123,10 @@ pub struct Defaults {
 
 impl Definition<'_> {
     /// Parse the kind's own fields. A field the kind does not have is
-    /// `FIELD: not allowed for kind "KIND"`.
+    /// `FIELD: not allowed for kind "KIND"`; a value of the wrong type is
+    /// `FIELD: invalid type ...`. Every field of a kind must be optional
+    /// (an `Option` or `#[serde(default)]`), and required ones checked by
+    /// its compiler, so that each field can be judged alone.
     pub fn fields<T: DeserializeOwned>(&self) -> Result<T, Vec<String>> {
         toml::Value::Table(self.fields.clone())
             .try_into()
@@ -136,9 +139,24 @@ impl Definition<'_> {
                     Some((field, _)) => {
                         vec![format!("{field}: not allowed for kind {:?}", self.kind)]
                     }
-                    None => vec![format!("{message} (in a tool of kind {:?})", self.kind)],
+                    None => vec![self.field_error::<T>(&message)],
                 }
             })
+    }
+}
+
+impl Definition<'_> {
+    /// A type error, put on the field it is about when one field alone
+    /// shows it (a kind's fields are all optional, so each parses alone).
+    fn field_error<T: DeserializeOwned>(&self, message: &str) -> String {
+        for (key, value) in self.fields {
+            let mut alone = toml::Table::new();
+            alone.insert(key.clone(), value.clone());
+            if let Err(e) = toml::Value::Table(alone).try_into::<T>() {
+                return format!("{key}: {}", e.message().trim());
+            }
+        }
+        format!("{message} (in a tool of kind {:?})", self.kind)
     }
 }
 
