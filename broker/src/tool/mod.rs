@@ -29,6 +29,7 @@
 pub mod echo;
 pub mod exec;
 pub mod http;
+pub mod sql;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,7 +44,7 @@ use crate::credential::Credentials;
 use crate::param::{ParamSpec, TypedValue};
 
 /// Every kind of tool the broker can perform: one line each.
-pub const KINDS: &[Kind] = &[echo::KIND, http::KIND, exec::KIND];
+pub const KINDS: &[Kind] = &[echo::KIND, http::KIND, exec::KIND, sql::KIND];
 
 /// A kind by its `kind = "..."` name.
 pub fn kind(name: &str) -> Option<&'static Kind> {
