@@ -8,8 +8,10 @@
 //! (`--audit journald|stderr|auto`). A journal entry has a human-readable
 //! `MESSAGE`, a fixed `MESSAGE_ID` per [`Event`] (documented in
 //! `systemd/keyward.catalog`), and a `KEYWARD_<FIELD>` field for every
-//! [`Record`] field by its serde name, so a field added to `Record` is in
-//! the journal without another change. A record the journal did not take is
+//! [`Record`] field by its serde name (the JSON line and the entry are
+//! built from the destructured record, so a field added to `Record` does
+//! not compile until both write it; tests compare both with serde's
+//! encoding). A record the journal did not take is
 //! reported and written to stderr instead, never silently dropped.
 //!
 //! Records carry kernel-supplied peer identity, the tool, the decision and
@@ -208,8 +210,82 @@ fn priority(decision: Decision) -> u8 {
 }
 
 /// The fields of the journald entry for `record`: the standard ones, then
-/// `KEYWARD_<NAME>` for every field the record has.
+/// `KEYWARD_<NAME>` for every field the record has, `NAME` its serde name
+/// in upper case, in the order of those names (as a JSON map orders them:
+/// a test compares this with the entry made through `serde_json`). Built
+/// from the destructured record rather than through a `serde_json::Value`
+/// map: this runs before every call. A field added to [`Record`] does not
+/// compile until it is given its journal field here.
 fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let Record {
+        event,
+        decision,
+        tool,
+        principal,
+        peer_pid,
+        peer_uid,
+        peer_gid,
+        reason,
+        status,
+        token_id,
+        task,
+        call_hash,
+    } = record;
+    let mut fields = Vec::with_capacity(17);
+    fields.push(("MESSAGE".to_owned(), message(record).into_bytes()));
+    fields.push((
+        "MESSAGE_ID".to_owned(),
+        message_id(*event).as_bytes().to_vec(),
+    ));
+    fields.push((
+        "PRIORITY".to_owned(),
+        priority(*decision).to_string().into_bytes(),
+    ));
+    fields.push((
+        "SYSLOG_IDENTIFIER".to_owned(),
+        IDENTIFIER.as_bytes().to_vec(),
+    ));
+    fields.push(("SYSLOG_FACILITY".to_owned(), FACILITY.as_bytes().to_vec()));
+    let mut field = |name: &str, value: Option<Vec<u8>>| {
+        if let Some(value) = value {
+            fields.push((name.to_owned(), value));
+        }
+    };
+    let text = |v: &Option<&str>| v.map(|v| v.as_bytes().to_vec());
+    field("KEYWARD_CALL_HASH", text(call_hash));
+    field(
+        "KEYWARD_DECISION",
+        Some(decision_name(*decision).as_bytes().to_vec()),
+    );
+    field(
+        "KEYWARD_EVENT",
+        Some(event_name(*event).as_bytes().to_vec()),
+    );
+    field(
+        "KEYWARD_PEER_GID",
+        peer_gid.map(|v| v.to_string().into_bytes()),
+    );
+    field(
+        "KEYWARD_PEER_PID",
+        peer_pid.map(|v| v.to_string().into_bytes()),
+    );
+    field(
+        "KEYWARD_PEER_UID",
+        peer_uid.map(|v| v.to_string().into_bytes()),
+    );
+    field("KEYWARD_PRINCIPAL", text(principal));
+    field("KEYWARD_REASON", text(reason));
+    field("KEYWARD_STATUS", status.map(|v| v.to_string().into_bytes()));
+    field("KEYWARD_TASK", text(task));
+    field("KEYWARD_TOKEN_ID", text(token_id));
+    field("KEYWARD_TOOL", text(tool));
+    Ok(fields)
+}
+
+/// The entry as it was made through `serde_json` (every serialized field
+/// of the record, by its serde name): what [`journal_entry`] must match.
+#[cfg(test)]
+fn journal_entry_through_serde(record: &Record<'_>) -> Vec<(String, Vec<u8>)> {
     let mut fields = vec![
         ("MESSAGE".to_owned(), message(record).into_bytes()),
         (
@@ -226,9 +302,8 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
         ),
         ("SYSLOG_FACILITY".to_owned(), FACILITY.as_bytes().to_vec()),
     ];
-    let serde_json::Value::Object(map) = serde_json::to_value(record).map_err(io::Error::other)?
-    else {
-        return Err(io::Error::other("an audit record must serialize as a map"));
+    let Ok(serde_json::Value::Object(map)) = serde_json::to_value(record) else {
+        panic!("an audit record must serialize as a map");
     };
     for (name, value) in map {
         let value = match value {
@@ -238,11 +313,12 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
         };
         fields.push((field_name(&name), value.into_bytes()));
     }
-    Ok(fields)
+    fields
 }
 
 /// `peer_uid` -> `KEYWARD_PEER_UID`. Journal field names are uppercase
 /// ASCII letters, digits and `_`; anything else becomes `_`.
+#[cfg(test)]
 fn field_name(name: &str) -> String {
     let mut out = String::with_capacity(8 + name.len());
     out.push_str("KEYWARD_");
@@ -709,6 +785,27 @@ pub(crate) mod test_util {
                 name.chars()
                     .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
                 "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_journal_entry_is_the_one_made_through_serde() {
+        let every_field = Record::new(Event::Attenuate, Decision::Deny)
+            .peer(-7, 4_294_967_295, 0)
+            .tool("a\nb")
+            .principal("p")
+            .reason("r")
+            .status(65_535)
+            .token("ab12")
+            .task("cd34")
+            .call_hash("ef56");
+        for record in [every_field, Record::new(Event::Start, Decision::Info)] {
+            let ours = journal_entry(&record).unwrap();
+            assert_eq!(ours, journal_entry_through_serde(&record));
+            assert_eq!(
+                crate::journal::encode(&ours),
+                crate::journal::encode(&journal_entry_through_serde(&record))
             );
         }
     }
