@@ -8,8 +8,10 @@
 //! (`--audit journald|stderr|auto`). A journal entry has a human-readable
 //! `MESSAGE`, a fixed `MESSAGE_ID` per [`Event`] (documented in
 //! `systemd/keyward.catalog`), and a `KEYWARD_<FIELD>` field for every
-//! [`Record`] field by its serde name, so a field added to `Record` is in
-//! the journal without another change. A record the journal did not take is
+//! [`Record`] field by its serde name (the JSON line and the entry are
+//! built from the destructured record, so a field added to `Record` does
+//! not compile until both write it; tests compare both with serde's
+//! encoding). A record the journal did not take is
 //! reported and written to stderr instead, never silently dropped.
 //!
 //! Records carry kernel-supplied peer identity, the tool, the decision and
@@ -208,8 +210,82 @@ fn priority(decision: Decision) -> u8 {
 }
 
 /// The fields of the journald entry for `record`: the standard ones, then
-/// `KEYWARD_<NAME>` for every field the record has.
+/// `KEYWARD_<NAME>` for every field the record has, `NAME` its serde name
+/// in upper case, in the order of those names (as a JSON map orders them:
+/// a test compares this with the entry made through `serde_json`). Built
+/// from the destructured record rather than through a `serde_json::Value`
+/// map: this runs before every call. A field added to [`Record`] does not
+/// compile until it is given its journal field here.
 fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let Record {
+        event,
+        decision,
+        tool,
+        principal,
+        peer_pid,
+        peer_uid,
+        peer_gid,
+        reason,
+        status,
+        token_id,
+        task,
+        call_hash,
+    } = record;
+    let mut fields = Vec::with_capacity(17);
+    fields.push(("MESSAGE".to_owned(), message(record).into_bytes()));
+    fields.push((
+        "MESSAGE_ID".to_owned(),
+        message_id(*event).as_bytes().to_vec(),
+    ));
+    fields.push((
+        "PRIORITY".to_owned(),
+        priority(*decision).to_string().into_bytes(),
+    ));
+    fields.push((
+        "SYSLOG_IDENTIFIER".to_owned(),
+        IDENTIFIER.as_bytes().to_vec(),
+    ));
+    fields.push(("SYSLOG_FACILITY".to_owned(), FACILITY.as_bytes().to_vec()));
+    let mut field = |name: &str, value: Option<Vec<u8>>| {
+        if let Some(value) = value {
+            fields.push((name.to_owned(), value));
+        }
+    };
+    let text = |v: &Option<&str>| v.map(|v| v.as_bytes().to_vec());
+    field("KEYWARD_CALL_HASH", text(call_hash));
+    field(
+        "KEYWARD_DECISION",
+        Some(decision_name(*decision).as_bytes().to_vec()),
+    );
+    field(
+        "KEYWARD_EVENT",
+        Some(event_name(*event).as_bytes().to_vec()),
+    );
+    field(
+        "KEYWARD_PEER_GID",
+        peer_gid.map(|v| v.to_string().into_bytes()),
+    );
+    field(
+        "KEYWARD_PEER_PID",
+        peer_pid.map(|v| v.to_string().into_bytes()),
+    );
+    field(
+        "KEYWARD_PEER_UID",
+        peer_uid.map(|v| v.to_string().into_bytes()),
+    );
+    field("KEYWARD_PRINCIPAL", text(principal));
+    field("KEYWARD_REASON", text(reason));
+    field("KEYWARD_STATUS", status.map(|v| v.to_string().into_bytes()));
+    field("KEYWARD_TASK", text(task));
+    field("KEYWARD_TOKEN_ID", text(token_id));
+    field("KEYWARD_TOOL", text(tool));
+    Ok(fields)
+}
+
+/// The entry as it was made through `serde_json` (every serialized field
+/// of the record, by its serde name): what [`journal_entry`] must match.
+#[cfg(test)]
+fn journal_entry_through_serde(record: &Record<'_>) -> Vec<(String, Vec<u8>)> {
     let mut fields = vec![
         ("MESSAGE".to_owned(), message(record).into_bytes()),
         (
@@ -226,9 +302,8 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
         ),
         ("SYSLOG_FACILITY".to_owned(), FACILITY.as_bytes().to_vec()),
     ];
-    let serde_json::Value::Object(map) = serde_json::to_value(record).map_err(io::Error::other)?
-    else {
-        return Err(io::Error::other("an audit record must serialize as a map"));
+    let Ok(serde_json::Value::Object(map)) = serde_json::to_value(record) else {
+        panic!("an audit record must serialize as a map");
     };
     for (name, value) in map {
         let value = match value {
@@ -238,11 +313,12 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
         };
         fields.push((field_name(&name), value.into_bytes()));
     }
-    Ok(fields)
+    fields
 }
 
 /// `peer_uid` -> `KEYWARD_PEER_UID`. Journal field names are uppercase
 /// ASCII letters, digits and `_`; anything else becomes `_`.
+#[cfg(test)]
 fn field_name(name: &str) -> String {
     let mut out = String::with_capacity(8 + name.len());
     out.push_str("KEYWARD_");
@@ -298,11 +374,30 @@ fn message(record: &Record<'_>) -> String {
     }
 }
 
-/// The event's name as in `KEYWARD_EVENT` (its serde name).
-fn event_name(event: Event) -> String {
-    match serde_json::to_value(event) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{event:?}"),
+/// The event's name as in `KEYWARD_EVENT` (its serde name; a test checks
+/// the two agree).
+fn event_name(event: Event) -> &'static str {
+    match event {
+        Event::Start => "start",
+        Event::Stop => "stop",
+        Event::Call => "call",
+        Event::CallFailed => "call_failed",
+        Event::Refused => "refused",
+        Event::Reload => "reload",
+        Event::Mint => "mint",
+        Event::Bind => "bind",
+        Event::Attenuate => "attenuate",
+        Event::Revoke => "revoke",
+    }
+}
+
+/// The decision's name as in `KEYWARD_DECISION` (its serde name).
+fn decision_name(decision: Decision) -> &'static str {
+    match decision {
+        Decision::Allow => "allow",
+        Decision::Deny => "deny",
+        Decision::Error => "error",
+        Decision::Info => "info",
     }
 }
 
@@ -363,8 +458,9 @@ pub struct Audit {
 
 #[derive(Debug)]
 enum Sink {
-    /// JSON lines on stderr.
-    Stderr(Mutex<()>),
+    /// JSON lines on stderr, each encoded into the buffer held with the
+    /// lock (reused: no allocation per record).
+    Stderr(Mutex<Vec<u8>>),
     /// Native journald entries.
     Journal(Journal),
     /// Collected in memory (tests).
@@ -372,6 +468,9 @@ enum Sink {
     Memory(Mutex<Vec<String>>),
 }
 
+/// A JSON line as serde would write it: what [`write_json_line`] must
+/// match byte for byte.
+#[cfg(test)]
 #[derive(Serialize)]
 struct Line<'a> {
     ts: f64,
@@ -382,7 +481,7 @@ struct Line<'a> {
 impl Audit {
     /// JSON lines on stderr.
     pub fn stderr() -> Audit {
-        Audit::with_sink(Sink::Stderr(Mutex::new(())))
+        Audit::with_sink(Sink::Stderr(Mutex::new(Vec::new())))
     }
 
     /// Native entries to the journald socket at `path`.
@@ -495,19 +594,136 @@ impl Audit {
 }
 
 fn json_line(record: &Record<'_>) -> io::Result<Vec<u8>> {
-    let ts = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    let mut line = serde_json::to_vec(&Line { ts, record }).map_err(io::Error::other)?;
-    line.push(b'\n');
+    let mut line = Vec::with_capacity(256);
+    write_json_line(&mut line, now(), record)?;
     Ok(line)
 }
 
-fn write_line(lock: &Mutex<()>, record: &Record<'_>) -> io::Result<()> {
-    let line = json_line(record)?;
-    let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+/// Seconds since the epoch, the `ts` of a JSON line.
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The buffer a stderr line is encoded into is kept between records, but
+/// not one that an unusually long record grew beyond this.
+const LINE_BUFFER_KEPT: usize = 16 * 1024;
+
+fn write_line(buffer: &Mutex<Vec<u8>>, record: &Record<'_>) -> io::Result<()> {
+    let mut line = buffer.lock().unwrap_or_else(|p| p.into_inner());
+    line.clear();
+    if line.capacity() > LINE_BUFFER_KEPT {
+        line.shrink_to(LINE_BUFFER_KEPT);
+    }
+    write_json_line(&mut line, now(), record)?;
     io::stderr().lock().write_all(&line)
+}
+
+/// Append the JSON line of `record` to `out`: `{"ts":...,` then the
+/// record's fields in their declared order, absent ones left out, then
+/// `}` and a newline -- exactly what serde writes for [`Record`] flattened
+/// after `ts` (a test compares the two), but without serde's flatten, which
+/// first collects the record into a map: this runs before every call.
+/// Strings and numbers are written by serde_json (its escaping), into
+/// `out` directly. The record is destructured, so a field added to it
+/// does not compile until it is written here.
+fn write_json_line(out: &mut Vec<u8>, ts: f64, record: &Record<'_>) -> io::Result<()> {
+    let Record {
+        event,
+        decision,
+        tool,
+        principal,
+        peer_pid,
+        peer_uid,
+        peer_gid,
+        reason,
+        status,
+        token_id,
+        task,
+        call_hash,
+    } = record;
+    out.extend_from_slice(b"{\"ts\":");
+    serde_json::to_writer(&mut *out, &ts).map_err(io::Error::other)?;
+    out.extend_from_slice(b",\"event\":\"");
+    out.extend_from_slice(event_name(*event).as_bytes());
+    out.extend_from_slice(b"\",\"decision\":\"");
+    out.extend_from_slice(decision_name(*decision).as_bytes());
+    out.push(b'"');
+    let mut field = |name: &str, value: &dyn erased::Value| -> io::Result<()> {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        value.write_to(out)
+    };
+    if let Some(v) = tool {
+        field("tool", v)?;
+    }
+    if let Some(v) = principal {
+        field("principal", v)?;
+    }
+    if let Some(v) = peer_pid {
+        field("peer_pid", v)?;
+    }
+    if let Some(v) = peer_uid {
+        field("peer_uid", v)?;
+    }
+    if let Some(v) = peer_gid {
+        field("peer_gid", v)?;
+    }
+    if let Some(v) = reason {
+        field("reason", v)?;
+    }
+    if let Some(v) = status {
+        field("status", v)?;
+    }
+    if let Some(v) = token_id {
+        field("token_id", v)?;
+    }
+    if let Some(v) = task {
+        field("task", v)?;
+    }
+    if let Some(v) = call_hash {
+        field("call_hash", v)?;
+    }
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// A field value written as JSON by serde_json, straight into the line.
+mod erased {
+    use std::io;
+
+    pub trait Value {
+        fn write_to(&self, out: &mut Vec<u8>) -> io::Result<()>;
+    }
+
+    impl Value for &str {
+        /// A string with nothing to escape (no control character, quote
+        /// or backslash: what serde_json escapes) is copied as it is.
+        fn write_to(&self, out: &mut Vec<u8>) -> io::Result<()> {
+            if self.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+                out.push(b'"');
+                out.extend_from_slice(self.as_bytes());
+                out.push(b'"');
+                Ok(())
+            } else {
+                serde_json::to_writer(out, self).map_err(io::Error::other)
+            }
+        }
+    }
+
+    macro_rules! numbers {
+        ($($t:ty),*) => {$(
+            impl Value for $t {
+                fn write_to(&self, out: &mut Vec<u8>) -> io::Result<()> {
+                    serde_json::to_writer(out, self).map_err(io::Error::other)
+                }
+            }
+        )*};
+    }
+    numbers!(i32, u32, u16);
 }
 
 #[cfg(test)]
@@ -574,6 +790,27 @@ pub(crate) mod test_util {
     }
 
     #[test]
+    fn the_journal_entry_is_the_one_made_through_serde() {
+        let every_field = Record::new(Event::Attenuate, Decision::Deny)
+            .peer(-7, 4_294_967_295, 0)
+            .tool("a\nb")
+            .principal("p")
+            .reason("r")
+            .status(65_535)
+            .token("ab12")
+            .task("cd34")
+            .call_hash("ef56");
+        for record in [every_field, Record::new(Event::Start, Decision::Info)] {
+            let ours = journal_entry(&record).unwrap();
+            assert_eq!(ours, journal_entry_through_serde(&record));
+            assert_eq!(
+                crate::journal::encode(&ours),
+                crate::journal::encode(&journal_entry_through_serde(&record))
+            );
+        }
+    }
+
+    #[test]
     fn absent_fields_are_left_out() {
         let fields = journal_entry(&Record::new(Event::Start, Decision::Info)).unwrap();
         let names: Vec<_> = fields.iter().map(|(n, _)| n.as_str()).collect();
@@ -625,6 +862,59 @@ pub(crate) mod test_util {
         assert_eq!(v["decision"], "deny");
         assert_eq!(v["tool"], "x\n\"y");
         assert_eq!(v["peer_uid"], 1000);
+    }
+
+    #[test]
+    fn names_are_the_serde_names() {
+        for event in Event::ALL {
+            assert_eq!(serde_json::json!(event), event_name(event), "{event:?}");
+        }
+        for decision in [
+            Decision::Allow,
+            Decision::Deny,
+            Decision::Error,
+            Decision::Info,
+        ] {
+            assert_eq!(
+                serde_json::json!(decision),
+                decision_name(decision),
+                "{decision:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_json_line_is_what_serde_writes() {
+        let every_field = Record::new(Event::CallFailed, Decision::Error)
+            .peer(-1, 4_294_967_295, 0)
+            .tool("t\u{7f}\u{1}\"\\/é\u{2028}")
+            .principal("p")
+            .reason("line\nbreak\ttab")
+            .status(503)
+            .token("ab12")
+            .task("cd34")
+            .call_hash("ef56");
+        let mut records = vec![every_field, Record::new(Event::Start, Decision::Info)];
+        // Each kind of character on its own: the copied and escaped paths.
+        for odd in ["plain", "\"", "\\", "\u{1f}", "\u{7f}", "é", "", " "] {
+            records.push(Record::new(Event::Call, Decision::Deny).reason(odd));
+        }
+        for record in records {
+            for ts in [0.0, 1_764_460_800.123_456_7, f64::NAN] {
+                let mut ours = Vec::new();
+                write_json_line(&mut ours, ts, &record).unwrap();
+                let mut serde = serde_json::to_vec(&Line {
+                    ts,
+                    record: &record,
+                })
+                .unwrap();
+                serde.push(b'\n');
+                assert_eq!(
+                    String::from_utf8(ours).unwrap(),
+                    String::from_utf8(serde).unwrap()
+                );
+            }
+        }
     }
 
     #[test]

@@ -34,9 +34,15 @@ pub enum EncodeError {
     Serialize,
 }
 
+/// What [`encode`] allocates first.
+const ENCODE_CAPACITY: usize = 256;
+
 /// Encode one message, refusing anything larger than [`MAX_MESSAGE`].
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
-    let bytes = postcard::to_stdvec(msg).map_err(|_| EncodeError::Serialize)?;
+    // Most messages are small: start with room for one, instead of growing
+    // an empty vector a few bytes at a time.
+    let bytes = postcard::to_extend(msg, Vec::with_capacity(ENCODE_CAPACITY))
+        .map_err(|_| EncodeError::Serialize)?;
     if bytes.len() > MAX_MESSAGE {
         return Err(EncodeError::TooLarge);
     }

@@ -83,7 +83,13 @@ fn hex_digit(c: u8) -> Option<u8> {
 
 /// Lower-case hex of a hash, for audit records and display.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// Who may present the token: the kernel-reported uid (and gid, if set)
@@ -290,6 +296,14 @@ pub fn call_hash(tool: &str, params: &[(String, Value)]) -> [u8; 32] {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn hex_is_two_lower_case_digits_a_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        let want: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&all), want);
+        assert_eq!(hex(&[]), "");
+    }
 
     fn key() -> SigningKey {
         SigningKey::from_bytes(&[7u8; 32])

@@ -27,7 +27,14 @@ use keyward_tests::Broker;
 const WARMUP: usize = 2_000;
 /// Rounds per kind, measured in interleaved blocks so that every kind sees
 /// the same machine state (on a VM, wake-up latency drifts with load).
-const ROUNDS: usize = 60_000;
+/// `KEYWARD_BENCH_ROUNDS` sets fewer, e.g. to run the broker under
+/// `valgrind --tool=callgrind` and count instructions per call.
+static ROUNDS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    std::env::var("KEYWARD_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok())
+        .map_or(60_000, |r| r.max(BLOCK) / BLOCK * BLOCK)
+});
 const BLOCK: usize = 1_000;
 
 /// Measure several kinds of round trip in interleaved blocks of [`BLOCK`]
@@ -39,8 +46,8 @@ fn measure_interleaved(kinds: &mut [&mut dyn FnMut()]) -> Vec<Stats> {
         }
     }
     let mut samples: Vec<Vec<Duration>> =
-        kinds.iter().map(|_| Vec::with_capacity(ROUNDS)).collect();
-    for _ in 0..ROUNDS / BLOCK {
+        kinds.iter().map(|_| Vec::with_capacity(*ROUNDS)).collect();
+    for _ in 0..*ROUNDS / BLOCK {
         for (round, samples) in kinds.iter_mut().zip(&mut samples) {
             for _ in 0..BLOCK {
                 let start = Instant::now();
@@ -159,7 +166,7 @@ fn figures() -> Figures {
     drop(raw_fd);
     server.wait().unwrap();
 
-    let bind_each_call = measure(ROUNDS / 20, || {
+    let bind_each_call = measure(*ROUNDS / 20, || {
         let mut c = Client::connect(&broker.socket).unwrap();
         bind(&mut c, &token);
         echo(&mut c);
@@ -202,8 +209,9 @@ fn main() {
     pin_to_one_cpu();
     let b = figures();
     let raw = &b.raw;
+    let rounds = *ROUNDS;
     println!(
-        "round trip over SOCK_SEQPACKET: {ROUNDS} rounds of each kind, interleaved in blocks \
+        "round trip over SOCK_SEQPACKET: {rounds} rounds of each kind, interleaved in blocks \
          of {BLOCK}, after {WARMUP} warm-up"
     );
     println!(
@@ -224,7 +232,7 @@ fn main() {
             micros(s.mean)
         );
     }
-    println!("* measured on its own, {} rounds", ROUNDS / 20);
+    println!("* measured on its own, {} rounds", *ROUNDS / 20);
     println!(
         "ratio brokered/raw at p50: {:.2}x (target <= 1.5x)",
         micros(b.direct.p50) / micros(raw.p50)

@@ -32,6 +32,8 @@ state_dir = "{dir}/state"
 max_token_ttl = "2h"
 max_live_tokens_per_uid = 1000000
 max_attenuations_per_uid = 1000000
+requests_per_second = 1000000
+request_burst = 1000000
 
 [[principal]]
 name = "bench"
