@@ -23,6 +23,8 @@
 pub mod client;
 pub mod grant;
 pub mod landlock;
+pub mod mcp;
 pub mod sandbox;
+pub mod schema;
 pub mod seccomp;
 mod sys;

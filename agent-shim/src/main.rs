@@ -88,8 +88,25 @@ enum Command {
     /// List the tools you (or the token) may call, with their constraints.
     Tools {
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "json_schema")]
         json: bool,
+        /// Print each tool's name, description and input JSON Schema (as
+        /// `agent-shim mcp` lists them).
+        #[arg(long)]
+        json_schema: bool,
+        #[command(flatten)]
+        token: TokenArg,
+    },
+    /// Serve the tools you (or the token) may call as a Model Context
+    /// Protocol server on stdin/stdout, until stdin closes.
+    ///
+    /// `tools/list` gives each tool an input JSON Schema built from the
+    /// policy and narrowed by the token; `tools/call` has the broker
+    /// perform the call and returns the body, or the denial as an error
+    /// result. Inside `agent-shim run` it uses the bound session
+    /// ($KEYWARD_FD); elsewhere it binds the token, or acts as the
+    /// calling principal without one.
+    Mcp {
         #[command(flatten)]
         token: TokenArg,
     },
@@ -283,8 +300,16 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             },
         },
-        Command::Tools { json, token } => match token.get() {
-            Ok(token) => tools(token.as_ref(), json),
+        Command::Tools {
+            json,
+            json_schema,
+            token,
+        } => match token.get() {
+            Ok(token) => tools(token.as_ref(), json, json_schema),
+            Err(e) => fail(&e),
+        },
+        Command::Mcp { token } => match token.get() {
+            Ok(token) => mcp(token.as_ref()),
             Err(e) => fail(&e),
         },
         Command::Run {
@@ -353,11 +378,8 @@ fn connect(token: Option<&Token>) -> Result<Result<Client, Response>, ClientErro
     }
     let mut client = Client::connect(&socket_path())?;
     if let Some(token) = token {
-        match client.request(&Request::Bind(keyward_proto::Bind {
-            token: token.expose().to_owned(),
-        }))? {
-            Response::Bound(_) => {}
-            other => return Ok(Err(other)),
+        if let Err(refused) = client.bind(token.expose())? {
+            return Ok(Err(refused));
         }
     }
     Ok(Ok(client))
@@ -386,10 +408,25 @@ fn issue(token: Option<&Token>, request: &Request) -> ExitCode {
     }
 }
 
-fn tools(token: Option<&Token>, json: bool) -> ExitCode {
+/// `mcp`: serve until stdin closes.
+fn mcp(token: Option<&Token>) -> ExitCode {
+    let client = match connect(token) {
+        Ok(Ok(client)) => client,
+        Ok(Err(refused)) => return report_failure(Ok(refused), false),
+        Err(e) => return report_failure(Err(e), false),
+    };
+    match agent_shim::mcp::serve_stdio(client) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("mcp: {e}")),
+    }
+}
+
+fn tools(token: Option<&Token>, json: bool, json_schema: bool) -> ExitCode {
     match exchange(token, &Request::Tools) {
         Ok(Response::ToolList(list)) => {
-            if json {
+            if json_schema {
+                print_json(&agent_shim::schema::tools_json(&list.tools));
+            } else if json {
                 print_json(&serde_json::Value::Array(
                     list.tools.iter().map(tool_json).collect(),
                 ));
