@@ -20,6 +20,7 @@
 //! its own; `tests/tests/attacks.rs` runs hostile programs under `run`.
 #![deny(unsafe_code)]
 
+pub mod cli;
 pub mod client;
 pub mod grant;
 pub mod landlock;
