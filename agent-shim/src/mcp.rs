@@ -223,3 +223,32 @@ fn failure_text(reply: &Response) -> String {
         other => format!("unexpected reply from the broker: {other:?}"),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_keep_their_types() {
+        let args = serde_json::json!({ "n": 2, "s": "2", "b": true });
+        let params = typed_params("t", args.as_object().unwrap().clone()).unwrap();
+        let value = |name: &str| &params.iter().find(|p| p.name == name).unwrap().value;
+        assert_eq!(value("n"), &Value::Int(2));
+        assert_eq!(value("s"), &Value::Str("2".into()));
+        assert_eq!(value("b"), &Value::Bool(true));
+    }
+
+    #[test]
+    fn other_json_is_refused_naming_the_parameter() {
+        for bad in [
+            serde_json::json!({ "x": 1.5 }),
+            serde_json::json!({ "x": null }),
+            serde_json::json!({ "x": [1] }),
+            serde_json::json!({ "x": u64::MAX }),
+        ] {
+            let err = typed_params("t", bad.as_object().unwrap().clone()).unwrap_err();
+            assert!(err.contains("\"x\"") && err.contains("tool t"), "{err}");
+        }
+    }
+}
