@@ -15,7 +15,7 @@ async function main(spec) {
   });
   const client = new Client({ name: "keyward-test", version: "0.1.0" });
   await client.connect(transport);
-  const out = { protocol: transport._protocolVersion ?? null };
+  const out = { server: client.getServerVersion() ?? null };
   const listed = await client.listTools();
   out.tools = Object.fromEntries(listed.tools.map((t) => [t.name, t.inputSchema]));
   out.calls = [];

@@ -278,6 +278,23 @@ fn official_clients_as_principal_and_with_a_token() {
             server_command(PRINCIPAL_UID, &["mcp"]),
         );
         check_report(client, &report, false);
+        // `tools --json-schema` prints the schemas the client was given.
+        let ran = Ran::from(broker.shim(PRINCIPAL_UID, &["tools", "--json-schema"]));
+        assert_eq!(ran.code, Some(0), "{ran:?}");
+        let printed: Value = serde_json::from_str(&ran.stdout).unwrap();
+        for tool in printed.as_array().unwrap() {
+            let name = tool["name"].as_str().unwrap();
+            assert_eq!(
+                tool["inputSchema"], report["tools"][name],
+                "{client}: {name}"
+            );
+        }
+        if client == "python" {
+            let version = report["protocol"].as_str().unwrap();
+            assert!(version.starts_with("20"), "{client}: negotiated {version}");
+        } else {
+            assert_eq!(report["server"]["name"], "agent-shim", "{client}");
+        }
         let report = drive(
             client,
             &clients,
