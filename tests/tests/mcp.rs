@@ -373,8 +373,15 @@ fn malformed_requests_get_errors_and_serving_goes_on() {
         reply["error"]["code"], -32600,
         "an invalid request: {reply}"
     );
+    // A line that is not JSON at all: a parse error, or silence; never the
+    // end of the session.
+    send("this is not json {");
     send(r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#);
-    let reply: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let mut reply: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    if reply["id"].is_null() {
+        assert_eq!(reply["error"]["code"], -32700, "a parse error: {reply}");
+        reply = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    }
     assert_eq!(reply["id"], 3, "{reply}");
     assert_eq!(
         reply["result"]["tools"].as_array().unwrap().len(),
