@@ -20,9 +20,12 @@
 //! its own; `tests/tests/attacks.rs` runs hostile programs under `run`.
 #![deny(unsafe_code)]
 
+pub mod cli;
 pub mod client;
 pub mod grant;
 pub mod landlock;
+pub mod mcp;
 pub mod sandbox;
+pub mod schema;
 pub mod seccomp;
 mod sys;

@@ -31,8 +31,8 @@ use nix::sys::socket::{
 use nix::sys::time::{TimeVal, TimeValLike};
 
 use keyward_proto::{
-    decode, encode, Call, DecodeError, EncodeError, Hello, Param, Request, Response, Value,
-    DEFAULT_SOCKET, MAX_MESSAGE, PROTOCOL_VERSION,
+    decode, encode, Bind, Bound, Call, DecodeError, EncodeError, Hello, Param, Request, Response,
+    Value, DEFAULT_SOCKET, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 
 /// Why talking to the broker failed (not a policy denial: those are
@@ -227,6 +227,28 @@ impl Client {
                 "unexpected reply {other:?}"
             ))),
         }
+    }
+
+    /// Bind `token` to this connection: from now on it acts with that
+    /// token's authority alone. `Ok(Err(reply))` is the broker's refusal
+    /// (a `Denied` or `Error` response).
+    pub fn bind(&mut self, token: &str) -> Result<Result<Bound, Response>, ClientError> {
+        let request = Request::Bind(Bind {
+            token: token.to_owned(),
+        });
+        Ok(match self.request(&request)? {
+            Response::Bound(bound) => Ok(bound),
+            other => Err(other),
+        })
+    }
+
+    /// Ask the broker to perform a call with typed parameter values (the
+    /// broker checks each against the tool's declared type).
+    pub fn call_typed(&mut self, tool: &str, params: Vec<Param>) -> Result<Response, ClientError> {
+        self.request(&Request::Call(Call {
+            tool: tool.to_owned(),
+            params,
+        }))
     }
 
     /// Ask the broker to perform a call. Parameter values are sent as

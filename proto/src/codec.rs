@@ -128,6 +128,46 @@ mod tests {
     }
 
     #[test]
+    fn golden_hello_current_version() {
+        let bytes = encode(&Request::Hello(Hello {
+            version: crate::PROTOCOL_VERSION,
+        }))
+        .unwrap();
+        assert_eq!(bytes, [0x00, 0x02]);
+    }
+
+    #[test]
+    fn golden_tool_list() {
+        use crate::token::Constraint;
+        let list = Response::ToolList(ToolList {
+            tools: vec![ToolInfo {
+                name: "t".into(),
+                description: String::new(),
+                params: vec![ParamInfo {
+                    name: "n".into(),
+                    ty: "int".into(),
+                    required: false,
+                    rules: vec![],
+                    default: Some(Value::Int(3)),
+                    checks: vec![Check::Max(9), Check::Pattern("a".into())],
+                    constraints: vec![Constraint::Range { min: 1, max: 2 }],
+                }],
+            }],
+        });
+        let expected: &[u8] = &[
+            0x06, // Response::ToolList
+            0x01, 0x01, b't', 0x00, // one tool "t", no description
+            0x01, 0x01, b'n', 0x03, b'i', b'n', b't', 0x00,
+            0x00, // param "n" int, optional, no rules
+            0x01, 0x01, 0x06, // default Some(Int(3))
+            0x02, 0x04, 0x12, 0x00, 0x01, b'a', // checks: Max(9), Pattern("a")
+            0x01, 0x04, 0x02, 0x04, // constraints: Range { 1, 2 }
+        ];
+        assert_eq!(encode(&list).unwrap(), expected);
+        assert_eq!(decode::<Response>(expected).unwrap(), list);
+    }
+
+    #[test]
     fn golden_denied() {
         let resp = Response::Denied(Denial {
             reason: "no".into(),

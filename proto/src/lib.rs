@@ -28,14 +28,14 @@ mod value;
 
 pub use codec::{decode, encode, DecodeError, EncodeError, MAX_MESSAGE};
 pub use message::{
-    Attenuate, Bind, Bound, Call, CallResult, Denial, ErrorCode, ErrorReply, Header, Hello, Mint,
-    Minted, Param, ParamInfo, Request, Response, Revoke, Revoked, ToolInfo, ToolList,
+    Attenuate, Bind, Bound, Call, CallResult, Check, Denial, ErrorCode, ErrorReply, Header, Hello,
+    Mint, Minted, Param, ParamInfo, Request, Response, Revoke, Revoked, ToolInfo, ToolList,
 };
 pub use value::Value;
 
 /// The protocol version this build speaks; a `Hello` with any other version
-/// is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// is refused. 2: `ParamInfo` carries its checks and constraints as data.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The socket path used when `KEYWARD_SOCKET` is not set.
 pub const DEFAULT_SOCKET: &str = "/run/keyward/broker.sock";

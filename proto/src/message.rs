@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::DecodeError;
-use crate::token::{Audience, ParamConstraint, TokenId};
+use crate::token::{Audience, Constraint, ParamConstraint, TokenId};
 use crate::value::Value;
 
 /// What a client sends.
@@ -279,14 +279,47 @@ pub struct ToolInfo {
 }
 
 /// One parameter: type, whether required, and every rule that applies
-/// (policy first, then the token's), in words.
+/// (policy first, then the token's), in words for people and as data for
+/// programs (`checks`, `constraints`: what JSON Schemas are built from;
+/// since protocol version 2). A secret parameter's default, and every
+/// check or constraint that would show a value of it, are left out.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
 pub struct ParamInfo {
     pub name: String,
+    /// `string`, `int`, `bool` or `path`.
     pub ty: String,
     pub required: bool,
     #[serde(deserialize_with = "crate::bounded::vec")]
     pub rules: Vec<String>,
+    /// The value used when the call leaves the parameter out.
+    pub default: Option<Value>,
+    /// The policy's checks.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub checks: Vec<Check>,
+    /// The token's constraints on this parameter.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub constraints: Vec<Constraint>,
+}
+
+/// One of the policy's checks on a parameter, as data.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub enum Check {
+    /// A regex the whole value must match (as the policy wrote it,
+    /// unanchored: the broker anchors it).
+    Pattern(String),
+    /// At most this many bytes.
+    MaxLen(u64),
+    /// One of these values.
+    OneOf(#[serde(deserialize_with = "crate::bounded::vec")] Vec<Value>),
+    /// An int of at least this.
+    Min(i64),
+    /// An int of at most this.
+    Max(i64),
+    /// A string starting with this.
+    Prefix(String),
+    /// A `path` starting with these whole segments (`reports/` admits
+    /// `reports` and `reports/a`, not `reports-evil`).
+    PathPrefix(String),
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! deciding whether a value satisfies one, and saying one in words.
 
 use keyward_proto::token::{Constraint, Grant, ParamConstraint};
-use keyward_proto::{ParamInfo, ToolInfo, Value};
+use keyward_proto::{Check, ParamInfo, ToolInfo, Value};
 
 use crate::config::ParamType;
 use crate::policy::{
@@ -32,23 +32,59 @@ pub(super) fn describe_tool(tool: &Tool, constraints: &[ParamConstraint]) -> Too
                         format!("token: {}", describe_constraint(&c.constraint, spec.secret))
                     }))
                     .collect(),
+                default: spec
+                    .default
+                    .as_ref()
+                    .filter(|_| !spec.secret)
+                    .map(TypedValue::to_wire),
+                checks: spec
+                    .rules
+                    .iter()
+                    .filter_map(|r| rule_check(r, spec.secret))
+                    .collect(),
+                constraints: constraints
+                    .iter()
+                    .filter(|c| c.name == *name)
+                    .map(|c| &c.constraint)
+                    .filter(|c| !spec.secret || matches!(c, Constraint::Range { .. }))
+                    .cloned()
+                    .collect(),
             })
             .collect(),
     }
 }
 
+/// A policy rule as data, for programs that build schemas; `None` for the
+/// segment rule (implied by the `path` type) and for a rule that would show
+/// a secret parameter's values.
+fn rule_check(rule: &crate::policy::Rule, secret: bool) -> Option<Check> {
+    use crate::policy::Rule;
+    Some(match rule {
+        Rule::MaxLen(n) => Check::MaxLen(u64::try_from(*n).unwrap_or(u64::MAX)),
+        Rule::Min(n) => Check::Min(*n),
+        Rule::Max(n) => Check::Max(*n),
+        Rule::Segments => return None,
+        _ if secret => return None,
+        Rule::Pattern(re) => Check::Pattern(written_pattern(re).to_owned()),
+        Rule::OneOf(values) => Check::OneOf(values.iter().map(TypedValue::to_wire).collect()),
+        Rule::Prefix(p) => Check::Prefix(p.clone()),
+        Rule::PathPrefix(p) => Check::PathPrefix(p.clone()),
+    })
+}
+
+/// A pattern as the admin wrote it (it is compiled anchored as
+/// `^(?:PATTERN)$`).
+fn written_pattern(re: &regex::Regex) -> &str {
+    let full = re.as_str();
+    full.strip_prefix("^(?:")
+        .and_then(|p| p.strip_suffix(")$"))
+        .unwrap_or(full)
+}
+
 fn rule_text(rule: &crate::policy::Rule, secret: bool) -> String {
     use crate::policy::Rule;
     match rule {
-        Rule::Pattern(re) if !secret => {
-            // Compiled anchored as ^(?:PATTERN)$; show what the admin wrote.
-            let full = re.as_str();
-            let written = full
-                .strip_prefix("^(?:")
-                .and_then(|p| p.strip_suffix(")$"))
-                .unwrap_or(full);
-            format!("pattern {written}")
-        }
+        Rule::Pattern(re) if !secret => format!("pattern {}", written_pattern(re)),
         Rule::MaxLen(n) => format!("max_len {n}"),
         Rule::Min(n) => format!("min {n}"),
         Rule::Max(n) => format!("max {n}"),
