@@ -324,15 +324,7 @@ fn inside_run_through_keyward_fd() {
         &broker,
         server_command(
             STRANGER_UID,
-            &[
-                "run",
-                "--allow-unsandboxed",
-                "--token-file",
-                &file,
-                "--",
-                &shim,
-                "mcp",
-            ],
+            &["run", "--token-file", &file, "--", &shim, "mcp"],
         ),
     );
     check_report("python in run", &report, true);
