@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use keyward_proto::{Bind, Request, Response};
+use keyward_proto::Response;
 
 use super::{Mode, RunOptions, SandboxError, Token, TokenSource, TOKEN_ENV};
 use crate::client::{socket_path, Client, CHANNEL_FD, KEYWARD_FD_ENV};
@@ -363,16 +363,14 @@ pub(super) fn connect_and_bind(token: &Token) -> Result<OwnedFd, SandboxError> {
     Ok(client.into_fd())
 }
 
-/// `Bind` the token to the connection.
+/// `Bind` the token to the connection (the one `Bind` of every command:
+/// `Client::bind`).
 fn bind_session(client: &mut Client, token: &Token) -> Result<(), SandboxError> {
-    let request = Request::Bind(Bind {
-        token: token.expose().to_owned(),
-    });
-    match client.request(&request)? {
-        Response::Bound(_) => Ok(()),
-        Response::Denied(denial) => Err(SandboxError::BindDenied(denial.reason)),
-        Response::Error(e) => Err(SandboxError::BindFailed(e.message)),
-        other => Err(SandboxError::BindFailed(format!(
+    match client.bind(token.expose())? {
+        Ok(_) => Ok(()),
+        Err(Response::Denied(denial)) => Err(SandboxError::BindDenied(denial.reason)),
+        Err(Response::Error(e)) => Err(SandboxError::BindFailed(e.message)),
+        Err(other) => Err(SandboxError::BindFailed(format!(
             "unexpected reply {other:?}"
         ))),
     }
