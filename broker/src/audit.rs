@@ -213,11 +213,50 @@ fn priority(decision: Decision) -> u8 {
 /// `KEYWARD_<NAME>` for every field the record has, `NAME` its serde name
 /// in upper case, in the order of those names (as a JSON map orders them:
 /// a test compares this with the entry made through `serde_json`). Built
-/// from the destructured record rather than through a `serde_json::Value`
-/// map: this runs before every call. A field added to [`Record`] does not
-/// compile until it is given its journal field here.
+/// from [`fields`] rather than through a `serde_json::Value` map: this
+/// runs before every call.
 fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
-    let Record {
+    let mut fields = fields(record);
+    fields.sort_unstable_by_key(|&(name, ..)| name);
+    let mut entry = Vec::with_capacity(5 + fields.len());
+    entry.push(("MESSAGE".to_owned(), message(record).into_bytes()));
+    entry.push((
+        "MESSAGE_ID".to_owned(),
+        message_id(record.event).as_bytes().to_vec(),
+    ));
+    entry.push((
+        "PRIORITY".to_owned(),
+        priority(record.decision).to_string().into_bytes(),
+    ));
+    entry.push((
+        "SYSLOG_IDENTIFIER".to_owned(),
+        IDENTIFIER.as_bytes().to_vec(),
+    ));
+    entry.push(("SYSLOG_FACILITY".to_owned(), FACILITY.as_bytes().to_vec()));
+    for (_, journal_name, value) in fields {
+        let value = match value {
+            None => continue,
+            Some(Field::Text(text)) => text.as_bytes().to_vec(),
+            Some(Field::Number(n)) => n.to_string().into_bytes(),
+        };
+        entry.push((journal_name.to_owned(), value));
+    }
+    Ok(entry)
+}
+
+/// A field's value, as both encodings write it.
+#[derive(Debug, Clone, Copy)]
+enum Field<'a> {
+    Text(&'a str),
+    Number(i64),
+}
+
+/// Every field of `record`, in its declared (serde) order: serde name,
+/// journal field name, value if present. The one list both the JSON line
+/// and the journal entry are written from; the record is destructured, so
+/// a field added to [`Record`] does not compile until it is listed here.
+fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field<'r>>); 12] {
+    let &Record {
         event,
         decision,
         tool,
@@ -231,55 +270,45 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
         task,
         call_hash,
     } = record;
-    let mut fields = Vec::with_capacity(17);
-    fields.push(("MESSAGE".to_owned(), message(record).into_bytes()));
-    fields.push((
-        "MESSAGE_ID".to_owned(),
-        message_id(*event).as_bytes().to_vec(),
-    ));
-    fields.push((
-        "PRIORITY".to_owned(),
-        priority(*decision).to_string().into_bytes(),
-    ));
-    fields.push((
-        "SYSLOG_IDENTIFIER".to_owned(),
-        IDENTIFIER.as_bytes().to_vec(),
-    ));
-    fields.push(("SYSLOG_FACILITY".to_owned(), FACILITY.as_bytes().to_vec()));
-    let mut field = |name: &str, value: Option<Vec<u8>>| {
-        if let Some(value) = value {
-            fields.push((name.to_owned(), value));
-        }
-    };
-    let text = |v: &Option<&str>| v.map(|v| v.as_bytes().to_vec());
-    field("KEYWARD_CALL_HASH", text(call_hash));
-    field(
-        "KEYWARD_DECISION",
-        Some(decision_name(*decision).as_bytes().to_vec()),
-    );
-    field(
-        "KEYWARD_EVENT",
-        Some(event_name(*event).as_bytes().to_vec()),
-    );
-    field(
-        "KEYWARD_PEER_GID",
-        peer_gid.map(|v| v.to_string().into_bytes()),
-    );
-    field(
-        "KEYWARD_PEER_PID",
-        peer_pid.map(|v| v.to_string().into_bytes()),
-    );
-    field(
-        "KEYWARD_PEER_UID",
-        peer_uid.map(|v| v.to_string().into_bytes()),
-    );
-    field("KEYWARD_PRINCIPAL", text(principal));
-    field("KEYWARD_REASON", text(reason));
-    field("KEYWARD_STATUS", status.map(|v| v.to_string().into_bytes()));
-    field("KEYWARD_TASK", text(task));
-    field("KEYWARD_TOKEN_ID", text(token_id));
-    field("KEYWARD_TOOL", text(tool));
-    Ok(fields)
+    let text = |v: Option<&'r str>| v.map(Field::Text);
+    [
+        (
+            "event",
+            "KEYWARD_EVENT",
+            Some(Field::Text(event_name(event))),
+        ),
+        (
+            "decision",
+            "KEYWARD_DECISION",
+            Some(Field::Text(decision_name(decision))),
+        ),
+        ("tool", "KEYWARD_TOOL", text(tool)),
+        ("principal", "KEYWARD_PRINCIPAL", text(principal)),
+        (
+            "peer_pid",
+            "KEYWARD_PEER_PID",
+            peer_pid.map(|v| Field::Number(v.into())),
+        ),
+        (
+            "peer_uid",
+            "KEYWARD_PEER_UID",
+            peer_uid.map(|v| Field::Number(v.into())),
+        ),
+        (
+            "peer_gid",
+            "KEYWARD_PEER_GID",
+            peer_gid.map(|v| Field::Number(v.into())),
+        ),
+        ("reason", "KEYWARD_REASON", text(reason)),
+        (
+            "status",
+            "KEYWARD_STATUS",
+            status.map(|v| Field::Number(v.into())),
+        ),
+        ("token_id", "KEYWARD_TOKEN_ID", text(token_id)),
+        ("task", "KEYWARD_TASK", text(task)),
+        ("call_hash", "KEYWARD_CALL_HASH", text(call_hash)),
+    ]
 }
 
 /// The entry as it was made through `serde_json` (every serialized field
@@ -622,108 +651,37 @@ fn write_line(buffer: &Mutex<Vec<u8>>, record: &Record<'_>) -> io::Result<()> {
 }
 
 /// Append the JSON line of `record` to `out`: `{"ts":...,` then the
-/// record's fields in their declared order, absent ones left out, then
+/// record's [`fields`] in their declared order, absent ones left out, then
 /// `}` and a newline -- exactly what serde writes for [`Record`] flattened
 /// after `ts` (a test compares the two), but without serde's flatten, which
 /// first collects the record into a map: this runs before every call.
 /// Strings and numbers are written by serde_json (its escaping), into
-/// `out` directly. The record is destructured, so a field added to it
-/// does not compile until it is written here.
+/// `out` directly.
 fn write_json_line(out: &mut Vec<u8>, ts: f64, record: &Record<'_>) -> io::Result<()> {
-    let Record {
-        event,
-        decision,
-        tool,
-        principal,
-        peer_pid,
-        peer_uid,
-        peer_gid,
-        reason,
-        status,
-        token_id,
-        task,
-        call_hash,
-    } = record;
     out.extend_from_slice(b"{\"ts\":");
     serde_json::to_writer(&mut *out, &ts).map_err(io::Error::other)?;
-    out.extend_from_slice(b",\"event\":\"");
-    out.extend_from_slice(event_name(*event).as_bytes());
-    out.extend_from_slice(b"\",\"decision\":\"");
-    out.extend_from_slice(decision_name(*decision).as_bytes());
-    out.push(b'"');
-    let mut field = |name: &str, value: &dyn erased::Value| -> io::Result<()> {
+    for (name, _, value) in fields(record) {
+        let Some(value) = value else { continue };
         out.extend_from_slice(b",\"");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\":");
-        value.write_to(out)
-    };
-    if let Some(v) = tool {
-        field("tool", v)?;
-    }
-    if let Some(v) = principal {
-        field("principal", v)?;
-    }
-    if let Some(v) = peer_pid {
-        field("peer_pid", v)?;
-    }
-    if let Some(v) = peer_uid {
-        field("peer_uid", v)?;
-    }
-    if let Some(v) = peer_gid {
-        field("peer_gid", v)?;
-    }
-    if let Some(v) = reason {
-        field("reason", v)?;
-    }
-    if let Some(v) = status {
-        field("status", v)?;
-    }
-    if let Some(v) = token_id {
-        field("token_id", v)?;
-    }
-    if let Some(v) = task {
-        field("task", v)?;
-    }
-    if let Some(v) = call_hash {
-        field("call_hash", v)?;
+        match value {
+            // A string with nothing to escape (no control character,
+            // quote or backslash: what serde_json escapes) is copied as
+            // it is.
+            Field::Text(text) if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') => {
+                out.push(b'"');
+                out.extend_from_slice(text.as_bytes());
+                out.push(b'"');
+            }
+            Field::Text(text) => {
+                serde_json::to_writer(&mut *out, text).map_err(io::Error::other)?
+            }
+            Field::Number(n) => serde_json::to_writer(&mut *out, &n).map_err(io::Error::other)?,
+        }
     }
     out.extend_from_slice(b"}\n");
     Ok(())
-}
-
-/// A field value written as JSON by serde_json, straight into the line.
-mod erased {
-    use std::io;
-
-    pub trait Value {
-        fn write_to(&self, out: &mut Vec<u8>) -> io::Result<()>;
-    }
-
-    impl Value for &str {
-        /// A string with nothing to escape (no control character, quote
-        /// or backslash: what serde_json escapes) is copied as it is.
-        fn write_to(&self, out: &mut Vec<u8>) -> io::Result<()> {
-            if self.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-                out.push(b'"');
-                out.extend_from_slice(self.as_bytes());
-                out.push(b'"');
-                Ok(())
-            } else {
-                serde_json::to_writer(out, self).map_err(io::Error::other)
-            }
-        }
-    }
-
-    macro_rules! numbers {
-        ($($t:ty),*) => {$(
-            impl Value for $t {
-                fn write_to(&self, out: &mut Vec<u8>) -> io::Result<()> {
-                    serde_json::to_writer(out, self).map_err(io::Error::other)
-                }
-            }
-        )*};
-    }
-    numbers!(i32, u32, u16);
 }
 
 #[cfg(test)]
