@@ -330,11 +330,25 @@ impl Client {
             ) {
                 Ok(n) => break n,
                 Err(nix::Error::EINTR) => continue,
-                Err(nix::Error::EAGAIN) => {
+                Err(nix::Error::EAGAIN) if flags.contains(MsgFlags::MSG_DONTWAIT) => {
                     return Err(ClientError::Timeout {
                         what: "answer",
                         after: self.reply_timeout,
                     })
+                }
+                Err(nix::Error::EAGAIN) => {
+                    // The late answer would be read as the reply to the
+                    // next request: end the connection, so that every
+                    // later request fails instead of getting the wrong
+                    // reply.
+                    let _ = nix::sys::socket::shutdown(
+                        self.fd.as_raw_fd(),
+                        nix::sys::socket::Shutdown::Both,
+                    );
+                    return Err(ClientError::Timeout {
+                        what: "answer",
+                        after: self.reply_timeout,
+                    });
                 }
                 Err(e) => return Err(io::Error::from(e).into()),
             }
@@ -377,5 +391,54 @@ fn wait_writable(fd: &impl AsFd, deadline: std::time::Instant) -> Result<(), Cli
         }),
         Ok(_) | Err(nix::Error::EINTR) => Ok(()),
         Err(e) => Err(ClientError::Io(e.into())),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use keyward_proto::Hello as HelloMsg;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    /// A broker that answers late must not have its late answer taken for
+    /// the reply to the next request.
+    #[test]
+    fn a_reply_after_the_timeout_is_never_taken_for_the_next_one() {
+        let (ours, broker) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut buf = vec![0; MAX_MESSAGE + 1];
+        let answer = |fd: &OwnedFd, response: &Response| {
+            let bytes = encode(response).unwrap();
+            nix::unistd::write(fd, &bytes).unwrap();
+        };
+        let hello = Response::Hello(HelloMsg {
+            version: PROTOCOL_VERSION,
+        });
+        // The broker's side answers the Hello at once.
+        answer(&broker, &hello);
+        let mut client = Client::over(ours).unwrap();
+        nix::unistd::read(&broker, &mut buf).unwrap();
+        client.set_reply_timeout(Duration::from_millis(50)).unwrap();
+
+        // First request: no answer in time.
+        let first = client.request(&Request::Hello(HelloMsg {
+            version: PROTOCOL_VERSION,
+        }));
+        assert!(
+            matches!(first, Err(ClientError::Timeout { .. })),
+            "{first:?}"
+        );
+        // The late answer arrives, and a second request is made.
+        let _ = nix::unistd::write(&broker, &encode(&hello).unwrap());
+        let second = client.request(&Request::Hello(HelloMsg {
+            version: PROTOCOL_VERSION,
+        }));
+        assert!(second.is_err(), "the late answer was taken: {second:?}");
     }
 }
