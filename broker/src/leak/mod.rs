@@ -266,7 +266,9 @@ impl<'s> Judgement<'s> {
         Ok(())
     }
 
-    /// Push every decoding of `bytes` not seen before.
+    /// Push every decoding of `bytes` not seen before. Each is admitted
+    /// (deduplicated, charged to the budget) as soon as it is produced, so
+    /// no more than one unadmitted decoding is held at a time.
     fn expand(
         &mut self,
         place: &'static str,
@@ -276,48 +278,62 @@ impl<'s> Judgement<'s> {
         stack: &mut Vec<View>,
     ) -> Result<(), Leak> {
         let shortest = self.scanner.shortest;
-        let mut children: Vec<(&'static str, Bytes)> = Vec::new();
+        let mut admit = |this: &mut Self, name: &'static str, data: Bytes| {
+            this.admit(place, name, data, depth, trail, stack)
+        };
         for (at, format) in decode::compressed_starts(bytes) {
             let inflated = decode::decompress(&bytes[at..], format, MAX_INFLATED)
                 .map_err(|_| Leak::Bomb { place })?;
-            children.push((format.name(), inflated));
+            admit(self, format.name(), inflated)?;
         }
         if let Some(text) = decode::unescape(bytes, false) {
-            children.push(("escapes", text));
+            admit(self, "escapes", text)?;
         }
         if self.scanner.plus_is_space {
             if let Some(text) = decode::unescape(bytes, true) {
-                children.push(("form encoding", text));
+                admit(self, "form encoding", text)?;
             }
         }
         // A window of `shortest` bytes is at least this many characters.
         let base64_chars = (shortest * 4).div_ceil(3);
         for data in decode::base64_runs(bytes, base64_chars) {
-            children.push(("base64", data));
+            admit(self, "base64", data)?;
         }
         for data in decode::hex_runs(bytes, 2 * shortest) {
-            children.push(("hex", data));
+            admit(self, "hex", data)?;
         }
-        for (name, data) in children {
-            if data.len() < shortest {
-                continue;
-            }
-            let hash = *blake3::hash(&data).as_bytes();
-            if !self.seen.insert(hash) {
-                continue;
-            }
-            if depth + 1 > MAX_DEPTH || data.len() > self.budget {
-                return Err(Leak::TooDeep { place });
-            }
-            self.budget -= data.len();
-            let mut trail = trail.to_vec();
-            trail.push(name);
-            stack.push(View {
-                bytes: data,
-                depth: depth + 1,
-                trail,
-            });
+        Ok(())
+    }
+
+    /// Push one decoding, unless it is too short or seen before; refuse
+    /// when it would pass the depth or the byte budget.
+    fn admit(
+        &mut self,
+        place: &'static str,
+        name: &'static str,
+        data: Bytes,
+        depth: usize,
+        trail: &[&'static str],
+        stack: &mut Vec<View>,
+    ) -> Result<(), Leak> {
+        if data.len() < self.scanner.shortest {
+            return Ok(());
         }
+        let hash = *blake3::hash(&data).as_bytes();
+        if !self.seen.insert(hash) {
+            return Ok(());
+        }
+        if depth + 1 > MAX_DEPTH || data.len() > self.budget {
+            return Err(Leak::TooDeep { place });
+        }
+        self.budget -= data.len();
+        let mut trail = trail.to_vec();
+        trail.push(name);
+        stack.push(View {
+            bytes: data,
+            depth: depth + 1,
+            trail,
+        });
         Ok(())
     }
 }

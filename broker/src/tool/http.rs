@@ -553,7 +553,7 @@ async fn fetch(
 }
 
 /// An error and its causes, `: `-separated. (Not yet redacted.)
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -38,6 +38,7 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use super::{off_reactor, Action, Context, Definition, ExecError, Invocation, Kind, Running};
 use crate::credential::{Credentials, Secret};
 use crate::param::TypedValue;
+use crate::tool::http::error_chain;
 
 pub const KIND: Kind = Kind {
     name: "sql",
@@ -718,21 +719,6 @@ fn pool_error(error: &deadpool_postgres::PoolError) -> String {
         deadpool_postgres::PoolError::Backend(e) => error_chain(e),
         other => error_chain(other),
     }
-}
-
-/// An error and its causes, `: `-separated. (Not yet redacted.)
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]
