@@ -14,14 +14,6 @@ mod mutate;
 
 use proptest::prelude::*;
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
 #[test]
 fn config_policy_corpus() {
     let seeds = mutate::corpus("config_policy");
@@ -115,7 +107,7 @@ fn leak_scan_every_encoding_and_window() {
 
 proptest! {
     // Each case compiles a whole policy (regexes included): few cases.
-    #![proptest_config(config(300))]
+    #![proptest_config(mutate::config(300))]
 
     #[test]
     fn config_policy_edits(

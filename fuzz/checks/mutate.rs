@@ -6,6 +6,15 @@
 
 use proptest::prelude::*;
 
+/// A bounded run of `cases` cases that leaves no persistence files.
+pub fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
 /// One edit of a byte string. Positions wrap around its length.
 #[derive(Debug, Clone)]
 pub enum Edit {

@@ -12,14 +12,6 @@ mod mutate;
 
 use proptest::prelude::*;
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
 #[test]
 fn decode_message_corpus() {
     for seed in mutate::corpus("decode_message") {
@@ -64,7 +56,7 @@ fn token_tail_variants() {
 }
 
 proptest! {
-    #![proptest_config(config(2000))]
+    #![proptest_config(mutate::config(2000))]
 
     #[test]
     fn decode_message_edits(
@@ -83,7 +75,7 @@ proptest! {
 
 proptest! {
     // Each case verifies an ed25519 signature: fewer cases.
-    #![proptest_config(config(300))]
+    #![proptest_config(mutate::config(300))]
 
     #[test]
     fn token_edits(
