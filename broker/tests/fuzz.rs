@@ -114,8 +114,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..6),
     ) {
-        let seeds = mutate::corpus("config_policy");
-        checks::config_policy(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        checks::config_policy(&mutate::edited("config_policy", &pick, &edits));
     }
 
     #[test]
@@ -123,8 +122,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..6),
     ) {
-        let seeds = mutate::corpus("templates");
-        checks::templates(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        checks::templates(&mutate::edited("templates", &pick, &edits));
     }
 
     #[test]
@@ -132,8 +130,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..8),
     ) {
-        let seeds = mutate::corpus("leak_scan");
-        leak::leak_scan(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        leak::leak_scan(&mutate::edited("leak_scan", &pick, &edits));
     }
 
     #[test]

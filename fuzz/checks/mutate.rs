@@ -51,6 +51,20 @@ pub fn apply(seed: &[u8], edits: &[Edit]) -> Vec<u8> {
     out
 }
 
+/// A seed of `target`'s corpus (read once per run) with `edits` applied.
+pub fn edited(target: &'static str, pick: &prop::sample::Index, edits: &[Edit]) -> Vec<u8> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    type Corpora = HashMap<&'static str, Vec<Vec<u8>>>;
+    static CORPORA: OnceLock<Mutex<Corpora>> = OnceLock::new();
+    let mut corpora = CORPORA
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let seeds = corpora.entry(target).or_insert_with(|| corpus(target));
+    apply(pick.get::<Vec<u8>>(seeds), edits)
+}
+
 /// Every file of `fuzz/corpus/<target>/`, sorted by name.
 pub fn corpus(target: &str) -> Vec<Vec<u8>> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

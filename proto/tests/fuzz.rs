@@ -63,8 +63,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..8),
     ) {
-        let seeds = mutate::corpus("decode_message");
-        checks::decode_message(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        checks::decode_message(&mutate::edited("decode_message", &pick, &edits));
     }
 
     #[test]
@@ -82,7 +81,6 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..4),
     ) {
-        let seeds = mutate::corpus("token");
-        checks::token(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        checks::token(&mutate::edited("token", &pick, &edits));
     }
 }
