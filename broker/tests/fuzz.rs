@@ -14,14 +14,6 @@ mod mutate;
 
 use proptest::prelude::*;
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
 #[test]
 fn config_policy_corpus() {
     let seeds = mutate::corpus("config_policy");
@@ -115,15 +107,14 @@ fn leak_scan_every_encoding_and_window() {
 
 proptest! {
     // Each case compiles a whole policy (regexes included): few cases.
-    #![proptest_config(config(300))]
+    #![proptest_config(mutate::config(300))]
 
     #[test]
     fn config_policy_edits(
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..6),
     ) {
-        let seeds = mutate::corpus("config_policy");
-        checks::config_policy(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        checks::config_policy(&mutate::edited("config_policy", &pick, &edits));
     }
 
     #[test]
@@ -131,8 +122,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..6),
     ) {
-        let seeds = mutate::corpus("templates");
-        checks::templates(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        checks::templates(&mutate::edited("templates", &pick, &edits));
     }
 
     #[test]
@@ -140,8 +130,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..8),
     ) {
-        let seeds = mutate::corpus("leak_scan");
-        leak::leak_scan(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        leak::leak_scan(&mutate::edited("leak_scan", &pick, &edits));
     }
 
     #[test]

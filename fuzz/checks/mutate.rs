@@ -6,6 +6,15 @@
 
 use proptest::prelude::*;
 
+/// A bounded run of `cases` cases that leaves no persistence files.
+pub fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
 /// One edit of a byte string. Positions wrap around its length.
 #[derive(Debug, Clone)]
 pub enum Edit {
@@ -40,6 +49,20 @@ pub fn apply(seed: &[u8], edits: &[Edit]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A seed of `target`'s corpus (read once per run) with `edits` applied.
+pub fn edited(target: &'static str, pick: &prop::sample::Index, edits: &[Edit]) -> Vec<u8> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    type Corpora = HashMap<&'static str, Vec<Vec<u8>>>;
+    static CORPORA: OnceLock<Mutex<Corpora>> = OnceLock::new();
+    let mut corpora = CORPORA
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let seeds = corpora.entry(target).or_insert_with(|| corpus(target));
+    apply(pick.get::<Vec<u8>>(seeds), edits)
 }
 
 /// Every file of `fuzz/corpus/<target>/`, sorted by name.

@@ -12,14 +12,6 @@ mod mutate;
 
 use proptest::prelude::*;
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
 #[test]
 fn decode_message_corpus() {
     for seed in mutate::corpus("decode_message") {
@@ -64,15 +56,14 @@ fn token_tail_variants() {
 }
 
 proptest! {
-    #![proptest_config(config(2000))]
+    #![proptest_config(mutate::config(2000))]
 
     #[test]
     fn decode_message_edits(
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..8),
     ) {
-        let seeds = mutate::corpus("decode_message");
-        checks::decode_message(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        checks::decode_message(&mutate::edited("decode_message", &pick, &edits));
     }
 
     #[test]
@@ -83,14 +74,13 @@ proptest! {
 
 proptest! {
     // Each case verifies an ed25519 signature: fewer cases.
-    #![proptest_config(config(300))]
+    #![proptest_config(mutate::config(300))]
 
     #[test]
     fn token_edits(
         pick in any::<prop::sample::Index>(),
         edits in prop::collection::vec(mutate::edit(), 1..4),
     ) {
-        let seeds = mutate::corpus("token");
-        checks::token(&mutate::apply(pick.get::<Vec<u8>>(&seeds), &edits));
+        checks::token(&mutate::edited("token", &pick, &edits));
     }
 }

@@ -78,19 +78,18 @@ fn concurrent_uses_are_each_counted_once() {
     assert_eq!(state.uses(&id(7)), 300);
 }
 
-#[test]
-fn corrupt_state_is_an_error() {
+/// Two revocations logged, then `mask` xored into the byte `offset` into
+/// the first one's frame: the reopen must fail as corrupt.
+fn assert_damage_is_corruption(offset: usize, mask: u8) {
     let dir = private_dir();
     let state = TokenState::open(dir.path()).unwrap();
     state.revoke(id(1), 0).unwrap();
     state.revoke(id(2), 0).unwrap();
     drop(state);
-    // Flip a byte inside the first revocation's frame: damage with whole
-    // frames after it is corruption, not a torn tail.
     let path = dir.path().join(LOG_FILE);
     let mut bytes = std::fs::read(&path).unwrap();
     let header = log::frame(&[Record::Format(log::FORMAT_VERSION)]).len();
-    bytes[header + 14] ^= 0xff;
+    bytes[header + offset] ^= mask;
     std::fs::write(&path, &bytes).unwrap();
     assert!(matches!(
         TokenState::open(dir.path()),
@@ -99,23 +98,17 @@ fn corrupt_state_is_an_error() {
 }
 
 #[test]
+fn corrupt_state_is_an_error() {
+    // Flip a byte inside the first revocation's frame: damage with whole
+    // frames after it is corruption, not a torn tail.
+    assert_damage_is_corruption(14, 0xff);
+}
+
+#[test]
 fn a_damaged_length_is_corruption_not_a_torn_tail() {
-    let dir = private_dir();
-    let state = TokenState::open(dir.path()).unwrap();
-    state.revoke(id(1), 0).unwrap();
-    state.revoke(id(2), 0).unwrap();
-    drop(state);
     // A length grown past the end of the file would read as a frame cut
     // short, and the revocations after it would be dropped in silence.
-    let path = dir.path().join(LOG_FILE);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let header = log::frame(&[Record::Format(log::FORMAT_VERSION)]).len();
-    bytes[header + 2] ^= 0x01;
-    std::fs::write(&path, &bytes).unwrap();
-    assert!(matches!(
-        TokenState::open(dir.path()),
-        Err(StateError::Corrupt { .. })
-    ));
+    assert_damage_is_corruption(2, 0x01);
 }
 
 #[test]
