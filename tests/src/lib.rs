@@ -347,6 +347,13 @@ impl Broker {
     pub fn shim(&self, uid: u32, args: &[&str]) -> Output {
         shim_command(&self.socket, uid, args).output().unwrap()
     }
+
+    /// Run `agent-shim call ARGS` as `uid` against this broker.
+    pub fn call(&self, uid: u32, args: &[&str]) -> Ran {
+        let mut full = vec!["call"];
+        full.extend_from_slice(args);
+        Ran::from(self.shim(uid, &full))
+    }
 }
 
 impl Drop for Broker {

@@ -185,9 +185,7 @@ args = ["{pids}"]
 
 impl Fixture {
     fn call(&self, args: &[&str]) -> Ran {
-        let mut full = vec!["call"];
-        full.extend_from_slice(args);
-        Ran::from(self.broker.shim(PRINCIPAL_UID, &full))
+        self.broker.call(PRINCIPAL_UID, args)
     }
 
     /// The JSON reply of a successful call.

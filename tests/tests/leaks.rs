@@ -113,9 +113,7 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     fn call(&self, args: &[&str]) -> Ran {
-        let mut full = vec!["call"];
-        full.extend_from_slice(args);
-        Ran::from(self.broker.shim(PRINCIPAL_UID, &full))
+        self.broker.call(PRINCIPAL_UID, args)
     }
 
     /// No form of the secret, and no window of it, in anything the caller

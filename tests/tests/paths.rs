@@ -151,9 +151,7 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     fn call(&self, uid: u32, args: &[&str]) -> Ran {
-        let mut full = vec!["call"];
-        full.extend_from_slice(args);
-        Ran::from(self.broker.shim(uid, &full))
+        self.broker.call(uid, args)
     }
 
     fn call_with(&self, uid: u32, token: &str, args: &[&str]) -> Ran {

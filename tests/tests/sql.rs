@@ -185,9 +185,7 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     fn call(&self, uid: u32, args: &[&str]) -> Ran {
-        let mut full = vec!["call"];
-        full.extend_from_slice(args);
-        let ran = Ran::from(self.broker.shim(uid, &full));
+        let ran = self.broker.call(uid, args);
         self.assert_clean(&ran);
         ran
     }

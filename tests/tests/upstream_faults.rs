@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use keyward_tests::upstream::Hostile;
-use keyward_tests::{assert_no_secret, Broker, Ran, PRINCIPAL_UID, SECRET};
+use keyward_tests::{assert_no_secret, Broker, PRINCIPAL_UID, SECRET};
 
 fn config(port: u16, down: u16) -> String {
     format!(
@@ -93,7 +93,7 @@ fn each_fault_is_a_clear_error_and_the_broker_keeps_serving() {
         &config(hostile.port, closed_port()),
         &[("api.token", &format!("{SECRET}\n"))],
     );
-    let call = |tool: &str| Ran::from(broker.shim(PRINCIPAL_UID, &["call", tool]));
+    let call = |tool: &str| broker.call(PRINCIPAL_UID, &[tool]);
     for (tool, expected) in [
         ("down", "upstream request failed"),
         ("slow", "upstream did not answer within 1s"),
