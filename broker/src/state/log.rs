@@ -245,16 +245,18 @@ impl Log {
                 }
             }
             file.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            super::sync_dir(&self.path)
+            std::fs::rename(&tmp, &self.path)
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(err(e));
         }
+        // Once renamed, the new file is the log: appends go to it even if
+        // the directory sync below fails (appending to the old, unnamed
+        // file would confirm records that a restart never sees).
         self.file = file;
         self.len = len;
-        Ok(())
+        super::sync_dir(&self.path).map_err(io(&self.path))
     }
 }
 
