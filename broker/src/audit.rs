@@ -54,11 +54,15 @@ pub enum Event {
     Attenuate,
     /// A token was revoked (or a revocation refused).
     Revoke,
+    /// What a performed call (or gateway request) came to: upstream
+    /// status, bytes returned, duration, withheld for a leak. Joined to its
+    /// `call` decision by `call_id`.
+    Outcome,
 }
 
 impl Event {
     /// Every kind of event (for the catalog and message-id checks).
-    pub const ALL: [Event; 10] = [
+    pub const ALL: [Event; 11] = [
         Event::Start,
         Event::Stop,
         Event::Call,
@@ -69,6 +73,7 @@ impl Event {
         Event::Bind,
         Event::Attenuate,
         Event::Revoke,
+        Event::Outcome,
     ];
 }
 
@@ -110,6 +115,21 @@ pub struct Record<'a> {
     /// Canonical hash of the call made with a token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub call_hash: Option<&'a str>,
+    /// Id of one performed call: joins its decision and its outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<&'a str>,
+    /// Id of the token's parent, on everything a child token does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_token_id: Option<&'a str>,
+    /// Bytes returned to the caller (outcome records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Wall time of the performed call in milliseconds (outcome records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Whether the response was withheld for carrying credential material.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<bool>,
 }
 
 impl<'a> Record<'a> {
@@ -127,6 +147,11 @@ impl<'a> Record<'a> {
             token_id: None,
             task: None,
             call_hash: None,
+            call_id: None,
+            parent_token_id: None,
+            bytes: None,
+            duration_ms: None,
+            withheld: None,
         }
     }
 
@@ -171,6 +196,31 @@ impl<'a> Record<'a> {
         self.call_hash = Some(hash);
         self
     }
+
+    pub fn call_id(mut self, id: &'a str) -> Self {
+        self.call_id = Some(id);
+        self
+    }
+
+    pub fn parent_token(mut self, id: &'a str) -> Self {
+        self.parent_token_id = Some(id);
+        self
+    }
+
+    pub fn bytes(mut self, bytes: u64) -> Self {
+        self.bytes = Some(bytes);
+        self
+    }
+
+    pub fn duration_ms(mut self, ms: u64) -> Self {
+        self.duration_ms = Some(ms);
+        self
+    }
+
+    pub fn withheld(mut self, withheld: bool) -> Self {
+        self.withheld = Some(withheld);
+        self
+    }
 }
 
 // The journald entry of a record. journald is a transport here
@@ -197,6 +247,7 @@ fn message_id(event: Event) -> &'static str {
         Event::Bind => "08daf13a681c42a8a88d9fa9df2fae43",
         Event::Attenuate => "767ff77ad6b84a3296efbdf565364149",
         Event::Revoke => "f72395a0f9f445e6b0c0e20b12483a96",
+        Event::Outcome => "e19ef4951896423f89f6bafe41317827",
     }
 }
 
@@ -238,6 +289,8 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
             None => continue,
             Some(Field::Text(text)) => text.as_bytes().to_vec(),
             Some(Field::Number(n)) => n.to_string().into_bytes(),
+            Some(Field::Unsigned(n)) => n.to_string().into_bytes(),
+            Some(Field::Bool(b)) => b.to_string().into_bytes(),
         };
         entry.push((journal_name.to_owned(), value));
     }
@@ -249,13 +302,15 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
 enum Field<'a> {
     Text(&'a str),
     Number(i64),
+    Unsigned(u64),
+    Bool(bool),
 }
 
 /// Every field of `record`, in its declared (serde) order: serde name,
 /// journal field name, value if present. The one list both the JSON line
 /// and the journal entry are written from; the record is destructured, so
 /// a field added to [`Record`] does not compile until it is listed here.
-fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field<'r>>); 12] {
+fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field<'r>>); 17] {
     let &Record {
         event,
         decision,
@@ -269,7 +324,13 @@ fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field
         token_id,
         task,
         call_hash,
+        call_id,
+        parent_token_id,
+        bytes,
+        duration_ms,
+        withheld,
     } = record;
+    let number = |v: Option<u64>| v.map(Field::Unsigned);
     let text = |v: Option<&'r str>| v.map(Field::Text);
     [
         (
@@ -308,6 +369,15 @@ fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field
         ("token_id", "KEYWARD_TOKEN_ID", text(token_id)),
         ("task", "KEYWARD_TASK", text(task)),
         ("call_hash", "KEYWARD_CALL_HASH", text(call_hash)),
+        ("call_id", "KEYWARD_CALL_ID", text(call_id)),
+        (
+            "parent_token_id",
+            "KEYWARD_PARENT_TOKEN_ID",
+            text(parent_token_id),
+        ),
+        ("bytes", "KEYWARD_BYTES", number(bytes)),
+        ("duration_ms", "KEYWARD_DURATION_MS", number(duration_ms)),
+        ("withheld", "KEYWARD_WITHHELD", withheld.map(Field::Bool)),
     ]
 }
 
@@ -384,6 +454,24 @@ fn message(record: &Record<'_>) -> String {
         (Event::CallFailed, _) => format!("call of tool \"{tool}\" failed: {reason}{peer}"),
         (Event::Refused, _) => format!("refused: {reason}{peer}"),
         (Event::Call, _) if !reason.is_empty() => format!("{reason}{peer}"),
+        (Event::Outcome, _) => {
+            let mut text = format!("call of tool \"{tool}\"");
+            if let Some(status) = record.status {
+                text.push_str(&format!(" returned status {status}"));
+            } else {
+                text.push_str(" finished");
+            }
+            if let Some(bytes) = record.bytes {
+                text.push_str(&format!(", {bytes} bytes"));
+            }
+            if let Some(ms) = record.duration_ms {
+                text.push_str(&format!(" in {ms} ms"));
+            }
+            if record.withheld == Some(true) {
+                text.push_str(", withheld: the response contains credential material");
+            }
+            text + &peer
+        }
         (event, decision) => {
             let outcome = match decision {
                 Decision::Allow => "allowed",
@@ -417,6 +505,7 @@ fn event_name(event: Event) -> &'static str {
         Event::Bind => "bind",
         Event::Attenuate => "attenuate",
         Event::Revoke => "revoke",
+        Event::Outcome => "outcome",
     }
 }
 
@@ -678,6 +767,8 @@ fn write_json_line(out: &mut Vec<u8>, ts: f64, record: &Record<'_>) -> io::Resul
                 serde_json::to_writer(&mut *out, text).map_err(io::Error::other)?
             }
             Field::Number(n) => serde_json::to_writer(&mut *out, &n).map_err(io::Error::other)?,
+            Field::Unsigned(n) => serde_json::to_writer(&mut *out, &n).map_err(io::Error::other)?,
+            Field::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
         }
     }
     out.extend_from_slice(b"}\n");
@@ -757,7 +848,12 @@ pub(crate) mod test_util {
             .status(65_535)
             .token("ab12")
             .task("cd34")
-            .call_hash("ef56");
+            .call_hash("ef56")
+            .call_id("c1")
+            .parent_token("pa")
+            .bytes(u64::MAX)
+            .duration_ms(12)
+            .withheld(true);
         for record in [every_field, Record::new(Event::Start, Decision::Info)] {
             let ours = journal_entry(&record).unwrap();
             assert_eq!(ours, journal_entry_through_serde(&record));
@@ -851,7 +947,12 @@ pub(crate) mod test_util {
             .status(503)
             .token("ab12")
             .task("cd34")
-            .call_hash("ef56");
+            .call_hash("ef56")
+            .call_id("c1")
+            .parent_token("pa")
+            .bytes(4096)
+            .duration_ms(0)
+            .withheld(false);
         let mut records = vec![every_field, Record::new(Event::Start, Decision::Info)];
         // Each kind of character on its own: the copied and escaped paths.
         for odd in ["plain", "\"", "\\", "\u{1f}", "\u{7f}", "é", "", " "] {

@@ -51,6 +51,27 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// Fail loudly unless running as root: the tests need to create peers with
 /// other uids, and silently skipping them would hide every attack test.
+/// The venv `.ci/run` installs `.ci/requirements.txt` into (authlib, moto
+/// and awscli, the LLM SDKs: the real programs the tests run against).
+/// `None`, with a loud message, only outside CI; in CI (`CI=true`) a
+/// missing venv fails the test instead of skipping it.
+pub fn test_venv() -> Option<PathBuf> {
+    match std::env::var_os("KEYWARD_TEST_VENV") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none_or(|v| v != "true"),
+                "KEYWARD_TEST_VENV is not set in CI: .ci/run must install .ci/requirements.txt"
+            );
+            eprintln!(
+                "\n*** SKIPPED: this test runs Python packages from .ci/requirements.txt; run \
+                 `.ci/run` or set KEYWARD_TEST_VENV to a venv that has them ***\n"
+            );
+            None
+        }
+    }
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
