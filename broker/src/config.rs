@@ -114,8 +114,32 @@ pub struct PrincipalConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialConfig {
-    /// File name relative to the credentials directory.
-    pub file: PathBuf,
+    /// File name relative to the credentials directory (every kind but
+    /// `"aws"`).
+    pub file: Option<PathBuf>,
+    /// What the credential is: a plain secret by default; `"aws"` an AWS
+    /// access key ([`crate::credential::aws`]).
+    pub kind: Option<String>,
+    // -- kind = "aws" (crate::credential::aws) --
+    /// The access key id (`AKIA...`): not secret, it names the key.
+    pub access_key_id: Option<String>,
+    /// File of the secret access key, relative to the credentials directory.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// STS endpoint override (`http://127.0.0.1:5000`, a VPC endpoint);
+    /// also passed to `--derive` programs as `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    /// Region of STS and of derived credentials (default `us-east-1`).
+    pub region: Option<String>,
+}
+
+impl CredentialConfig {
+    /// The file holding the secret, whatever the kind.
+    pub fn secret_file(&self) -> Option<&Path> {
+        match self.kind.as_deref() {
+            Some(crate::credential::aws::KIND) => self.secret_access_key_file.as_deref(),
+            _ => self.file.as_deref(),
+        }
+    }
 }
 
 /// `[[tool]]`: one action the broker performs. The fields every kind has

@@ -8,6 +8,8 @@
 //! symlink or other non-regular file, and values too short to redact
 //! reliably. Errors name the credential and the path, never the content.
 
+pub mod aws;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read};
@@ -91,6 +93,9 @@ pub struct Credentials {
     /// Windows of the secrets themselves (not of the Basic pairs, whose
     /// user part is public): what no response or parameter may carry.
     scanner: LeakScanner,
+    /// `kind = "aws"` credentials: the public half of each key (the
+    /// secret access key is the credential's secret).
+    aws: BTreeMap<String, aws::AwsKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +209,7 @@ impl Credentials {
             basic_users: BTreeSet::new(),
             redactor: Redactor::default(),
             scanner: LeakScanner::default(),
+            aws: BTreeMap::new(),
         };
         credentials.scanner = LeakScanner::new(credentials.secrets.values().map(|s| s.expose()))?;
         credentials.rebuild_redactor()?;
@@ -252,6 +258,23 @@ impl Credentials {
         }
         self.redactor = Redactor::new(values.iter().map(|v| v.as_slice()))?;
         Ok(())
+    }
+
+    /// Record that the loaded credential `name` is an AWS key.
+    pub fn register_aws(&mut self, name: &str, key: aws::AwsKey) -> Result<(), CredentialError> {
+        if !self.secrets.contains_key(name) {
+            return Err(CredentialError::Invalid {
+                name: name.to_owned(),
+                message: "is not loaded".to_owned(),
+            });
+        }
+        self.aws.insert(name.to_owned(), key);
+        Ok(())
+    }
+
+    /// An AWS credential by name: its public half and its secret key.
+    pub fn aws(&self, name: &str) -> Option<(&aws::AwsKey, &Secret)> {
+        Some((self.aws.get(name)?, self.secrets.get(name)?))
     }
 
     /// A credential by name.
@@ -410,14 +433,25 @@ pub fn load_for<'a>(
         return Ok(Credentials::default());
     }
     let dir = Credentials::directory(source.config.broker.credentials_dir.as_deref())?;
-    let wanted = source
-        .config
-        .credentials
-        .iter()
-        .map(|(name, c)| (name.clone(), c.get_ref().file.clone()));
+    let mut wanted = Vec::new();
+    for (name, c) in &source.config.credentials {
+        let file = c
+            .get_ref()
+            .secret_file()
+            .ok_or_else(|| CredentialError::Invalid {
+                name: name.clone(),
+                message: "names no file to load".to_owned(),
+            })?;
+        wanted.push((name.clone(), file.to_path_buf()));
+    }
     let mut credentials = Credentials::load(&dir, wanted)?;
     for (credential, user) in basic_users {
         credentials.register_basic_user(credential, user)?;
+    }
+    for (name, c) in &source.config.credentials {
+        if let Some(key) = aws::AwsKey::from_config(c.get_ref()) {
+            credentials.register_aws(name, key)?;
+        }
     }
     Ok(credentials)
 }

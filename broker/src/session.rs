@@ -366,7 +366,11 @@ impl Session {
                 .reply_error(ErrorCode::Internal, "the audit trail is unavailable".into())
                 .await;
         }
-        match self.broker.executor.execute(&authorized).await {
+        let token = self
+            .bound
+            .as_ref()
+            .map(|b| (b.id_hex.as_str(), b.verified.body.expires));
+        match self.broker.executor.execute_for(&authorized, token).await {
             Ok(result) => match encode(&Response::Done(result)) {
                 Ok(bytes) => self.send_encoded(&bytes).await,
                 Err(_) => {

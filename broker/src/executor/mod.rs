@@ -9,7 +9,7 @@ use keyward_proto::CallResult;
 use crate::credential::Credentials;
 use crate::leak::Leak;
 use crate::policy::{AuthorizedCall, TypedValue};
-use crate::tool::{Context, Invocation};
+use crate::tool::{CallerScope, Context, Invocation};
 
 pub use crate::tool::ExecError;
 
@@ -36,6 +36,16 @@ impl Executor {
     /// material is refused first: a caller who learned a secret must not
     /// get it sent upstream (to be reflected back, or smuggled out).
     pub async fn execute(&self, call: &AuthorizedCall) -> Result<CallResult, ExecError> {
+        self.execute_for(call, None).await
+    }
+
+    /// [`Executor::execute`], for a call made through a bound token:
+    /// `(id hex, expiry)`, which kinds whose result outlives the call use.
+    pub async fn execute_for(
+        &self,
+        call: &AuthorizedCall,
+        token: Option<(&str, u64)>,
+    ) -> Result<CallResult, ExecError> {
         self.refuse_credential_material(call)?;
         let invocation = Invocation {
             tool: &call.tool.name,
@@ -43,6 +53,11 @@ impl Executor {
         };
         let context = Context {
             credentials: &self.credentials,
+            caller: CallerScope {
+                principal: &call.principal,
+                token_id: token.map(|(id, _)| id),
+                token_expires: token.map(|(_, expires)| expires),
+            },
         };
         call.tool.action.run(invocation, context).await
     }

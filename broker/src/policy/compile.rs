@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -271,14 +272,50 @@ fn check_credentials(src: &Source, errors: &mut Vec<Located>) {
         if name.is_empty() {
             error("the credential name must not be empty".to_owned());
         }
-        let file = entry.get_ref().file.as_os_str();
+        let config = entry.get_ref();
+        let field = match config.kind.as_deref() {
+            None => {
+                for (set, field) in [
+                    (config.access_key_id.is_some(), "access_key_id"),
+                    (
+                        config.secret_access_key_file.is_some(),
+                        "secret_access_key_file",
+                    ),
+                    (config.endpoint.is_some(), "endpoint"),
+                    (config.region.is_some(), "region"),
+                ] {
+                    if set {
+                        error(format!("{field}: not allowed without kind = \"aws\""));
+                    }
+                }
+                "file"
+            }
+            Some(crate::credential::aws::KIND) => {
+                crate::credential::aws::check(config)
+                    .into_iter()
+                    .for_each(&mut error);
+                "secret_access_key_file"
+            }
+            Some(other) => {
+                error(format!(
+                    "kind: {other:?} is not a kind of credential (\"aws\")"
+                ));
+                continue;
+            }
+        };
+        let Some(file) = config.secret_file().map(Path::as_os_str) else {
+            if field == "file" {
+                error("file: is required".to_owned());
+            }
+            continue;
+        };
         let plain = match file.to_str() {
             Some(f) => !f.is_empty() && !f.contains(['/', '\0']) && f != "." && f != "..",
             None => false,
         };
         if !plain {
             error(format!(
-                "file: {file:?} must be a plain file name (no \"/\", not \".\" or \"..\") \
+                "{field}: {file:?} must be a plain file name (no \"/\", not \".\" or \"..\") \
                  relative to the credentials directory"
             ));
         }
@@ -403,12 +440,33 @@ fn compile_tools(
 
         // Unless the kind refused the field already.
         if let Some(credential) = &cfg.credential {
-            if !src.config.credentials.contains_key(credential)
-                && !messages.iter().any(|m| m.starts_with("credential:"))
-            {
-                messages.push(format!(
-                    "credential: {credential:?} is not defined by any [credential.NAME] entry"
-                ));
+            match src.config.credentials.get(credential) {
+                None if !messages.iter().any(|m| m.starts_with("credential:")) => {
+                    messages.push(format!(
+                        "credential: {credential:?} is not defined by any [credential.NAME] entry"
+                    ));
+                }
+                // An AWS key is only for tools that sign with it: sent as a
+                // bearer or header it would go to the upstream whole.
+                Some(entry) => {
+                    let is_aws =
+                        entry.get_ref().kind.as_deref() == Some(crate::credential::aws::KIND);
+                    let wants_aws = action.as_ref().is_some_and(|a| a.uses_aws_key());
+                    if is_aws != wants_aws && action.is_some() {
+                        messages.push(if is_aws {
+                            format!(
+                                "credential: {credential:?} is an AWS key (kind = \"aws\"); only \
+                                 auth = {{ aws_sigv4 = ... }} and kind = \"aws_sts\" may use it"
+                            )
+                        } else {
+                            format!(
+                                "credential: {credential:?} is not an AWS key; this tool signs \
+                                 with one (kind = \"aws\")"
+                            )
+                        });
+                    }
+                }
+                None => {}
             }
         }
 
@@ -742,6 +800,24 @@ params.n = { type = "int", pattern = "x" }
             ("[credential.c]\nfile = \"/etc/shadow\"", 4, "credential \"c\"", "plain file name"),
             ("[credential.c]\nfile = \"..\"", 4, "credential \"c\"", "plain file name"),
             ("[credential.c]\nfile = \"\"", 4, "credential \"c\"", "plain file name"),
+            ("[credential.c]\nkind = \"aws\"\nsecret_access_key_file = \"s\"", 3, "credential \"c\"", "access_key_id: is required for kind \"aws\""),
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"../s\"", 6, "credential \"c\"", "secret_access_key_file: \"../s\" must be a plain file name"),
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\nendpoint = \"ftp://x\"", 7, "credential \"c\"", "endpoint: \"ftp://x\" is not an http(s) URL"),
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\nfile = \"f\"", 7, "credential \"c\"", "file: not allowed for kind \"aws\""),
+            ("[credential.c]\nfile = \"f\"\nregion = \"us-east-1\"", 5, "credential \"c\"", "region: not allowed without kind = \"aws\""),
+            ("[credential.c]\nkind = \"gcp\"\nfile = \"f\"", 4, "credential \"c\"", "kind: \"gcp\" is not a kind of credential"),
+            ("[credential.c]", 3, "credential \"c\"", "file: is required"),
+            // AWS keys are for signing tools only, and those need one.
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"http\"\ncredential = \"c\"\nmethod = \"GET\"\nurl = \"https://h/\"\nauth = { bearer = true }", 10, "tool \"t\"", "credential: \"c\" is an AWS key"),
+            ("[credential.c]\nfile = \"f\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"", 8, "tool \"t\"", "credential: \"c\" is not an AWS key"),
+            ("[credential.c]\nfile = \"f\"\n[[tool]]\nname = \"t\"\nkind = \"http\"\ncredential = \"c\"\nmethod = \"GET\"\nurl = \"https://h/\"\nauth = { aws_sigv4 = { service = \"s3\" } }", 8, "tool \"t\"", "credential: \"c\" is not an AWS key"),
+            // aws_sts
+            ("[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"", 3, "tool \"t\"", "credential: is required for kind \"aws_sts\""),
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"", 7, "tool \"t\"", "session_policy: is required without role_arn"),
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"\nrole_arn = \"arn:aws:iam::1:role/r\"", 11, "tool \"t\"", "role_arn: \"arn:aws:iam::1:role/r\" is not an IAM role ARN"),
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"\nsession_policy = '{\"R\":\"{k}\"}'", 11, "tool \"t\"", "session_policy: placeholder {k} names no parameter"),
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"\nsession_policy = '{'", 11, "tool \"t\"", "session_policy: is not JSON"),
+            ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\nmax_duration = \"5m\"", 12, "tool \"t\"", "max_duration: 300 s is not between"),
             // tools
             ("[[tool]]\nname = \"Bad\"\nkind = \"echo\"", 4, "tool \"Bad\"", "name: \"Bad\" is not a valid tool name"),
             ("[[tool]]\nname = \"\"\nkind = \"echo\"", 4, "tool #1", "name:"),

@@ -99,6 +99,17 @@ pub struct AuthConfig {
     pub basic: Option<String>,
     /// `<header>: <secret>`.
     pub header: Option<String>,
+    /// SigV4-sign the request with an AWS key (`kind = "aws"`).
+    pub aws_sigv4: Option<SigV4Config>,
+}
+
+/// `auth = { aws_sigv4 = { service = "s3", region = "us-east-1" } }`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SigV4Config {
+    pub service: Option<String>,
+    /// Default: the credential's region.
+    pub region: Option<String>,
 }
 
 /// A compiled `kind = "http"` tool.
@@ -124,14 +135,24 @@ struct Auth {
 #[derive(Debug)]
 enum AuthScheme {
     Bearer,
-    Basic { user: String },
+    Basic {
+        user: String,
+    },
     Header(HeaderName),
+    /// Signed with SigV4 ([`crate::credential::aws::sign`]); `region`
+    /// `None` is the credential's.
+    AwsSigV4 {
+        service: String,
+        region: Option<String>,
+    },
 }
 
 impl AuthScheme {
     fn header_name(&self) -> HeaderName {
         match self {
-            AuthScheme::Bearer | AuthScheme::Basic { .. } => header::AUTHORIZATION,
+            AuthScheme::Bearer | AuthScheme::Basic { .. } | AuthScheme::AwsSigV4 { .. } => {
+                header::AUTHORIZATION
+            }
             AuthScheme::Header(name) => name.clone(),
         }
     }
@@ -156,6 +177,7 @@ impl AuthScheme {
                 Zeroizing::new(text.as_bytes().to_vec())
             }
             AuthScheme::Header(_) => Zeroizing::new(secret.expose().to_vec()),
+            AuthScheme::AwsSigV4 { .. } => return None,
         };
         let mut value = HeaderValue::from_bytes(&bytes).ok()?;
         value.set_sensitive(true);
@@ -298,7 +320,8 @@ fn compile_auth(
         (None, Some(name)) => {
             errors.push(format!(
                 "credential: {name} is set but auth is not; say how to inject it \
-                 (auth = {{ bearer = true }}, {{ basic = \"USER\" }} or {{ header = \"NAME\" }})"
+                 (auth = {{ bearer = true }}, {{ basic = \"USER\" }}, {{ header = \"NAME\" }} \
+                 or {{ aws_sigv4 = {{ service = \"s3\" }} }})"
             ));
             return None;
         }
@@ -306,12 +329,38 @@ fn compile_auth(
     };
     let set = usize::from(config.bearer)
         + usize::from(config.basic.is_some())
-        + usize::from(config.header.is_some());
+        + usize::from(config.header.is_some())
+        + usize::from(config.aws_sigv4.is_some());
     if set != 1 {
-        errors.push("auth: set exactly one of bearer, basic and header".to_owned());
+        errors.push("auth: set exactly one of bearer, basic, header and aws_sigv4".to_owned());
         return None;
     }
-    let scheme = if config.bearer {
+    let scheme = if let Some(sigv4) = &config.aws_sigv4 {
+        use crate::credential::aws::{valid_region, valid_service};
+        let service = match sigv4.service.as_deref() {
+            Some(service) if valid_service(service) => service.to_owned(),
+            Some(service) => {
+                errors.push(format!(
+                    "auth.aws_sigv4.service: {service:?} is not an AWS service name (like \"s3\")"
+                ));
+                return None;
+            }
+            None => {
+                errors.push("auth.aws_sigv4.service: is required (like \"s3\")".to_owned());
+                return None;
+            }
+        };
+        if let Some(region) = sigv4.region.as_deref().filter(|r| !valid_region(r)) {
+            errors.push(format!(
+                "auth.aws_sigv4.region: {region:?} is not an AWS region name (like \"us-east-1\")"
+            ));
+            return None;
+        }
+        AuthScheme::AwsSigV4 {
+            service,
+            region: sigv4.region.clone(),
+        }
+    } else if config.bearer {
         AuthScheme::Bearer
     } else if let Some(user) = &config.basic {
         if user.contains(':') || user.chars().any(char::is_control) {
@@ -380,6 +429,16 @@ impl Action for HttpTool {
     fn basic_user(&self) -> Option<(&str, &str)> {
         HttpTool::basic_user(self)
     }
+
+    fn uses_aws_key(&self) -> bool {
+        matches!(
+            self.auth,
+            Some(Auth {
+                scheme: AuthScheme::AwsSigV4 { .. },
+                ..
+            })
+        )
+    }
 }
 
 impl HttpTool {
@@ -417,7 +476,19 @@ impl HttpTool {
 
         // Redaction of a Basic pair nobody registered: built for this call.
         let mut pair_redactor = None;
-        if let Some(auth) = &tool.auth {
+        // SigV4 signs the finished request, below.
+        let mut sigv4 = None;
+        if let Some(Auth {
+            credential,
+            scheme: AuthScheme::AwsSigV4 { service, region },
+        }) = &tool.auth
+        {
+            let (key, secret) = credentials.aws(credential).ok_or_else(|| {
+                ExecError::Internal(format!("AWS credential {credential} is not loaded"))
+            })?;
+            let region = region.as_deref().unwrap_or(&key.region);
+            sigv4 = Some((key, secret, service.as_str(), region));
+        } else if let Some(auth) = &tool.auth {
             let secret = credentials.get(&auth.credential).ok_or_else(|| {
                 ExecError::Internal(format!("credential {} is not loaded", auth.credential))
             })?;
@@ -449,6 +520,12 @@ impl HttpTool {
 
         let mut request = reqwest::Request::new(tool.method.clone(), url);
         *request.headers_mut() = headers;
+        if let Some((key, secret, service, region)) = sigv4 {
+            // Last: nothing after it may change what was signed.
+            let payload = body.as_deref().unwrap_or_default();
+            crate::credential::aws::sign(&mut request, payload, key, secret, service, region)
+                .map_err(|e| ExecError::Upstream(redact_text(&e.to_string())))?;
+        }
         if let Some(body) = body {
             *request.body_mut() = Some(body.into());
         }
@@ -1009,12 +1086,34 @@ mod tests {
         ));
         assert_eq!(
             err,
-            vec!["auth: set exactly one of bearer, basic and header"]
+            vec!["auth: set exactly one of bearer, basic, header and aws_sigv4"]
         );
+        let err = compile_err(&format!(
+            "{base}url = \"https://h/\"\nauth = {{ aws_sigv4 = {{ region = \"us-east-1\" }} }}"
+        ));
+        assert_eq!(
+            err,
+            vec!["auth.aws_sigv4.service: is required (like \"s3\")"]
+        );
+        let err = compile_err(&format!(
+            "{base}url = \"https://h/\"\nauth = {{ aws_sigv4 = {{ service = \"S3\" }} }}"
+        ));
+        assert!(
+            err[0].starts_with("auth.aws_sigv4.service: \"S3\""),
+            "{err:?}"
+        );
+        let err = compile_err(&format!(
+            "{base}url = \"https://h/\"\nauth = {{ aws_sigv4 = {{ service = \"s3\", region = \"x y\" }} }}"
+        ));
+        assert!(err[0].starts_with("auth.aws_sigv4.region:"), "{err:?}");
+        let err = compile_err(&format!(
+            "{base}url = \"https://h/\"\nauth = {{ aws_sigv4 = {{ service = \"s3\", bucket = \"b\" }} }}"
+        ));
+        assert!(err[0].contains("bucket"), "{err:?}");
         let err = compile_err(&format!("{base}url = \"https://h/\"\nauth = {{}}"));
         assert_eq!(
             err,
-            vec!["auth: set exactly one of bearer, basic and header"]
+            vec!["auth: set exactly one of bearer, basic, header and aws_sigv4"]
         );
         let err = compile_err(
             "params.a = { type = \"string\" }\nmethod = \"GET\"\nurl = \"https://h/\"\nbody_json = { a = \"{a}\" }",

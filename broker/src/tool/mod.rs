@@ -26,6 +26,7 @@
 //! scanner below them; policy imports kinds (to compile), the executor
 //! imports both. Nothing here imports policy or executor.
 
+pub mod aws_sts;
 pub mod echo;
 pub mod exec;
 pub mod http;
@@ -44,7 +45,7 @@ use crate::credential::Credentials;
 use crate::param::{ParamSpec, TypedValue};
 
 /// Every kind of tool the broker can perform: one line each.
-pub const KINDS: &[Kind] = &[echo::KIND, http::KIND, exec::KIND, sql::KIND];
+pub const KINDS: &[Kind] = &[echo::KIND, http::KIND, exec::KIND, sql::KIND, aws_sts::KIND];
 
 /// A kind by its `kind = "..."` name.
 pub fn kind(name: &str) -> Option<&'static Kind> {
@@ -92,6 +93,12 @@ pub trait Action: fmt::Debug + Send + Sync {
     /// Basic `user:secret` pair, which redaction must know as a whole.
     fn basic_user(&self) -> Option<(&str, &str)> {
         None
+    }
+
+    /// Whether the tool's credential must be an AWS key
+    /// (`kind = "aws"`), which it signs with rather than sends.
+    fn uses_aws_key(&self) -> bool {
+        false
     }
 }
 
@@ -173,6 +180,20 @@ pub struct Invocation<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub credentials: &'a Credentials,
+    /// Who the call is made for: the principal, and the bound token when
+    /// the call comes through one.
+    pub caller: CallerScope<'a>,
+}
+
+/// Who a call is made for, for kinds whose result outlives the call
+/// (`aws_sts`: credentials no longer-lived than the token, named after it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallerScope<'a> {
+    pub principal: &'a str,
+    /// The bound token's id (hex), when the call comes through one.
+    pub token_id: Option<&'a str>,
+    /// The bound token's expiry (unix seconds).
+    pub token_expires: Option<u64>,
 }
 
 /// Why a call that policy allowed still failed. Messages are already
