@@ -194,6 +194,14 @@ enum Command {
         /// Print what the sandbox enforces on stderr before running CMD.
         #[arg(long, short)]
         verbose: bool,
+        /// Before CMD starts, call TOOL (a kind = "aws_sts" tool) with
+        /// NAME=VALUE parameters over the bound connection and put the
+        /// short-lived AWS credentials it returns in CMD's environment only:
+        /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+        /// AWS_REGION (and AWS_DEFAULT_REGION), and AWS_ENDPOINT_URL when
+        /// the credential has an endpoint.
+        #[arg(long, num_args = 1.., value_name = "TOOL [NAME=VALUE]")]
+        derive: Vec<String>,
         /// The program to run and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
@@ -329,30 +337,50 @@ pub fn main() -> ExitCode {
             cpu_time,
             max_file_size,
             verbose,
+            derive,
             command,
-        } => run(&crate::sandbox::RunOptions {
-            token: match (token, token_file) {
-                (Some(token), _) => crate::sandbox::TokenSource::Arg(token),
-                (None, Some(file)) => crate::sandbox::TokenSource::File(file),
-                (None, None) => crate::sandbox::TokenSource::Env,
-            },
-            allow_read,
-            allow_write,
-            allow_exec,
-            keep_env,
-            allow_unsandboxed,
-            require_namespaces,
-            tty,
-            limits: crate::sandbox::Limits {
-                memory,
-                pids,
-                cpu_time,
-                max_file_size,
-            },
-            verbose,
-            command,
-        }),
+        } => {
+            let derive = match parse_derive(derive) {
+                Ok(derive) => derive,
+                Err(e) => return fail(&format!("run: --derive: {e}")),
+            };
+            run(&crate::sandbox::RunOptions {
+                token: match (token, token_file) {
+                    (Some(token), _) => crate::sandbox::TokenSource::Arg(token),
+                    (None, Some(file)) => crate::sandbox::TokenSource::File(file),
+                    (None, None) => crate::sandbox::TokenSource::Env,
+                },
+                allow_read,
+                allow_write,
+                allow_exec,
+                keep_env,
+                allow_unsandboxed,
+                require_namespaces,
+                tty,
+                limits: crate::sandbox::Limits {
+                    memory,
+                    pids,
+                    cpu_time,
+                    max_file_size,
+                },
+                verbose,
+                command,
+                derive,
+            })
+        }
     }
+}
+
+/// `--derive TOOL NAME=VALUE...`.
+fn parse_derive(args: Vec<String>) -> Result<Option<crate::sandbox::Derive>, String> {
+    let mut args = args.into_iter();
+    let Some(tool) = args.next() else {
+        return Ok(None);
+    };
+    let params = args
+        .map(|a| parse_param(&a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(crate::sandbox::Derive { tool, params }))
 }
 
 fn run(options: &crate::sandbox::RunOptions) -> ExitCode {

@@ -36,12 +36,14 @@ use crate::landlock::LandlockError;
 use crate::seccomp::SeccompError;
 use crate::sys;
 
+mod derive;
 mod lockdown;
 mod mount;
 mod namespace;
 mod plan;
 mod supervise;
 
+pub use derive::Derive;
 pub use plan::{read_token, Limits};
 
 /// Exit status when the sandbox could not be set up in the child.
@@ -111,6 +113,9 @@ pub struct RunOptions {
     pub verbose: bool,
     /// The program and its arguments.
     pub command: Vec<OsString>,
+    /// `--derive TOOL NAME=VALUE...`: credentials for the program's
+    /// environment, from a call made over the bound connection first.
+    pub derive: Option<Derive>,
 }
 
 /// A capability token; zeroized on drop, never printed.
@@ -168,6 +173,14 @@ pub enum SandboxError {
     Connect(#[from] ClientError),
     #[error("the broker refused the token: {0}")]
     BindDenied(String),
+    #[error("--derive {0}: the broker refused the call: {1}")]
+    DeriveDenied(String, String),
+    #[error("--derive {0}: {1}")]
+    DeriveFailed(String, String),
+    #[error(
+        "--derive needs a token to call the tool with (--token, --token-file or ${TOKEN_ENV})"
+    )]
+    DeriveWithoutToken,
     #[error("the broker could not bind the token: {0}")]
     BindFailed(String),
     #[error("cannot block signals: {0}")]
@@ -232,7 +245,7 @@ impl SandboxError {
         match self {
             SandboxError::NotFound(_) => EXIT_NOT_FOUND,
             SandboxError::Exec { .. } => EXIT_CANNOT_EXEC,
-            SandboxError::BindDenied(_) => EXIT_DENIED,
+            SandboxError::BindDenied(_) | SandboxError::DeriveDenied(..) => EXIT_DENIED,
             _ => EXIT_ERROR,
         }
     }
@@ -246,8 +259,15 @@ pub fn run(options: &RunOptions) -> Result<u8, SandboxError> {
     let token = read_token(&options.token)?;
     let mut plan = plan::prepare(options, token.is_some())?;
     plan::warn_unscoped(&plan);
+    if options.derive.is_some() && token.is_none() {
+        return Err(SandboxError::DeriveWithoutToken);
+    }
     let mut channel = match &token {
-        Some(token) => Some(plan::connect_and_bind(token)?),
+        Some(token) => {
+            let (fd, derived) = plan::connect_and_bind(token, options.derive.as_ref())?;
+            derive::apply(&mut plan.env, derived);
+            Some(fd)
+        }
         None => None,
     };
     drop(token);

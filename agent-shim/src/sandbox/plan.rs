@@ -357,10 +357,19 @@ pub(super) fn cstring(s: &OsStr) -> Result<CString, SandboxError> {
 
 /// Connect to the broker, exchange `Hello`, and bind the token: from now
 /// on the connection carries the token's authority and nothing else.
-pub(super) fn connect_and_bind(token: &Token) -> Result<OwnedFd, SandboxError> {
+/// With `derive`, also call that tool over the bound connection and
+/// return the environment variables it yields.
+pub(super) fn connect_and_bind(
+    token: &Token,
+    derive: Option<&super::Derive>,
+) -> Result<(OwnedFd, Vec<CString>), SandboxError> {
     let mut client = Client::connect(&socket_path())?;
     bind_session(&mut client, token)?;
-    Ok(client.into_fd())
+    let derived = match derive {
+        Some(derive) => super::derive::fetch(&mut client, derive)?,
+        None => Vec::new(),
+    };
+    Ok((client.into_fd(), derived))
 }
 
 /// `Bind` the token to the connection (the one `Bind` of every command:

@@ -11,10 +11,12 @@
 //!   serialized by `serde_json`, so a value is always data inside one JSON
 //!   string. A value carrying an IAM wildcard (`*`, `?`) or a policy
 //!   variable (`$`) is refused: it would widen the policy the token pinned.
-//! - Duration: `min(max_duration, the token's remaining life)`. STS issues
-//!   nothing shorter than 900 s, so a call whose token has less than 900 s
-//!   left is refused (the credentials would outlive the token); mint a
-//!   longer-lived token. A direct call without a token gets `max_duration`.
+//! - Duration: `min(max_duration, the token's remaining life - 30 s)` (the
+//!   margin covers the difference between STS's clock and ours). STS
+//!   issues nothing shorter than 900 s, so a call whose token has less than
+//!   930 s left is refused, saying so (the credentials would outlive the
+//!   token); mint a longer-lived token. A direct call without a token gets
+//!   `max_duration`.
 //! - Naming: `RoleSessionName` and `SourceIdentity` (AssumeRole) or `Name`
 //!   (GetFederationToken) carry the token's id (`kw-<id>`; the 32 hex
 //!   digits alone for a federation name, which allows 32 characters), so a
@@ -57,6 +59,10 @@ pub const MAX_POLICY_LEN: usize = 2048;
 
 /// Largest STS reply read, in bytes (a real one is about 2 KiB).
 const MAX_REPLY: usize = 64 * 1024;
+
+/// Subtracted from the token's remaining life, for the difference
+/// between STS's clock and the broker's.
+pub const CLOCK_MARGIN: u64 = 30;
 
 /// Default `max_duration`.
 const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(15 * 60);
@@ -184,12 +190,16 @@ impl StsTool {
         let Some(expires) = caller.token_expires else {
             return Ok(self.max_duration);
         };
-        let left = expires.saturating_sub(now);
+        // STS's clock and ours differ by a little: keep a margin so that
+        // the credentials' expiration is not after the token's.
+        let left = expires.saturating_sub(now).saturating_sub(CLOCK_MARGIN);
         if left < STS_MIN_SECONDS {
             return Err(ExecError::Rejected(format!(
-                "tool {tool} cannot derive AWS credentials: the token expires in {left} s, \
-                 sooner than the {STS_MIN_SECONDS} s STS credentials live at least, so they \
-                 would outlive it; mint a token that lives at least {STS_MIN_SECONDS} s"
+                "tool {tool} cannot derive AWS credentials: the token expires in {} s, \
+                 sooner than the {STS_MIN_SECONDS} s STS credentials live at least (plus a \
+                 {CLOCK_MARGIN} s margin for clock differences), so they would outlive it; \
+                 mint a token that lives longer",
+                expires.saturating_sub(now)
             )));
         }
         Ok(self.max_duration.min(left))
@@ -578,17 +588,21 @@ mod tests {
         assert_eq!(tool.duration("t", &scope(None), 1000).unwrap(), 3600);
         assert_eq!(
             tool.duration("t", &scope(Some(1000 + 1200)), 1000).unwrap(),
-            1200
+            1200 - CLOCK_MARGIN
         );
         assert_eq!(
             tool.duration("t", &scope(Some(1000 + 7200)), 1000).unwrap(),
             3600
         );
         let err = tool
-            .duration("t", &scope(Some(1000 + 899)), 1000)
+            .duration("t", &scope(Some(1000 + 929)), 1000)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("expires in 899 s"), "{err}");
+        assert!(err.contains("expires in 929 s"), "{err}");
+        assert_eq!(
+            tool.duration("t", &scope(Some(1000 + 930)), 1000).unwrap(),
+            STS_MIN_SECONDS
+        );
         assert!(tool.duration("t", &scope(Some(10)), 1000).is_err());
     }
 
