@@ -28,6 +28,16 @@ pub enum ReloadError {
     )]
     CredentialNotLoaded { tool: String, credential: String },
     #[error(
+        "tool {tool:?} {wants} credential {credential:?}, which was loaded at start as {loaded}; \
+         restart the broker to load it anew"
+    )]
+    CredentialKindChanged {
+        tool: String,
+        credential: String,
+        wants: &'static str,
+        loaded: &'static str,
+    },
+    #[error(
         "tool {tool:?} sends credential {credential:?} as HTTP Basic user {user:?}, \
          which redaction was not set up for at start; restart the broker"
     )]
@@ -88,6 +98,24 @@ impl Broker {
                 return Err(ReloadError::CredentialNotLoaded {
                     tool: tool.name.clone(),
                     credential: credential.clone(),
+                });
+            }
+            // An AWS key sent whole as a bearer would reach the upstream.
+            let is_aws = credentials.aws(credential).is_some();
+            if tool.action.uses_aws_key() != is_aws {
+                return Err(ReloadError::CredentialKindChanged {
+                    tool: tool.name.clone(),
+                    credential: credential.clone(),
+                    wants: if is_aws {
+                        "sends, not signs with,"
+                    } else {
+                        "signs with"
+                    },
+                    loaded: if is_aws {
+                        "an AWS key"
+                    } else {
+                        "a plain secret"
+                    },
                 });
             }
             if let Some((credential, user)) = tool.action.basic_user() {

@@ -549,3 +549,98 @@ fn derivation_refuses_what_would_widen_or_outlive_the_token() {
         assert_no_admin_secret(&moto, what, &text);
     }
 }
+
+/// A reload cannot turn the AWS key the broker loaded at start into a
+/// plain secret that a bearer tool sends whole: the upstream (a loopback
+/// listener here) only ever sees a signature.
+#[test]
+fn a_reload_cannot_send_the_aws_key_as_a_bearer() {
+    use std::io::Write as _;
+    const AWS_SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&head));
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        }
+    });
+    let head = format!(
+        r#"[broker]
+socket = "{{socket}}"
+socket_mode = "0666"
+credentials_dir = "{{dir}}/creds"
+
+[[principal]]
+name = "orchestrator"
+uids = [{PRINCIPAL_UID}]
+may_call = ["read"]
+"#
+    );
+    let tool = format!(
+        "[[tool]]\nname = \"read\"\nkind = \"http\"\ncredential = \"aws_admin\"\n\
+         method = \"GET\"\nurl = \"http://127.0.0.1:{port}/bucket/a\"\n"
+    );
+    let signed = format!(
+        "{head}[credential.aws_admin]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\n\
+         secret_access_key_file = \"aws.secret\"\n\n{tool}\
+         auth = {{ aws_sigv4 = {{ service = \"s3\" }} }}\n"
+    );
+    let broker = Broker::start(&signed, &[("aws.secret", AWS_SECRET)]);
+    let ran = broker.call(PRINCIPAL_UID, &["read"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        seen.lock()
+            .unwrap()
+            .contains("authorization: AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/"),
+        "{}",
+        seen.lock().unwrap()
+    );
+
+    // Same credential name, now a plain file sent as a bearer.
+    broker.rewrite_config(&format!(
+        "{head}[credential.aws_admin]\nfile = \"aws.secret\"\n\n{tool}auth = {{ bearer = true }}\n"
+    ));
+    broker.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        let reloads: Vec<_> = broker
+            .audit_records()
+            .into_iter()
+            .filter(|r| r["event"] == "reload")
+            .collect();
+        if let Some(last) = reloads.last() {
+            break last.clone();
+        }
+        assert!(Instant::now() < deadline, "no reload record");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(refusal["decision"], "error", "{refusal}");
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .unwrap()
+            .contains("loaded at start as an AWS key"),
+        "{refusal}"
+    );
+    let ran = broker.call(PRINCIPAL_UID, &["read"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.matches("AWS4-HMAC-SHA256").count(), 2, "{seen}");
+    for form in leaked_forms(AWS_SECRET) {
+        assert!(!seen.contains(&form), "the upstream got the key: {seen}");
+    }
+}
