@@ -33,6 +33,10 @@ pub struct Policy {
     pub broker: BrokerSettings,
     principals: Vec<Principal>,
     tools: BTreeMap<String, Arc<Tool>>,
+    /// blake3 of the configuration text it was compiled from.
+    pub source_hash: [u8; 32],
+    /// When it was compiled (loaded), in unix seconds.
+    pub loaded_at: u64,
 }
 
 /// `[broker]` with defaults applied and values checked.
