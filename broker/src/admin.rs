@@ -125,7 +125,7 @@ fn status_text(r: &StatusReport) -> String {
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<14} {v}\n"));
     line("version", r.version.clone());
     line(
-        "up",
+        "uptime",
         format!(
             "since {} ({})",
             iso_time(r.started_at),

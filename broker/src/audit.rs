@@ -121,8 +121,8 @@ pub struct Record<'a> {
     /// Ids of the token's ancestors, nearest (its parent) first,
     /// separated by single spaces, on everything a child token does. The
     /// journal entry has one `KEYWARD_PARENT_TOKEN_ID` per ancestor, so a
-    /// query on any ancestor finds it; the JSON line has the list as one
-    /// string.
+    /// query on any ancestor finds it (journald keeps the values, not
+    /// their order); the JSON line has the list, in order, as one string.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent_token_id: Option<&'a str>,
     /// Bytes returned to the caller (outcome records).

@@ -37,7 +37,7 @@ pub(super) fn compile(src: &Source) -> Result<Policy, Vec<Located>> {
             broker,
             principals,
             tools,
-            source_hash: *blake3::hash(src.text.as_bytes()).as_bytes(),
+            source_hash: super::source_hash(src.text.as_bytes()),
             loaded_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

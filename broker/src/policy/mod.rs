@@ -98,6 +98,11 @@ pub struct AuthorizedCall {
     pub params: BTreeMap<String, TypedValue>,
 }
 
+/// The hash `status` shows of a configuration file's text: blake3.
+pub fn source_hash(text: &[u8]) -> [u8; 32] {
+    *blake3::hash(text).as_bytes()
+}
+
 impl Policy {
     /// Check and compile a parsed configuration. Returns every error found,
     /// each with its file, line and entry.
