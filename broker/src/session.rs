@@ -1032,11 +1032,15 @@ auth = { bearer = true }
 
     impl Harness {
         fn new(limits: Option<Limits>) -> Harness {
+            Harness::with_audit(limits, Audit::stderr())
+        }
+
+        fn with_audit(limits: Option<Limits>, audit: Audit) -> Harness {
             let source = Source::parse("t.toml", CONFIG.to_owned()).unwrap();
             let policy = Policy::compile(&source).unwrap();
             // No credential is loaded: the "api" tool names one anyway.
             let executor = Executor::new(Credentials::default()).unwrap();
-            let mut broker = Broker::new(policy, executor, Audit::stderr());
+            let mut broker = Broker::new(policy, executor, audit);
             if let Some(limits) = limits {
                 broker = broker.with_limits(limits, 1024);
             }
@@ -1102,6 +1106,56 @@ auth = { bearer = true }
         let unknown = client.call("nope", &[]).unwrap();
         assert!(matches!(unknown, Response::Denied(_)), "{unknown:?}");
         assert!(matches!(echo(&mut client, "again"), Response::Done(_)));
+    }
+
+    #[test]
+    fn every_allowed_call_has_one_outcome_joined_by_its_call_id() {
+        let h = Harness::with_audit(None, Audit::memory());
+        let mut client = h.client();
+        assert!(matches!(echo(&mut client, "hi"), Response::Done(_)));
+        assert!(matches!(client.call("api", &[]), Ok(Response::Error(_))));
+        assert!(matches!(
+            echo(&mut client, "far too long for it"),
+            Response::Denied(_)
+        ));
+        let records: Vec<serde_json::Value> = h
+            .broker
+            .audit
+            .lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let allows: Vec<_> = records
+            .iter()
+            .filter(|r| r["event"] == "call" && r["decision"] == "allow")
+            .collect();
+        let outcomes: Vec<_> = records.iter().filter(|r| r["event"] == "outcome").collect();
+        // The denied call was never allowed: two allows, two outcomes.
+        assert_eq!(allows.len(), 2, "{records:?}");
+        assert_eq!(outcomes.len(), 2, "{records:?}");
+        for (allow, outcome) in allows.iter().zip(&outcomes) {
+            let id = allow["call_id"].as_str().unwrap();
+            assert_eq!(id.len(), 32);
+            assert_eq!(outcome["call_id"], id);
+            assert_eq!(outcome["tool"], allow["tool"]);
+            assert!(outcome["duration_ms"].is_u64(), "{outcome}");
+        }
+        assert_ne!(allows[0]["call_id"], allows[1]["call_id"]);
+        let echoed = outcomes[0];
+        assert_eq!(echoed["decision"], "info");
+        assert_eq!(echoed["status"], 200);
+        assert_eq!(echoed["bytes"], r#"{"message":"hi"}"#.len());
+        assert_eq!(echoed["withheld"], false);
+        let failed = outcomes[1];
+        assert_eq!(failed["decision"], "error");
+        assert!(failed.get("status").is_none(), "{failed}");
+        assert_eq!(failed["withheld"], false);
+        // The call_failed record of the same call names the same id.
+        let call_failed = records
+            .iter()
+            .find(|r| r["event"] == "call_failed")
+            .unwrap();
+        assert_eq!(call_failed["call_id"], allows[1]["call_id"]);
     }
 
     #[test]
