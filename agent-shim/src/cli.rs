@@ -486,8 +486,8 @@ fn tools(token: Option<&Token>, json: bool, json_schema: bool) -> ExitCode {
                     .to_owned()
             } else {
                 format!(
-                    "uid {} may call no tool directly: it is not a principal with may_call \
-                     tools in the broker's policy; act with a token (--token or \
+                    "uid {} may call no tool directly: no principal of the broker's policy \
+                     that matches it has may_call tools; act with a token (--token or \
                      $KEYWARD_TOKEN) or ask the broker's admin",
                     nix::unistd::getuid()
                 )
@@ -592,9 +592,11 @@ fn tool_table(tools: &[ToolInfo]) -> String {
 /// channel of the session); elsewhere the given one, on a new connection.
 fn inspect(token: Option<&Token>, json: bool) -> ExitCode {
     let bound = std::env::var_os(KEYWARD_FD_ENV).is_some();
+    // A token given inside `run` is sent too: the bound session may not
+    // ask about another token, and the broker says so.
     let request = match (token, bound) {
-        (_, true) => Request::Inspect(keyward_proto::Inspect { token: None }),
-        (Some(token), false) => Request::Inspect(keyward_proto::Inspect {
+        (None, true) => Request::Inspect(keyward_proto::Inspect { token: None }),
+        (Some(token), _) => Request::Inspect(keyward_proto::Inspect {
             token: Some(token.expose().to_owned()),
         }),
         (None, false) => {
