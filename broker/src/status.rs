@@ -121,3 +121,85 @@ pub fn token_list(tokens: &Tokens) -> TokenList {
             .collect(),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    use crate::audit::Audit;
+    use crate::config::Source;
+    use crate::credential::Credentials;
+    use crate::executor::Executor;
+
+    const VALUE: &str = "status-test-secret-0123456789";
+
+    fn broker() -> Broker {
+        let source = Source::parse(
+            "t.toml",
+            r#"
+[broker]
+socket = "/nonexistent/broker.sock"
+admin_uids = [900]
+
+[[principal]]
+name = "orch"
+uids = [1000]
+may_call = ["a", "b"]
+
+[credential.api]
+file = "api.token"
+
+[credential.spare]
+file = "spare.token"
+
+[[tool]]
+name = "a"
+kind = "http"
+credential = "api"
+method = "GET"
+url = "http://127.0.0.1:9/a"
+auth = { bearer = true }
+
+[[tool]]
+name = "b"
+kind = "http"
+credential = "spare"
+method = "GET"
+url = "http://127.0.0.1:9/b"
+auth = { bearer = true }
+"#
+            .to_owned(),
+        )
+        .unwrap();
+        let policy = Policy::compile(&source).unwrap();
+        // "spare" is named by a tool but not loaded (as after a reload).
+        let credentials = Credentials::from_values([("api", VALUE)]).unwrap();
+        Broker::new(policy, Executor::new(credentials).unwrap(), Audit::memory())
+    }
+
+    #[test]
+    fn credentials_are_names_and_states_never_values() {
+        let broker = broker();
+        let states = credential_states(&broker, &broker.policy());
+        let names: Vec<_> = states.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["api", "spare"]);
+        assert!(states[0].state.starts_with("loaded"), "{states:?}");
+        assert!(states[1].state.starts_with("not loaded"), "{states:?}");
+        let report = report(&broker);
+        assert_eq!(report.credentials, states);
+        assert_eq!(report.live_tokens, None, "no state directory");
+        assert!(!format!("{report:?}").contains(VALUE));
+        assert!(!format!("{report:?}").contains("status-test"));
+    }
+
+    #[test]
+    fn only_root_and_admin_uids_are_admins() {
+        let broker = broker();
+        let policy = broker.policy();
+        assert!(is_admin(&policy, 0));
+        assert!(is_admin(&policy, 900));
+        assert!(!is_admin(&policy, 1000));
+        assert!(!is_admin(&policy, 901));
+    }
+}
