@@ -98,6 +98,16 @@ enum Command {
         #[command(flatten)]
         token: TokenArg,
     },
+    /// Print the task hash of a task description: the `KEYWARD_TASK` of
+    /// every audit record of a token minted with `--task TEXT`, to query
+    /// the journal by (`journalctl KEYWARD_TASK=HASH`).
+    TaskHash {
+        /// The task description, exactly as given to `mint --task`.
+        task: String,
+    },
+    /// Work with tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Serve the tools you (or the token) may call as a Model Context
     /// Protocol server on stdin/stdout, until stdin closes.
     ///
@@ -205,6 +215,28 @@ enum Command {
         /// The program to run and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Show what a token allows and how much of it is left, as the broker
+    /// sees it: tools and their constraints, uses left, expiry (as an ISO
+    /// time and as "in 4m 12s"), issuer, task, parents, and why it cannot
+    /// be used now if so. Inside `agent-shim run` without a token: the
+    /// bound token. The broker answers to the token's audience, its
+    /// issuer and admins.
+    Inspect {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        token: TokenArg,
+        /// The token (default: --token or $KEYWARD_TOKEN). Visible to
+        /// other processes until the shim overwrites it: prefer the
+        /// variable.
+        #[arg(value_name = "TOKEN", conflicts_with = "token")]
+        positional: Option<String>,
     },
 }
 
@@ -318,6 +350,27 @@ pub fn main() -> ExitCode {
             Ok(token) => tools(token.as_ref(), json, json_schema),
             Err(e) => fail(&e),
         },
+        Command::TaskHash { task } => {
+            println!(
+                "{}",
+                keyward_proto::token::hex(&keyward_proto::token::task_hash(&task))
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Token(TokenCommand::Inspect {
+            json,
+            token,
+            positional,
+        }) => {
+            let token = match positional {
+                Some(text) => TokenArg { token: Some(text) },
+                None => token,
+            };
+            match token.get() {
+                Ok(token) => inspect(token.as_ref(), json),
+                Err(e) => fail(&e),
+            }
+        }
         Command::Mcp { token } => match token.get() {
             Ok(token) => mcp(token.as_ref()),
             Err(e) => fail(&e),
@@ -453,6 +506,26 @@ fn mcp(token: Option<&Token>) -> ExitCode {
 
 fn tools(token: Option<&Token>, json: bool, json_schema: bool) -> ExitCode {
     match exchange(token, &Request::Tools) {
+        Ok(Response::ToolList(list)) if list.tools.is_empty() => {
+            let bound = std::env::var_os(KEYWARD_FD_ENV).is_some();
+            let why = if token.is_some() || bound {
+                "the token grants no tool that its issuer may still delegate under the \
+                 broker's policy"
+                    .to_owned()
+            } else {
+                format!(
+                    "uid {} may call no tool directly: no principal of the broker's policy \
+                     that matches it has may_call tools; act with a token (--token or \
+                     $KEYWARD_TOKEN) or ask the broker's admin",
+                    nix::unistd::getuid()
+                )
+            };
+            if json || json_schema {
+                print_json(&serde_json::json!({ "denied": format!("no tools: {why}") }));
+            }
+            eprintln!("agent-shim: no tools: {why}");
+            ExitCode::from(EXIT_DENIED)
+        }
         Ok(Response::ToolList(list)) => {
             if json_schema {
                 print_json(&crate::schema::tools_json(&list.tools));
@@ -477,29 +550,195 @@ fn tool_json(tool: &ToolInfo) -> serde_json::Value {
             "name": p.name,
             "type": p.ty,
             "required": p.required,
+            "default": p.default.as_ref().map(value_json),
             "rules": p.rules,
         })).collect::<Vec<_>>(),
     })
 }
 
+fn value_json(value: &keyward_proto::Value) -> serde_json::Value {
+    match value {
+        keyward_proto::Value::Str(s) => s.as_str().into(),
+        keyward_proto::Value::Int(i) => (*i).into(),
+        keyward_proto::Value::Bool(b) => (*b).into(),
+    }
+}
+
+/// Each tool with its description, then one line per parameter: name,
+/// type, `required` or its default, and every rule.
 fn print_tool_table(tools: &[ToolInfo]) {
-    println!("{:<20} {:<16} {:<8} RULES", "TOOL", "PARAMETER", "TYPE");
+    print!("{}", tool_table(tools));
+}
+
+fn tool_table(tools: &[ToolInfo]) -> String {
+    let shown_default = |p: &keyward_proto::ParamInfo| match (&p.default, p.required) {
+        (_, true) => "required".to_owned(),
+        (Some(v), false) => format!("default {}", value_json(v)),
+        (None, false) => "optional".to_owned(),
+    };
+    let width = |f: &dyn Fn(&keyward_proto::ParamInfo) -> usize, min: usize| {
+        tools
+            .iter()
+            .flat_map(|t| t.params.iter())
+            .map(f)
+            .max()
+            .unwrap_or(0)
+            .max(min)
+    };
+    let name_w = width(&|p| p.name.len(), 9);
+    let ty_w = width(&|p| p.ty.len(), 4);
+    let default_w = width(&|p| shown_default(p).len(), 8);
+    let mut out = String::new();
     for tool in tools {
+        let description = if tool.description.is_empty() {
+            "(no description)"
+        } else {
+            tool.description.as_str()
+        };
+        out.push_str(&format!("{}: {description}\n", tool.name));
         if tool.params.is_empty() {
-            println!("{:<20} {:<16} {:<8} -", tool.name, "-", "-");
+            out.push_str("    (no parameters)\n");
         }
         for p in &tool.params {
-            let mut rules = p.rules.join("; ");
-            if !p.required {
-                rules = if rules.is_empty() {
-                    "optional".into()
-                } else {
-                    format!("optional; {rules}")
-                };
-            }
-            println!("{:<20} {:<16} {:<8} {}", tool.name, p.name, p.ty, rules);
+            let rules = if p.rules.is_empty() {
+                "-".to_owned()
+            } else {
+                p.rules.join("; ")
+            };
+            out.push_str(&format!(
+                "    {:<name_w$}  {:<ty_w$}  {:<default_w$}  {rules}\n",
+                p.name,
+                p.ty,
+                shown_default(p),
+            ));
         }
     }
+    out
+}
+
+/// `token inspect`: inside `agent-shim run` the bound token (over a
+/// channel of the session); elsewhere the given one, on a new connection.
+fn inspect(token: Option<&Token>, json: bool) -> ExitCode {
+    let bound = std::env::var_os(KEYWARD_FD_ENV).is_some();
+    // A token given inside `run` is sent too: the bound session may not
+    // ask about another token, and the broker says so.
+    let request = match (token, bound) {
+        (None, true) => Request::Inspect(keyward_proto::Inspect { token: None }),
+        (Some(token), _) => Request::Inspect(keyward_proto::Inspect {
+            token: Some(token.expose().to_owned()),
+        }),
+        (None, false) => {
+            return fail(
+                "no token to inspect: give TOKEN, --token or $KEYWARD_TOKEN \
+                 (inside agent-shim run, the bound token is inspected)",
+            )
+        }
+    };
+    let reply = crate::client::from_env_or_socket().and_then(|mut c| c.request(&request));
+    match reply {
+        Ok(Response::TokenInfo(info)) => {
+            if json {
+                print_json(&token_info_json(&info));
+            } else {
+                print!("{}", token_info_text(&info));
+            }
+            ExitCode::SUCCESS
+        }
+        other => report_failure(other, json),
+    }
+}
+
+/// Unix seconds as an ISO 8601 UTC time.
+fn iso_time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
+}
+
+/// `in 4m 12s`, or `4m 12s ago`.
+fn relative(at: u64, now: u64) -> String {
+    let span = |secs: u64| humantime::format_duration(std::time::Duration::from_secs(secs));
+    if at >= now {
+        format!("in {}", span(at - now))
+    } else {
+        format!("{} ago", span(now - at))
+    }
+}
+
+fn uses_text(info: &keyward_proto::TokenInfo) -> String {
+    match info.max_uses {
+        Some(max) => format!(
+            "{} left ({} of {max} used)",
+            max.saturating_sub(info.uses),
+            info.uses
+        ),
+        None => format!("no limit ({} used)", info.uses),
+    }
+}
+
+fn token_info_text(info: &keyward_proto::TokenInfo) -> String {
+    use keyward_proto::token::hex;
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<10} {v}\n"));
+    line("token", info.id.to_string());
+    line("issuer", info.issuer.clone());
+    line("task", hex(&info.task));
+    line(
+        "audience",
+        match info.audience.gid {
+            Some(gid) => format!("uid {} gid {gid}", info.audience.uid),
+            None => format!("uid {}", info.audience.uid),
+        },
+    );
+    line(
+        "expires",
+        format!(
+            "{} ({})",
+            iso_time(info.expires),
+            relative(info.expires, info.now)
+        ),
+    );
+    line("uses", uses_text(info));
+    if !info.lineage.is_empty() {
+        let parents: Vec<String> = info.lineage.iter().rev().map(|id| id.to_string()).collect();
+        line("parents", parents.join(" <- "));
+    }
+    if info.exact_call {
+        line("exact", "good for exactly one call".to_owned());
+    }
+    line(
+        "state",
+        match &info.unusable {
+            Some(why) => format!("unusable: {why}"),
+            None => "usable".to_owned(),
+        },
+    );
+    out.push('\n');
+    if info.tools.is_empty() {
+        out.push_str("(no tool its issuer may still delegate)\n");
+    }
+    out.push_str(&tool_table(&info.tools));
+    out
+}
+
+fn token_info_json(info: &keyward_proto::TokenInfo) -> serde_json::Value {
+    use keyward_proto::token::hex;
+    serde_json::json!({
+        "id": info.id.to_string(),
+        "issuer": info.issuer,
+        "task": hex(&info.task),
+        "audience": { "uid": info.audience.uid, "gid": info.audience.gid },
+        "not_before": iso_time(info.not_before),
+        "expires": iso_time(info.expires),
+        "expires_in": relative(info.expires, info.now),
+        "expires_in_secs": info.expires.saturating_sub(info.now),
+        "uses": info.uses,
+        "max_uses": info.max_uses,
+        "uses_left": info.max_uses.map(|m| m.saturating_sub(info.uses)),
+        "parents": info.lineage.iter().rev().map(|id| id.to_string()).collect::<Vec<_>>(),
+        "exact_call": info.exact_call,
+        "unusable": info.unusable,
+        "tools": info.tools.iter().map(tool_json).collect::<Vec<_>>(),
+    })
 }
 
 fn call(token: Option<&Token>, tool: &str, params: &[(String, String)], json: bool) -> ExitCode {

@@ -118,7 +118,11 @@ pub struct Record<'a> {
     /// Id of one performed call: joins its decision and its outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub call_id: Option<&'a str>,
-    /// Id of the token's parent, on everything a child token does.
+    /// Ids of the token's ancestors, nearest (its parent) first,
+    /// separated by single spaces, on everything a child token does. The
+    /// journal entry has one `KEYWARD_PARENT_TOKEN_ID` per ancestor, so a
+    /// query on any ancestor finds it (journald keeps the values, not
+    /// their order); the JSON line has the list, in order, as one string.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent_token_id: Option<&'a str>,
     /// Bytes returned to the caller (outcome records).
@@ -130,6 +134,15 @@ pub struct Record<'a> {
     /// Whether the response was withheld for carrying credential material.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub withheld: Option<bool>,
+    /// The broker's version (start records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<&'a str>,
+    /// The configuration file in force (start records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<&'a str>,
+    /// The socket served (start records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<&'a str>,
 }
 
 impl<'a> Record<'a> {
@@ -152,6 +165,9 @@ impl<'a> Record<'a> {
             bytes: None,
             duration_ms: None,
             withheld: None,
+            version: None,
+            config: None,
+            socket: None,
         }
     }
 
@@ -221,6 +237,67 @@ impl<'a> Record<'a> {
         self.withheld = Some(withheld);
         self
     }
+
+    pub fn version(mut self, version: &'a str) -> Self {
+        self.version = Some(version);
+        self
+    }
+
+    pub fn config(mut self, config: &'a str) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    pub fn socket(mut self, socket: &'a str) -> Self {
+        self.socket = Some(socket);
+        self
+    }
+}
+
+/// The id of one performed call (`call_id`): 128 random bits as 32 hex
+/// digits, on the stack (no allocation per call).
+#[derive(Clone, Copy)]
+pub struct CallId([u8; 32]);
+
+impl CallId {
+    /// A fresh id. Should the kernel have no randomness to give, a
+    /// process-wide counter and the clock keep ids distinct.
+    pub fn new() -> CallId {
+        let mut raw = [0u8; 16];
+        if getrandom::fill(&mut raw).is_err() {
+            static FALLBACK: AtomicU64 = AtomicU64::new(0);
+            let n = FALLBACK.fetch_add(1, Ordering::Relaxed);
+            let t = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            raw[..8].copy_from_slice(&n.to_be_bytes());
+            raw[8..].copy_from_slice(&t.to_be_bytes());
+        }
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 32];
+        for (i, byte) in raw.iter().enumerate() {
+            text[2 * i] = HEX[usize::from(byte >> 4)];
+            text[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+        }
+        CallId(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl Default for CallId {
+    fn default() -> Self {
+        CallId::new()
+    }
+}
+
+impl std::fmt::Debug for CallId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 // The journald entry of a record. journald is a transport here
@@ -287,6 +364,13 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
     for (_, journal_name, value) in fields {
         let value = match value {
             None => continue,
+            // One field per ancestor: a match on any of them finds it.
+            Some(Field::Text(ids)) if journal_name == PARENT_FIELD => {
+                for id in ids.split(' ').filter(|id| !id.is_empty()) {
+                    entry.push((journal_name.to_owned(), id.as_bytes().to_vec()));
+                }
+                continue;
+            }
             Some(Field::Text(text)) => text.as_bytes().to_vec(),
             Some(Field::Number(n)) => n.to_string().into_bytes(),
             Some(Field::Unsigned(n)) => n.to_string().into_bytes(),
@@ -296,6 +380,9 @@ fn journal_entry(record: &Record<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
     }
     Ok(entry)
 }
+
+/// The journal field that is repeated, once per ancestor token.
+const PARENT_FIELD: &str = "KEYWARD_PARENT_TOKEN_ID";
 
 /// A field's value, as both encodings write it.
 #[derive(Debug, Clone, Copy)]
@@ -310,7 +397,7 @@ enum Field<'a> {
 /// journal field name, value if present. The one list both the JSON line
 /// and the journal entry are written from; the record is destructured, so
 /// a field added to [`Record`] does not compile until it is listed here.
-fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field<'r>>); 17] {
+fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field<'r>>); 20] {
     let &Record {
         event,
         decision,
@@ -329,6 +416,9 @@ fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field
         bytes,
         duration_ms,
         withheld,
+        version,
+        config,
+        socket,
     } = record;
     let number = |v: Option<u64>| v.map(Field::Unsigned);
     let text = |v: Option<&'r str>| v.map(Field::Text);
@@ -378,6 +468,9 @@ fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field
         ("bytes", "KEYWARD_BYTES", number(bytes)),
         ("duration_ms", "KEYWARD_DURATION_MS", number(duration_ms)),
         ("withheld", "KEYWARD_WITHHELD", withheld.map(Field::Bool)),
+        ("version", "KEYWARD_VERSION", text(version)),
+        ("config", "KEYWARD_CONFIG", text(config)),
+        ("socket", "KEYWARD_SOCKET", text(socket)),
     ]
 }
 
@@ -407,6 +500,12 @@ fn journal_entry_through_serde(record: &Record<'_>) -> Vec<(String, Vec<u8>)> {
     for (name, value) in map {
         let value = match value {
             serde_json::Value::Null => continue,
+            serde_json::Value::String(s) if name == "parent_token_id" => {
+                for id in s.split(' ').filter(|id| !id.is_empty()) {
+                    fields.push((field_name(&name), id.as_bytes().to_vec()));
+                }
+                continue;
+            }
             serde_json::Value::String(s) => s,
             other => other.to_string(),
         };
@@ -441,7 +540,19 @@ fn message(record: &Record<'_>) -> String {
     let tool = record.tool.unwrap_or("?");
     let reason = record.reason.unwrap_or("");
     match (record.event, record.decision) {
-        (Event::Start, _) => "broker started".to_owned(),
+        (Event::Start, _) => {
+            let mut text = "broker started".to_owned();
+            if let Some(version) = record.version {
+                text.push_str(&format!(": keyward-broker {version}"));
+            }
+            if let Some(config) = record.config {
+                text.push_str(&format!(", config {config}"));
+            }
+            if let Some(socket) = record.socket {
+                text.push_str(&format!(", socket {socket}"));
+            }
+            text
+        }
         (Event::Stop, _) => "broker stopped".to_owned(),
         (Event::Reload, Decision::Error) => {
             format!("policy reload failed, the old policy stays in force: {reason}")
@@ -850,10 +961,13 @@ pub(crate) mod test_util {
             .task("cd34")
             .call_hash("ef56")
             .call_id("c1")
-            .parent_token("pa")
+            .parent_token("pa pb")
             .bytes(u64::MAX)
             .duration_ms(12)
-            .withheld(true);
+            .withheld(true)
+            .version("0.1.0")
+            .config("/etc/keyward/broker.toml")
+            .socket("/run/keyward/broker.sock");
         for record in [every_field, Record::new(Event::Start, Decision::Info)] {
             let ours = journal_entry(&record).unwrap();
             assert_eq!(ours, journal_entry_through_serde(&record));
@@ -862,6 +976,65 @@ pub(crate) mod test_util {
                 crate::journal::encode(&journal_entry_through_serde(&record))
             );
         }
+    }
+
+    #[test]
+    fn call_ids_are_distinct_128_bit_hex() {
+        let a = CallId::new();
+        let b = CallId::new();
+        assert_eq!(a.as_str().len(), 32);
+        assert!(a.as_str().chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a.as_str(), b.as_str());
+    }
+
+    #[test]
+    fn each_ancestor_is_its_own_parent_field() {
+        let record = Record::new(Event::Call, Decision::Allow)
+            .tool("t")
+            .parent_token("aa11 bb22 cc33");
+        let fields = journal_entry(&record).unwrap();
+        let parents: Vec<_> = fields
+            .iter()
+            .filter(|(n, _)| n == "KEYWARD_PARENT_TOKEN_ID")
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+            .collect();
+        assert_eq!(parents, ["aa11", "bb22", "cc33"]);
+        // The JSON line keeps the list as one string.
+        let mut line = Vec::new();
+        write_json_line(&mut line, 0.0, &record).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["parent_token_id"], "aa11 bb22 cc33");
+    }
+
+    #[test]
+    fn the_start_record_names_version_config_and_socket() {
+        let record = Record::new(Event::Start, Decision::Info)
+            .version("1.2.3")
+            .config("/etc/keyward/broker.toml")
+            .socket("/run/keyward/broker.sock");
+        let fields = journal_entry(&record).unwrap();
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(get("KEYWARD_VERSION").as_deref(), Some("1.2.3"));
+        assert_eq!(
+            get("KEYWARD_CONFIG").as_deref(),
+            Some("/etc/keyward/broker.toml")
+        );
+        assert_eq!(
+            get("KEYWARD_SOCKET").as_deref(),
+            Some("/run/keyward/broker.sock")
+        );
+        assert_eq!(
+            get("MESSAGE").as_deref(),
+            Some(
+                "broker started: keyward-broker 1.2.3, config /etc/keyward/broker.toml, \
+                 socket /run/keyward/broker.sock"
+            )
+        );
     }
 
     #[test]
@@ -949,10 +1122,13 @@ pub(crate) mod test_util {
             .task("cd34")
             .call_hash("ef56")
             .call_id("c1")
-            .parent_token("pa")
+            .parent_token("pa pb")
             .bytes(4096)
             .duration_ms(0)
-            .withheld(false);
+            .withheld(false)
+            .version("v")
+            .config("c\"")
+            .socket("s");
         let mut records = vec![every_field, Record::new(Event::Start, Decision::Info)];
         // Each kind of character on its own: the copied and escaped paths.
         for odd in ["plain", "\"", "\\", "\u{1f}", "\u{7f}", "é", "", " "] {

@@ -32,6 +32,12 @@ pub struct Broker {
     /// The token authority; `None` without a state directory.
     pub tokens: Option<Tokens>,
     admission: Arc<Admission>,
+    /// When it started (monotonic, and unix seconds), for `status`.
+    started: (std::time::Instant, u64),
+    /// The configuration file it serves (`None` for the built-in example).
+    pub config_path: Option<std::path::PathBuf>,
+    /// The socket it serves, once the listener is set up.
+    pub socket_path: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Broker {
@@ -48,7 +54,26 @@ impl Broker {
             notifier: Notifier::disabled(),
             tokens: None,
             admission: Admission::new(),
+            started: (std::time::Instant::now(), crate::token::now()),
+            config_path: None,
+            socket_path: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The configuration file it was started with (start record, status).
+    pub fn with_config_path(mut self, path: Option<&std::path::Path>) -> Broker {
+        self.config_path = path.map(std::path::Path::to_path_buf);
+        self
+    }
+
+    /// Seconds since it started, and its start time in unix seconds.
+    pub fn uptime(&self) -> (u64, u64) {
+        (self.started.0.elapsed().as_secs(), self.started.1)
+    }
+
+    /// Open sessions by uid, by uid.
+    pub fn sessions_by_uid(&self) -> Vec<(u32, usize)> {
+        self.admission.by_uid()
     }
 
     /// Admit sessions within these limits, derived from `fd_limit`.

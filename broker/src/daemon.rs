@@ -146,6 +146,7 @@ pub fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Re
     let executor = Executor::new(credentials)?;
     let settings = policy.broker.clone();
     let mut broker = Broker::new(policy, executor, audit)
+        .with_config_path(config)
         .with_notifier(notifier)
         .with_limits(limits, fd_limit);
     if let Some(tokens) = tokens {

@@ -18,6 +18,7 @@
 #![deny(unsafe_code)]
 
 pub mod access;
+pub mod admin;
 pub mod audit;
 pub mod broker;
 pub mod config;
@@ -38,6 +39,7 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod status;
 pub mod sys;
 pub mod template;
 pub mod token;

@@ -248,6 +248,13 @@ impl Admission {
         self.lock().total
     }
 
+    /// Sessions open now, per uid, by uid.
+    pub fn by_uid(&self) -> Vec<(u32, usize)> {
+        let mut all: Vec<_> = self.lock().by_uid.iter().map(|(u, n)| (*u, *n)).collect();
+        all.sort_unstable();
+        all
+    }
+
     /// Sessions `uid` holds now.
     pub fn held_by(&self, uid: u32) -> usize {
         self.lock().by_uid.get(&uid).copied().unwrap_or(0)

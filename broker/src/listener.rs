@@ -131,6 +131,14 @@ impl Listener {
         })
     }
 
+    /// The path the socket is bound to (as the kernel reports it), for
+    /// the start record and `status`.
+    pub fn path(&self) -> Option<PathBuf> {
+        nix::sys::socket::getsockname::<UnixAddr>(self.fd.get_ref().as_raw_fd())
+            .ok()
+            .and_then(|addr| addr.path().map(Path::to_path_buf))
+    }
+
     /// Accept one connection.
     pub async fn accept(&self) -> io::Result<Connection> {
         loop {

@@ -47,13 +47,39 @@ enum Command {
     },
     /// Revoke a token, and with it every token attenuated from it, through
     /// the running broker. Allowed to root, to admin_uids and to the
-    /// token's issuer. Exits 3 if the broker refuses.
+    /// token's issuer. Exits 3 if the broker refuses, which includes an id
+    /// this broker never issued (unless it shares a signing_key).
     Revoke {
         /// Configuration file (names the socket).
         #[arg(long)]
         config: PathBuf,
         /// The token id (32 hex digits), as printed by `agent-shim mint`.
         id: String,
+    },
+    /// Show the running broker's state: version, uptime, the policy in
+    /// force (loaded at, blake3 of its file), open sessions per uid, live
+    /// tokens, call counts, and each credential's name and state (never a
+    /// value). Root or admin_uids only; exits 3 if the broker refuses.
+    Status {
+        /// Configuration file (names the socket; default: $KEYWARD_SOCKET
+        /// or /run/keyward/broker.sock).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the live tokens the running broker issued: id, issuer,
+    /// audience, task hash, uses, expiry. Root or admin_uids only; exits 3
+    /// if the broker refuses.
+    Tokens {
+        /// Configuration file (names the socket; default: $KEYWARD_SOCKET
+        /// or /run/keyward/broker.sock).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a configuration file and its policy; print every error with
     /// its location.
@@ -81,6 +107,12 @@ fn main() -> ExitCode {
         } => run_check(&config, credentials),
         Command::Pubkey { config } => run_pubkey(&config),
         Command::Revoke { config, id } => return run_revoke(&config, &id),
+        Command::Status { config, json } => {
+            return keyward_broker::admin::run_status(config.as_deref(), json)
+        }
+        Command::Tokens { config, json } => {
+            return keyward_broker::admin::run_tokens(config.as_deref(), json)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,9 +39,20 @@ pub async fn serve(
     broker: Arc<Broker>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AuditError> {
-    broker
-        .audit
-        .must_record(&Record::new(Event::Start, Decision::Info))?;
+    let socket = listener.path().unwrap_or_default();
+    let socket = socket.to_string_lossy();
+    let config = broker
+        .config_path
+        .as_deref()
+        .map(|p| p.to_string_lossy())
+        .unwrap_or("(built-in example)".into());
+    broker.audit.must_record(
+        &Record::new(Event::Start, Decision::Info)
+            .version(env!("CARGO_PKG_VERSION"))
+            .config(&config)
+            .socket(&socket),
+    )?;
+    let _ = broker.socket_path.set(listener.path().unwrap_or_default());
     let sessions = TaskTracker::new();
     let stopping = CancellationToken::new();
     // The keep-alive task asks the accept loop to answer before it tells

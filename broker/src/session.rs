@@ -31,7 +31,7 @@ use keyward_proto::{
     Request, Response, Revoke, Revoked, ToolList, PROTOCOL_VERSION,
 };
 
-use crate::audit::{Decision, Event, Record};
+use crate::audit::{CallId, Decision, Event, Record};
 use crate::broker::Broker;
 use crate::executor::ExecError;
 use crate::limits::{Refusal, SessionSlot};
@@ -294,6 +294,9 @@ impl Session {
             Request::Attenuate(attenuate) => self.attenuate(attenuate).await,
             Request::Tools => self.tools().await,
             Request::Revoke(revoke) => self.revoke(revoke).await,
+            Request::Status => self.status().await,
+            Request::Tokens => self.token_list().await,
+            Request::Inspect(inspect) => self.inspect(inspect).await,
         }
     }
 
@@ -353,10 +356,15 @@ impl Session {
             .bound
             .as_ref()
             .map(|_| hex(&token::call_hash_of(tool, &authorized.params)));
+        // Joins this decision to what the call came to (one outcome
+        // record per allowed call).
+        let call_id = CallId::new();
+        let call_id = call_id.as_str();
         let mut allowed = self
             .record(Event::Call, Decision::Allow)
             .tool(tool)
-            .principal(principal);
+            .principal(principal)
+            .call_id(call_id);
         if let Some(hash) = &call_hash {
             allowed = allowed.call_hash(hash);
         }
@@ -366,31 +374,60 @@ impl Session {
                 .reply_error(ErrorCode::Internal, "the audit trail is unavailable".into())
                 .await;
         }
+        let started = std::time::Instant::now();
         let token = self
             .bound
             .as_ref()
             .map(|b| (b.id_hex.as_str(), b.verified.body.expires));
-        match self.broker.executor.execute_for(&authorized, token).await {
-            Ok(result) => match encode(&Response::Done(result)) {
-                Ok(bytes) => self.send_encoded(&bytes).await,
-                Err(_) => {
-                    let reason = "the result is too large to return";
-                    self.audit_token(
-                        self.record(Event::CallFailed, Decision::Error)
-                            .tool(tool)
-                            .principal(principal)
-                            .reason(reason),
-                    );
-                    self.reply_error(ErrorCode::Upstream, reason.into()).await
+        let executed = self.broker.executor.execute_for(&authorized, token).await;
+        let base = self
+            .record(Event::Outcome, Decision::Info)
+            .tool(tool)
+            .principal(principal)
+            .call_id(call_id);
+        let outcome = |decision: Decision| {
+            Record {
+                decision,
+                ..base.clone()
+            }
+            .duration_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX))
+        };
+        match executed {
+            Ok(result) => {
+                let (status, body_len) = (result.status, result.body.len() as u64);
+                match encode(&Response::Done(result)) {
+                    Ok(bytes) => {
+                        // Recorded before the reply goes out, like every
+                        // record of a decision.
+                        self.audit_token(
+                            outcome(Decision::Info)
+                                .status(status)
+                                .bytes(body_len)
+                                .withheld(false),
+                        );
+                        self.send_encoded(&bytes).await
+                    }
+                    Err(_) => {
+                        let outcome = outcome(Decision::Error);
+                        self.too_large(tool, principal, call_id, outcome).await
+                    }
                 }
-            },
+            }
             Err(ExecError::Rejected(why)) => {
                 let denial = policy::Denial::new(Denied::Call, why);
+                let reason = denial.to_string();
                 self.audit_token(
                     self.record(Event::Call, Decision::Deny)
                         .tool(tool)
                         .principal(principal)
-                        .reason(&denial.to_string()),
+                        .call_id(call_id)
+                        .reason(&reason),
+                );
+                self.audit_token(
+                    outcome(Decision::Deny)
+                        .bytes(0)
+                        .withheld(false)
+                        .reason(&reason),
                 );
                 self.send(&Response::Denied(denial.into())).await
             }
@@ -399,16 +436,44 @@ impl Session {
                     ExecError::Internal(_) => ErrorCode::Internal,
                     _ => ErrorCode::Upstream,
                 };
+                let withheld = matches!(e, ExecError::Withheld(_));
                 let reason = e.to_string();
                 self.audit_token(
                     self.record(Event::CallFailed, Decision::Error)
                         .tool(tool)
                         .principal(principal)
+                        .call_id(call_id)
+                        .reason(&reason),
+                );
+                self.audit_token(
+                    outcome(Decision::Error)
+                        .bytes(0)
+                        .withheld(withheld)
                         .reason(&reason),
                 );
                 self.reply_error(code, reason).await
             }
         }
+    }
+
+    /// A performed call whose result does not fit in a reply.
+    async fn too_large(
+        &mut self,
+        tool: &str,
+        principal: &str,
+        call_id: &str,
+        outcome: Record<'_>,
+    ) -> Next {
+        let reason = "the result is too large to return";
+        self.audit_token(
+            self.record(Event::CallFailed, Decision::Error)
+                .tool(tool)
+                .principal(principal)
+                .call_id(call_id)
+                .reason(reason),
+        );
+        self.audit_token(outcome.bytes(0).withheld(false).reason(reason));
+        self.reply_error(ErrorCode::Upstream, reason.into()).await
     }
 
     fn record(&self, event: Event, decision: Decision) -> Record<'static> {
@@ -428,10 +493,13 @@ impl Session {
 
     fn must_audit_token(&self, record: Record<'_>) -> Result<(), crate::audit::AuditError> {
         match &self.bound {
-            Some(bound) => self
-                .broker
-                .audit
-                .must_record(&record.token(&bound.id_hex).task(&bound.task_hex)),
+            Some(bound) => {
+                let mut record = record.token(&bound.id_hex).task(&bound.task_hex);
+                if !bound.parents_hex.is_empty() {
+                    record = record.parent_token(&bound.parents_hex);
+                }
+                self.broker.audit.must_record(&record)
+            }
             None => self.broker.audit.must_record(&record),
         }
     }
@@ -471,12 +539,17 @@ impl Session {
             }) => {
                 // The signature checked out, so its id and task are the
                 // token's own: record the refusal under them.
-                self.audit_token(
-                    self.record(Event::Bind, Decision::Deny)
-                        .reason(&denial.to_string())
-                        .token(&token.id_hex)
-                        .task(&token.task_hex),
-                );
+                let reason = denial.to_string();
+                let mut record = self
+                    .record(Event::Bind, Decision::Deny)
+                    .reason(&reason)
+                    .principal(&token.verified.body.issuer)
+                    .token(&token.id_hex)
+                    .task(&token.task_hex);
+                if !token.parents_hex.is_empty() {
+                    record = record.parent_token(&token.parents_hex);
+                }
+                self.audit_token(record);
                 return self.send(&Response::Denied(denial.into())).await;
             }
             Err(BindRefused {
@@ -587,11 +660,19 @@ impl Session {
                 let id = minted.id.to_string();
                 let task = hex(&keyward_proto::token::task_hash(&mint.task));
                 let tools = mint.tools.join(",");
-                let record = self
+                let issuer = self
+                    .tokens()
+                    .ok()
+                    .and_then(|t| t.minted(&minted.id))
+                    .map(|m| m.issuer);
+                let mut record = self
                     .record(Event::Mint, Decision::Allow)
                     .tool(&tools)
                     .token(&id)
                     .task(&task);
+                if let Some(issuer) = &issuer {
+                    record = record.principal(issuer);
+                }
                 if self.broker.audit.must_record(&record).is_err() {
                     return self
                         .reply_error(ErrorCode::Internal, "the audit trail is unavailable".into())
@@ -619,15 +700,27 @@ impl Session {
         });
         match minted {
             Ok(minted) => {
+                // The record is the child's: its id, the task it
+                // inherits, the parent and its ancestors (nearest first).
                 let child = minted.id.to_string();
-                let reason = format!("child token {child}");
-                if self
-                    .must_audit_token(
-                        self.record(Event::Attenuate, Decision::Allow)
-                            .reason(&reason),
-                    )
-                    .is_err()
-                {
+                let reason = format!("child token {child} of token {}", bound.id_hex);
+                let parents = if bound.parents_hex.is_empty() {
+                    bound.id_hex.clone()
+                } else {
+                    format!("{} {}", bound.id_hex, bound.parents_hex)
+                };
+                let tools = attenuate.tools.join(",");
+                let mut record = self
+                    .record(Event::Attenuate, Decision::Allow)
+                    .principal(&bound.verified.body.issuer)
+                    .token(&child)
+                    .task(&bound.task_hex)
+                    .parent_token(&parents)
+                    .reason(&reason);
+                if !tools.is_empty() {
+                    record = record.tool(&tools);
+                }
+                if self.broker.audit.must_record(&record).is_err() {
                     return self
                         .reply_error(ErrorCode::Internal, "the audit trail is unavailable".into())
                         .await;
@@ -667,16 +760,48 @@ impl Session {
             off_reactor(|| t.revoke(&policy, &self.peer.caller(), revoke.id, token::now()))
         });
         let id = revoke.id.to_string();
+        // Who revoked (the principal the caller acts as, the token's
+        // issuer first), and the token's ancestors when this broker
+        // issued it since it started.
+        let caller = self.peer.caller();
+        let record = self.tokens().ok().and_then(|t| t.minted(&revoke.id));
+        let principal = policy.principals_of(&caller).map(|p| p.name.as_str()).fold(
+            None,
+            |found: Option<&str>, name| match (found, &record) {
+                (None, _) => Some(name),
+                (Some(_), Some(r)) if r.issuer == name => Some(name),
+                (found, _) => found,
+            },
+        );
+        let parents = self
+            .tokens()
+            .ok()
+            .and_then(|t| t.issued(&revoke.id))
+            .map(|issued| token::ancestors_text(&issued.lineage))
+            .filter(|text| !text.is_empty());
+        let decision = if revoked.is_ok() {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        };
+        let reason = revoked.as_ref().err().map(ToString::to_string);
+        let mut record = self.record(Event::Revoke, decision).token(&id);
+        if let Some(principal) = principal {
+            record = record.principal(principal);
+        }
+        if let Some(parents) = &parents {
+            record = record.parent_token(parents);
+        }
+        if let Some(reason) = &reason {
+            record = record.reason(reason);
+        }
         match revoked {
             Ok(()) => {
                 // Like every other success, a revocation is confirmed only
                 // once recorded. It is not undone without a record (that
                 // would keep alive a token someone wants dead), but the
                 // caller learns that the record is missing.
-                if self
-                    .must_audit_token(self.record(Event::Revoke, Decision::Allow).token(&id))
-                    .is_err()
-                {
+                if self.must_audit_token(record).is_err() {
                     return self
                         .reply_error(
                             ErrorCode::Internal,
@@ -691,13 +816,90 @@ impl Session {
                     .await
             }
             Err(denial) => {
-                self.audit_token(
-                    self.record(Event::Revoke, Decision::Deny)
-                        .token(&id)
-                        .reason(&denial.to_string()),
-                );
+                self.audit_token(record);
                 self.send(&Response::Denied(denial.into())).await
             }
+        }
+    }
+
+    /// `keyward-broker status`: admins only, on an unbound connection.
+    async fn status(&mut self) -> Next {
+        if let Err(reason) = self.admin_only("status") {
+            return self.refuse_request(reason).await;
+        }
+        let report = crate::status::report(&self.broker);
+        self.send(&Response::Status(report)).await
+    }
+
+    /// `keyward-broker tokens`: admins only, on an unbound connection.
+    async fn token_list(&mut self) -> Next {
+        if let Err(reason) = self.admin_only("token listing") {
+            return self.refuse_request(reason).await;
+        }
+        match self.tokens() {
+            Ok(tokens) => {
+                let list = off_reactor(|| crate::status::token_list(tokens));
+                self.send(&Response::TokenList(list)).await
+            }
+            Err(denial) => self.send(&Response::Denied(denial.into())).await,
+        }
+    }
+
+    /// Whether this connection may ask for the broker's state.
+    fn admin_only(&self, what: &str) -> Result<(), String> {
+        if self.bound.is_some() {
+            return Err(format!(
+                "{what} denied: a bound connection acts only with its token's authority"
+            ));
+        }
+        if !crate::status::is_admin(&self.broker.policy(), self.peer.uid) {
+            return Err(crate::status::not_admin(what, self.peer.uid));
+        }
+        Ok(())
+    }
+
+    /// Refuse a request that is not a policy decision on a call or token:
+    /// recorded, then denied.
+    async fn refuse_request(&mut self, reason: String) -> Next {
+        self.audit_token(self.record(Event::Refused, Decision::Deny).reason(&reason));
+        self.send(&Response::Denied(Denial { reason })).await
+    }
+
+    /// `agent-shim token inspect`: the bound token, or a given one to its
+    /// audience, its issuer or an admin.
+    async fn inspect(&mut self, inspect: keyward_proto::Inspect) -> Next {
+        let tokens = match self.tokens() {
+            Ok(tokens) => tokens,
+            Err(denial) => return self.send(&Response::Denied(denial.into())).await,
+        };
+        let policy = self.broker.policy();
+        let info = match (&self.bound, inspect.token) {
+            (Some(bound), None) => Ok(tokens.inspect(&policy, &bound.verified, token::now())),
+            (Some(_), Some(_)) => Err(
+                "inspection denied: a bound connection acts only with its token's authority"
+                    .to_owned(),
+            ),
+            (None, None) => Err("inspection denied: no token given to inspect".to_owned()),
+            (None, Some(text)) => match tokens.decode(&text) {
+                Err(denial) => Err(format!("inspection denied: {denial}")),
+                Ok(verified)
+                    if crate::status::may_inspect(&policy, &self.peer.caller(), &verified) =>
+                {
+                    Ok(tokens.inspect(&policy, &verified, token::now()))
+                }
+                Ok(verified) => Err(format!(
+                    "inspection denied: token {} was issued for uid {}, and uid {} is neither \
+                     that, nor its issuer {:?}, nor an admin",
+                    verified.body.id,
+                    verified.body.audience.uid,
+                    self.peer.uid,
+                    verified.body.issuer
+                )),
+            },
+        };
+        match info {
+            Ok(info) => self.send(&Response::TokenInfo(info)).await,
+            Err(reason) => self.refuse_request(reason).await,
         }
     }
 
@@ -834,11 +1036,15 @@ auth = { bearer = true }
 
     impl Harness {
         fn new(limits: Option<Limits>) -> Harness {
+            Harness::with_audit(limits, Audit::stderr())
+        }
+
+        fn with_audit(limits: Option<Limits>, audit: Audit) -> Harness {
             let source = Source::parse("t.toml", CONFIG.to_owned()).unwrap();
             let policy = Policy::compile(&source).unwrap();
             // No credential is loaded: the "api" tool names one anyway.
             let executor = Executor::new(Credentials::default()).unwrap();
-            let mut broker = Broker::new(policy, executor, Audit::stderr());
+            let mut broker = Broker::new(policy, executor, audit);
             if let Some(limits) = limits {
                 broker = broker.with_limits(limits, 1024);
             }
@@ -904,6 +1110,56 @@ auth = { bearer = true }
         let unknown = client.call("nope", &[]).unwrap();
         assert!(matches!(unknown, Response::Denied(_)), "{unknown:?}");
         assert!(matches!(echo(&mut client, "again"), Response::Done(_)));
+    }
+
+    #[test]
+    fn every_allowed_call_has_one_outcome_joined_by_its_call_id() {
+        let h = Harness::with_audit(None, Audit::memory());
+        let mut client = h.client();
+        assert!(matches!(echo(&mut client, "hi"), Response::Done(_)));
+        assert!(matches!(client.call("api", &[]), Ok(Response::Error(_))));
+        assert!(matches!(
+            echo(&mut client, "far too long for it"),
+            Response::Denied(_)
+        ));
+        let records: Vec<serde_json::Value> = h
+            .broker
+            .audit
+            .lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let allows: Vec<_> = records
+            .iter()
+            .filter(|r| r["event"] == "call" && r["decision"] == "allow")
+            .collect();
+        let outcomes: Vec<_> = records.iter().filter(|r| r["event"] == "outcome").collect();
+        // The denied call was never allowed: two allows, two outcomes.
+        assert_eq!(allows.len(), 2, "{records:?}");
+        assert_eq!(outcomes.len(), 2, "{records:?}");
+        for (allow, outcome) in allows.iter().zip(&outcomes) {
+            let id = allow["call_id"].as_str().unwrap();
+            assert_eq!(id.len(), 32);
+            assert_eq!(outcome["call_id"], id);
+            assert_eq!(outcome["tool"], allow["tool"]);
+            assert!(outcome["duration_ms"].is_u64(), "{outcome}");
+        }
+        assert_ne!(allows[0]["call_id"], allows[1]["call_id"]);
+        let echoed = outcomes[0];
+        assert_eq!(echoed["decision"], "info");
+        assert_eq!(echoed["status"], 200);
+        assert_eq!(echoed["bytes"], r#"{"message":"hi"}"#.len());
+        assert_eq!(echoed["withheld"], false);
+        let failed = outcomes[1];
+        assert_eq!(failed["decision"], "error");
+        assert!(failed.get("status").is_none(), "{failed}");
+        assert_eq!(failed["withheld"], false);
+        // The call_failed record of the same call names the same id.
+        let call_failed = records
+            .iter()
+            .find(|r| r["event"] == "call_failed")
+            .unwrap();
+        assert_eq!(call_failed["call_id"], allows[1]["call_id"]);
     }
 
     #[test]

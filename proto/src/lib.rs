@@ -28,8 +28,9 @@ mod value;
 
 pub use codec::{decode, encode, DecodeError, EncodeError, MAX_MESSAGE};
 pub use message::{
-    Attenuate, Bind, Bound, Call, CallResult, Check, Denial, ErrorCode, ErrorReply, Header, Hello,
-    Mint, Minted, Param, ParamInfo, Request, Response, Revoke, Revoked, ToolInfo, ToolList,
+    Attenuate, Bind, Bound, Call, CallResult, Check, CredentialStatus, Denial, ErrorCode,
+    ErrorReply, Header, Hello, Inspect, Mint, Minted, Param, ParamInfo, Request, Response, Revoke,
+    Revoked, StatusReport, TokenInfo, TokenList, TokenSummary, ToolInfo, ToolList, UidSessions,
 };
 pub use value::Value;
 

@@ -33,6 +33,15 @@ pub enum Request {
     Tools,
     /// Revoke a token and all its descendants.
     Revoke(Revoke),
+    /// The broker's state for an admin (root or `admin_uids`): uptime,
+    /// policy, sessions, tokens, credential names and states (never a
+    /// value).
+    Status,
+    /// Every live token this broker issued (root or `admin_uids`).
+    Tokens,
+    /// What a token allows and how much of it is left: the given token, or
+    /// on a bound connection (with `None`) the bound one.
+    Inspect(Inspect),
 }
 
 /// What the broker answers; exactly one per request.
@@ -54,6 +63,12 @@ pub enum Response {
     ToolList(ToolList),
     /// The token is revoked.
     Revoked(Revoked),
+    /// The answer to `Status`.
+    Status(StatusReport),
+    /// The answer to `Tokens`.
+    TokenList(TokenList),
+    /// The answer to `Inspect`.
+    TokenInfo(TokenInfo),
 }
 
 /// Version exchange.
@@ -299,6 +314,116 @@ pub struct ParamInfo {
     /// The token's constraints on this parameter.
     #[serde(deserialize_with = "crate::bounded::vec")]
     pub constraints: Vec<Constraint>,
+}
+
+/// `Inspect`: the token string to inspect (`Debug` never shows it), or
+/// `None` for the connection's bound token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inspect {
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for Inspect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = self.token.as_ref().map(|_| "[token]");
+        f.debug_struct("Inspect").field("token", &shown).finish()
+    }
+}
+
+/// `Status`: what an admin asks of a running broker. Never a credential
+/// value.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct StatusReport {
+    /// The broker's version.
+    pub version: String,
+    /// Unix seconds it started at, and seconds since.
+    pub started_at: u64,
+    pub uptime_secs: u64,
+    /// The configuration file and the socket served.
+    pub config: String,
+    pub socket: String,
+    /// Unix seconds the policy in force was loaded (start or reload) at,
+    /// and the blake3 hash of its file's text.
+    pub policy_loaded_at: u64,
+    pub policy_hash: [u8; 32],
+    /// Open sessions (connections and channels), per uid.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub sessions: Vec<UidSessions>,
+    /// Live tokens recorded; `None` when tokens are disabled.
+    pub live_tokens: Option<u64>,
+    /// Every credential the configuration names, with its state.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub credentials: Vec<CredentialStatus>,
+    /// Calls allowed, denied and failed, and refusals, since start.
+    pub calls_allowed: u64,
+    pub calls_denied: u64,
+    pub calls_failed: u64,
+    pub refused: u64,
+}
+
+/// Open sessions of one uid.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct UidSessions {
+    pub uid: u32,
+    pub sessions: u64,
+}
+
+/// A credential's name and state (`loaded`, `not loaded`, ...), never
+/// its value.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct CredentialStatus {
+    pub name: String,
+    pub state: String,
+}
+
+/// `Tokens`: the live tokens this broker issued.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct TokenList {
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub tokens: Vec<TokenSummary>,
+}
+
+/// One issued token, as `Tokens` lists it. `audience`, `task` and
+/// `parent` are known for tokens issued since the broker started.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct TokenSummary {
+    pub id: TokenId,
+    pub issuer: String,
+    /// The uid whose request created it.
+    pub owner: u32,
+    pub audience: Option<Audience>,
+    pub task: Option<[u8; 32]>,
+    pub parent: Option<TokenId>,
+    pub uses: u32,
+    pub max_uses: Option<u32>,
+    pub expires: u64,
+    pub revoked: bool,
+}
+
+/// `Inspect`: one token, what it allows and how much is left.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct TokenInfo {
+    pub id: TokenId,
+    pub issuer: String,
+    pub task: [u8; 32],
+    pub audience: Audience,
+    pub not_before: u64,
+    pub expires: u64,
+    /// The broker's clock when it answered (for "in 4m 12s").
+    pub now: u64,
+    pub max_uses: Option<u32>,
+    /// Uses counted so far.
+    pub uses: u32,
+    /// Ancestors, root first.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub lineage: Vec<TokenId>,
+    /// Good for exactly one call.
+    pub exact_call: bool,
+    /// Why it cannot be used now (expired, revoked, ...), if so.
+    pub unusable: Option<String>,
+    /// Its grants as the policy in force reads them.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub tools: Vec<ToolInfo>,
 }
 
 /// One of the policy's checks on a parameter, as data.

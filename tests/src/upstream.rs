@@ -134,6 +134,12 @@ fn respond(mut request: tiny_http::Request, seen: &Mutex<Vec<Seen>>) {
         tiny_http::Response::from_string("slow but done")
     } else if url == "/big" {
         tiny_http::Response::from_string("x".repeat(100_000))
+    } else if let Some(code) = url
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        // `/status/NNN`: that status, with a body naming it.
+        tiny_http::Response::from_string(format!("status {code}")).with_status_code(code)
     } else {
         tiny_http::Response::from_string("not found").with_status_code(404)
     };

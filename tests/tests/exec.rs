@@ -261,6 +261,27 @@ fn credential_output_is_withheld() {
     assert_no_secret("audit", &f.broker.audit());
     // The same broker still runs a clean program.
     assert_eq!(f.argv_of("argv", "ok"), ["fixed", "ok"]);
+    // Each call's outcome says what it came to, joined by its call id.
+    let records = f.broker.audit_records();
+    for (tool, withheld) in [
+        ("print_env", true),
+        ("print_env_b64", true),
+        ("print_file", true),
+        ("argv", false),
+    ] {
+        let allow = records
+            .iter()
+            .find(|r| r["event"] == "call" && r["decision"] == "allow" && r["tool"] == tool)
+            .unwrap_or_else(|| panic!("{tool}: no allow"));
+        let outcome = records
+            .iter()
+            .find(|r| r["event"] == "outcome" && r["call_id"] == allow["call_id"])
+            .unwrap_or_else(|| panic!("{tool}: no outcome for {allow}"));
+        assert_eq!(outcome["withheld"], withheld, "{outcome}");
+        if !withheld {
+            assert_eq!(outcome["status"], 200, "{outcome}");
+        }
+    }
 }
 
 #[test]

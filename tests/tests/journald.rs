@@ -5,6 +5,14 @@
 //! real broker writes to it with `--audit journald`, and `journalctl`
 //! finds every decision the way docs/OPERATIONS.md tells admins to.
 //!
+//! What happened, not only what was allowed: an outcome record for each
+//! performed call (an upstream 404 and 500, a response withheld for
+//! leaking) joined to its decision by call id; who minted, attenuated
+//! and revoked a token; every action of a token's descendants found by
+//! the parent's id; the task hash `agent-shim task-hash` prints is the
+//! one a real call is recorded under; the start record names version,
+//! config and socket.
+//!
 //! Attacks: a process of another uid forges an entry with the broker's
 //! identifier, `KEYWARD_*` fields and even `_UID=`; the documented
 //! trusted-field query excludes it. journald dies: the broker refuses the
@@ -23,7 +31,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use keyward_broker::journal;
-use keyward_tests::upstream::Upstream;
+use keyward_tests::upstream::{Hostile, Upstream};
 use keyward_tests::{
     assert_no_secret, require_root, shim_command, Broker, BrokerSetup, Ran, PRINCIPAL_UID, SECRET,
     STRANGER_UID,
@@ -35,6 +43,10 @@ const INNER: &str = "KEYWARD_TEST_PRIVATE_JOURNAL";
 const BROKER_UID: u32 = 61200;
 const CALL_ID: &str = "2199d2a66c774d17a375b2811c3c4b75";
 const START_ID: &str = "2f6f954213d045c7b7e2f07fb5a25a54";
+const OUTCOME_ID: &str = "e19ef4951896423f89f6bafe41317827";
+const MINT_ID: &str = "6d763ac31ec241fd8a83dbff57ce3acd";
+const ATTENUATE_ID: &str = "767ff77ad6b84a3296efbdf565364149";
+const REVOKE_ID: &str = "f72395a0f9f445e6b0c0e20b12483a96";
 
 #[test]
 fn journald_audit_end_to_end() {
@@ -107,7 +119,8 @@ fn in_private_journal() {
     let mut journald = Journald::start();
 
     let upstream = Upstream::start();
-    let config = config(upstream.port);
+    let hostile = Hostile::start();
+    let config = config(upstream.port, hostile.port);
     let mut broker = Broker::spawn(BrokerSetup {
         config: &config,
         credentials: &[("api.token", SECRET)],
@@ -177,10 +190,15 @@ fn in_private_journal() {
     assert_eq!(allow["KEYWARD_PEER_UID"], PRINCIPAL_UID.to_string());
     assert_eq!(allow["PRIORITY"], "6");
     assert_eq!(allow["SYSLOG_FACILITY"], "10");
+    let starts = query(&[&format!("MESSAGE_ID={START_ID}"), &trusted]);
+    assert_eq!(starts.len(), 1);
+    // The start record names the version, the config and the socket.
+    assert_eq!(starts[0]["KEYWARD_VERSION"], env!("CARGO_PKG_VERSION"));
     assert_eq!(
-        query(&[&format!("MESSAGE_ID={START_ID}"), &trusted]).len(),
-        1
+        starts[0]["KEYWARD_CONFIG"],
+        broker.config_path.to_str().unwrap()
     );
+    assert_eq!(starts[0]["KEYWARD_SOCKET"], socket.to_str().unwrap());
     // "What was denied in the last hour", as OPERATIONS.md writes it.
     assert_eq!(
         query(&["--since=-1h", "KEYWARD_DECISION=deny", &trusted]).len(),
@@ -211,6 +229,9 @@ fn in_private_journal() {
 
     large_entry_goes_by_memfd();
 
+    outcomes_are_joined_to_their_decisions(&socket, &trusted);
+    token_lineage_and_principals(&broker, &socket, &trusted);
+
     // No form of the secret anywhere in the journal or the broker's output.
     assert_no_secret("the journal", &journal_text(&["-o", "export", "--all"]));
     assert_no_secret("broker stderr", &broker.stderr());
@@ -220,19 +241,45 @@ fn in_private_journal() {
     drop(journald);
 }
 
-fn config(port: u16) -> String {
+fn config(port: u16, hostile: u16) -> String {
     format!(
         r#"
 [broker]
 socket = "{{socket}}"
 socket_mode = "0666"
 credentials_dir = "{{dir}}/creds"
+state_dir = "{{dir}}/run/state"
 call_timeout = "5s"
 
 [[principal]]
 name = "orchestrator"
 uids = [{PRINCIPAL_UID}]
-may_call = ["protected", "echo", "send_email"]
+may_call = ["protected", "echo", "send_email", "missing", "broken", "leaky"]
+may_delegate = ["echo"]
+
+[[tool]]
+name = "missing"
+kind = "http"
+credential = "api"
+method = "GET"
+url = "http://127.0.0.1:{port}/status/404"
+auth = {{ bearer = true }}
+
+[[tool]]
+name = "broken"
+kind = "http"
+credential = "api"
+method = "GET"
+url = "http://127.0.0.1:{port}/status/500"
+auth = {{ bearer = true }}
+
+[[tool]]
+name = "leaky"
+kind = "http"
+credential = "api"
+method = "GET"
+url = "http://127.0.0.1:{hostile}/base64-wrapped"
+auth = {{ bearer = true }}
 
 [credential.api]
 file = "api.token"
@@ -268,6 +315,224 @@ fn call(socket: &Path, uid: u32, args: &[&str]) -> Ran {
     let mut all = vec!["call"];
     all.extend_from_slice(args);
     Ran::from(shim_command(socket, uid, &all).output().unwrap())
+}
+
+/// An upstream 404, an upstream 500 and a response withheld for leaking
+/// each leave one outcome record, found by the call id of its `allow`.
+fn outcomes_are_joined_to_their_decisions(socket: &Path, trusted: &str) {
+    for (tool, status, body) in [
+        ("missing", "404", "status 404"),
+        ("broken", "500", "status 500"),
+    ] {
+        let ran = call(socket, PRINCIPAL_UID, &[tool]);
+        assert_eq!(ran.code, Some(1), "{ran:?}");
+        let outcome = outcome_of(tool, trusted);
+        assert_eq!(outcome["KEYWARD_STATUS"], status, "{outcome}");
+        assert_eq!(
+            outcome["KEYWARD_BYTES"],
+            body.len().to_string(),
+            "{outcome}"
+        );
+        assert_eq!(outcome["KEYWARD_WITHHELD"], "false", "{outcome}");
+        assert_eq!(outcome["KEYWARD_DECISION"], "info", "{outcome}");
+        assert_eq!(outcome["KEYWARD_PRINCIPAL"], "orchestrator", "{outcome}");
+        assert!(
+            field(&outcome, "KEYWARD_DURATION_MS")
+                .parse::<u64>()
+                .is_ok(),
+            "{outcome}"
+        );
+        assert!(
+            field(&outcome, "MESSAGE").contains(&format!("returned status {status}")),
+            "{outcome}"
+        );
+    }
+    let ran = call(socket, PRINCIPAL_UID, &["leaky"]);
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stderr.contains("withheld"), "{ran:?}");
+    let outcome = outcome_of("leaky", trusted);
+    assert_eq!(outcome["KEYWARD_WITHHELD"], "true", "{outcome}");
+    assert_eq!(outcome["KEYWARD_BYTES"], "0", "{outcome}");
+    assert_eq!(outcome["KEYWARD_DECISION"], "error", "{outcome}");
+    assert!(outcome.get("KEYWARD_STATUS").is_none(), "{outcome}");
+}
+
+/// The outcome record of the one allowed call of `tool`, found the way
+/// OPERATIONS.md says: the allow's KEYWARD_CALL_ID, then the outcome's.
+fn outcome_of(tool: &str, trusted: &str) -> Value {
+    let tool_match = format!("KEYWARD_TOOL={tool}");
+    let allows = wait_for(
+        &[
+            &format!("MESSAGE_ID={CALL_ID}"),
+            "KEYWARD_DECISION=allow",
+            &tool_match,
+            trusted,
+        ],
+        1,
+    );
+    assert_eq!(allows.len(), 1, "{allows:?}");
+    let call_id = field(&allows[0], "KEYWARD_CALL_ID");
+    assert_eq!(call_id.len(), 32, "a 128-bit hex id: {call_id}");
+    assert!(call_id.chars().all(|c| c.is_ascii_hexdigit()), "{call_id}");
+    let outcomes = wait_for(
+        &[
+            &format!("MESSAGE_ID={OUTCOME_ID}"),
+            &format!("KEYWARD_CALL_ID={call_id}"),
+            trusted,
+        ],
+        1,
+    );
+    assert_eq!(outcomes.len(), 1, "one outcome per call: {outcomes:?}");
+    assert_eq!(outcomes[0]["KEYWARD_TOOL"], tool);
+    outcomes[0].clone()
+}
+
+/// Mint (orchestrator) -> child -> grandchild (the sub-agent attenuates);
+/// the grandchild calls; the orchestrator revokes the child. Every record
+/// says which principal, and a query on the first token's id finds
+/// everything its descendants did.
+fn token_lineage_and_principals(broker: &Broker, socket: &Path, trusted: &str) {
+    let task = "send Alice the Q3 report";
+    let shim = |uid: u32, args: &[&str]| {
+        let ran = Ran::from(shim_command(socket, uid, args).output().unwrap());
+        assert_eq!(ran.code, Some(0), "{args:?}: {ran:?}");
+        ran
+    };
+    let sub = STRANGER_UID.to_string();
+    let minted = shim(
+        PRINCIPAL_UID,
+        &["mint", "--tool", "echo", "--task", task, "--for-uid", &sub],
+    );
+    let token_id = |ran: &Ran| {
+        ran.stderr
+            .split_whitespace()
+            .skip_while(|w| *w != "token")
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    };
+    let (parent, parent_id) = (minted.stdout.trim().to_owned(), token_id(&minted));
+    let child = shim(STRANGER_UID, &["attenuate", "--token", &parent]);
+    let (child, child_id) = (child.stdout.trim().to_owned(), token_id(&child));
+    let grandchild = shim(STRANGER_UID, &["attenuate", "--token", &child]);
+    let (grandchild, grandchild_id) = (grandchild.stdout.trim().to_owned(), token_id(&grandchild));
+    shim(
+        STRANGER_UID,
+        &["call", "--token", &grandchild, "echo", "message=hi"],
+    );
+    let revoked = Command::new(keyward_tests::binary("keyward-broker"))
+        .args(["revoke", "--config"])
+        .arg(&broker.config_path)
+        .arg(&child_id)
+        .uid(PRINCIPAL_UID)
+        .gid(PRINCIPAL_UID)
+        .output()
+        .unwrap();
+    assert!(revoked.status.success(), "{revoked:?}");
+
+    // Who minted it, and under which task hash: the one task-hash prints.
+    let mint = wait_for(
+        &[
+            &format!("MESSAGE_ID={MINT_ID}"),
+            &format!("KEYWARD_TOKEN_ID={parent_id}"),
+            trusted,
+        ],
+        1,
+    );
+    assert_eq!(mint[0]["KEYWARD_PRINCIPAL"], "orchestrator", "{}", mint[0]);
+    let hash = shim(STRANGER_UID, &["task-hash", task]).stdout;
+    let hash = hash.trim();
+    assert_eq!(hash.len(), 64, "{hash}");
+    assert_eq!(mint[0]["KEYWARD_TASK"], hash);
+
+    // The grandchild's call: its own id, both ancestors, the task.
+    let calls = wait_for(
+        &[
+            &format!("MESSAGE_ID={CALL_ID}"),
+            &format!("KEYWARD_TOKEN_ID={grandchild_id}"),
+            trusted,
+        ],
+        1,
+    );
+    assert_eq!(
+        calls[0]["KEYWARD_TASK"], hash,
+        "task-hash is the recorded one"
+    );
+    // (journald keeps a field's values, not their order.)
+    let mut parents = values(&calls[0], "KEYWARD_PARENT_TOKEN_ID");
+    parents.sort();
+    let mut want = [child_id.clone(), parent_id.clone()];
+    want.sort();
+    assert_eq!(parents, want, "{}", calls[0]);
+    // Everything a descendant did, by the first token's id: both
+    // attenuations, the grandchild's bind, call and outcome, and the
+    // revocation of the child.
+    let descendants = wait_for(
+        &[&format!("KEYWARD_PARENT_TOKEN_ID={parent_id}"), trusted],
+        6,
+    );
+    let events: Vec<String> = descendants
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                field(e, "KEYWARD_EVENT"),
+                field(e, "KEYWARD_TOKEN_ID")
+            )
+        })
+        .collect();
+    for want in [
+        format!("attenuate {child_id}"),
+        format!("attenuate {grandchild_id}"),
+        format!("bind {grandchild_id}"),
+        format!("call {grandchild_id}"),
+        format!("outcome {grandchild_id}"),
+        format!("revoke {child_id}"),
+    ] {
+        assert!(events.contains(&want), "{want} not in {events:?}");
+    }
+    assert!(
+        !events.iter().any(|e| e.ends_with(&parent_id)),
+        "the parent's own records are not its descendants': {events:?}"
+    );
+    let by_child = query(&[&format!("KEYWARD_PARENT_TOKEN_ID={child_id}"), trusted]);
+    assert!(
+        by_child
+            .iter()
+            .any(|e| e["KEYWARD_EVENT"] == "outcome"
+                && e["KEYWARD_TOKEN_ID"] == grandchild_id.as_str()),
+        "{by_child:?}"
+    );
+    // Who attenuated (the issuer's principal) and who revoked.
+    for (message_id, id) in [(ATTENUATE_ID, &child_id), (REVOKE_ID, &child_id)] {
+        let entry = &wait_for(
+            &[
+                &format!("MESSAGE_ID={message_id}"),
+                &format!("KEYWARD_TOKEN_ID={id}"),
+                "KEYWARD_DECISION=allow",
+                trusted,
+            ],
+            1,
+        )[0];
+        assert_eq!(entry["KEYWARD_PRINCIPAL"], "orchestrator", "{entry}");
+        assert_eq!(
+            values(entry, "KEYWARD_PARENT_TOKEN_ID"),
+            vec![parent_id.clone()]
+        );
+    }
+}
+
+/// Every value of a field that an entry may carry more than once
+/// (journalctl prints several as an array).
+fn values(entry: &Value, name: &str) -> Vec<String> {
+    match &entry[name] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect(),
+        other => panic!("{name} is {other}"),
+    }
 }
 
 /// Private tmpfs over everything journald writes or reads: /run (its
@@ -340,7 +605,7 @@ fn run(cmd: &mut Command) {
 fn audit_journald_needs_a_journal() {
     assert!(!Path::new(journal::SOCKET).exists());
     let mut broker = Broker::spawn(BrokerSetup {
-        config: &config(9),
+        config: &config(9, 9),
         credentials: &[("api.token", SECRET)],
         args: &["--audit", "journald"],
         ..BrokerSetup::default()
@@ -354,7 +619,7 @@ fn audit_journald_needs_a_journal() {
     assert!(!broker.socket.exists(), "served without an audit trail");
 
     let mut broker = Broker::spawn(BrokerSetup {
-        config: &config(9),
+        config: &config(9, 9),
         credentials: &[("api.token", SECRET)],
         args: &["--audit", "auto"],
         ..BrokerSetup::default()

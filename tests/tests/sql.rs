@@ -261,9 +261,20 @@ fn a_lookup_returns_rows_as_json() {
     );
     assert_eq!(all["truncated"], true);
     let records = f.broker.audit_records();
-    assert!(records.iter().any(|r| r["event"] == "call"
-        && r["decision"] == "allow"
-        && r["tool"] == "customer_lookup"));
+    let allow = records
+        .iter()
+        .find(|r| {
+            r["event"] == "call" && r["decision"] == "allow" && r["tool"] == "customer_lookup"
+        })
+        .unwrap();
+    // Its outcome, joined by the call id: performed, rows returned.
+    let outcome = records
+        .iter()
+        .find(|r| r["event"] == "outcome" && r["call_id"] == allow["call_id"])
+        .unwrap_or_else(|| panic!("no outcome for {allow}"));
+    assert_eq!(outcome["status"], 200, "{outcome}");
+    assert!(outcome["bytes"].as_u64().unwrap() > 0, "{outcome}");
+    assert_eq!(outcome["withheld"], false, "{outcome}");
 }
 
 #[test]

@@ -38,6 +38,10 @@ pub(super) fn compile(src: &Source) -> Result<Policy, Vec<Located>> {
             broker,
             principals,
             tools,
+            source_hash: super::source_hash(src.text.as_bytes()),
+            loaded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         })
     } else {
         // Stable: errors of one line keep the order they were found in.

@@ -33,6 +33,10 @@ pub struct Policy {
     pub broker: BrokerSettings,
     principals: Vec<Principal>,
     tools: BTreeMap<String, Arc<Tool>>,
+    /// blake3 of the configuration text it was compiled from.
+    pub source_hash: [u8; 32],
+    /// When it was compiled (loaded), in unix seconds.
+    pub loaded_at: u64,
 }
 
 /// `[broker]` with defaults applied and values checked.
@@ -92,6 +96,11 @@ pub struct AuthorizedCall {
     pub tool: Arc<Tool>,
     pub principal: String,
     pub params: BTreeMap<String, TypedValue>,
+}
+
+/// The hash `status` shows of a configuration file's text: blake3.
+pub fn source_hash(text: &[u8]) -> [u8; 32] {
+    *blake3::hash(text).as_bytes()
 }
 
 impl Policy {

@@ -365,6 +365,20 @@ impl TokenState {
         self.shared.lock().minted.get(id).cloned()
     }
 
+    /// Every token recorded (minted here and not yet pruned), with its
+    /// uses so far.
+    pub fn minted_all(&self) -> Vec<(TokenId, MintRecord, u32)> {
+        let memory = self.shared.lock();
+        memory
+            .minted
+            .iter()
+            .map(|(id, record)| {
+                let uses = memory.uses.get(id).copied().unwrap_or(0);
+                (*id, record.clone(), uses)
+            })
+            .collect()
+    }
+
     /// Uses counted so far.
     pub fn uses(&self, id: &TokenId) -> u32 {
         self.shared.lock().uses.get(id).copied().unwrap_or(0)

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyward_proto::token::{self, Audience, Constraint, Grant, TokenBody, TokenId, Verified};
-use keyward_proto::{Attenuate, Call, Mint, Minted, ToolInfo, Value};
+use keyward_proto::{Attenuate, Call, Mint, Minted, TokenInfo, ToolInfo, Value};
 
 use crate::credential::Credentials;
 use crate::keys::{KeyError, Keys};
@@ -66,6 +66,9 @@ pub struct BoundToken {
     pub verified: Verified,
     pub id_hex: String,
     pub task_hex: String,
+    /// The ids of its ancestors, nearest first, space-separated (empty
+    /// for a minted token): the `parent_token_id` of its records.
+    pub parents_hex: String,
     attenuations: AtomicU32,
     channels: AtomicUsize,
 }
@@ -93,6 +96,7 @@ impl BoundToken {
         BoundToken {
             id_hex: verified.body.id.to_string(),
             task_hex: token::hex(&verified.body.task),
+            parents_hex: ancestors_text(&verified.body.lineage),
             verified,
             attenuations: AtomicU32::new(0),
             channels: AtomicUsize::new(0),
@@ -118,6 +122,31 @@ impl BoundToken {
     }
 }
 
+/// Ancestor ids (`lineage`, root first) as audit records show them:
+/// nearest first, separated by spaces.
+pub fn ancestors_text(lineage: &[TokenId]) -> String {
+    let mut text = String::with_capacity(lineage.len() * 33);
+    for id in lineage.iter().rev() {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(&id.to_string());
+    }
+    text
+}
+
+/// What this broker knows of a token it issued since it started, beyond
+/// what its state file records: for `keyward-broker tokens` and the
+/// audit records of a revocation. Kept in memory only (not persisted).
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub audience: Audience,
+    pub task: [u8; 32],
+    /// Ancestors, root first.
+    pub lineage: Vec<TokenId>,
+    pub expires: u64,
+}
+
 /// The broker's token authority: its key and its persistent state.
 #[derive(Debug)]
 pub struct Tokens {
@@ -125,6 +154,8 @@ pub struct Tokens {
     state: TokenState,
     /// Compiled token patterns, by source text.
     patterns: Mutex<HashMap<String, regex::Regex>>,
+    /// Tokens issued since start (see [`Issued`]).
+    issued: Mutex<HashMap<TokenId, Issued>>,
 }
 
 /// Seconds since the epoch.
@@ -167,6 +198,7 @@ impl Tokens {
             keys,
             state: TokenState::open(state_dir)?,
             patterns: Mutex::new(HashMap::new()),
+            issued: Mutex::new(HashMap::new()),
         })
     }
 
@@ -305,11 +337,128 @@ impl Tokens {
                 StateError::LiveCap { .. } | StateError::AttenuationCap { .. } => e.to_string(),
                 e => format!("cannot record the token: {e}"),
             })?;
+        self.remember(&body, now);
         Ok(Minted {
             token,
             id: body.id,
             expires: body.expires,
         })
+    }
+
+    /// Keep what the state does not record of an issued token; forget
+    /// expired ones as the map grows.
+    fn remember(&self, body: &TokenBody, now: u64) {
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        if issued.len() >= 1024 && issued.len().is_power_of_two() {
+            issued.retain(|_, t| t.expires.saturating_add(60) > now);
+        }
+        issued.insert(
+            body.id,
+            Issued {
+                audience: body.audience,
+                task: body.task,
+                lineage: body.lineage.clone(),
+                expires: body.expires,
+            },
+        );
+    }
+
+    /// What this broker issued as `id` since it started, if it did.
+    pub fn issued(&self, id: &TokenId) -> Option<Issued> {
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// What the state records of a token this broker minted (and has not
+    /// forgotten since it expired).
+    pub fn minted(&self, id: &TokenId) -> Option<MintRecord> {
+        self.state.minted(id)
+    }
+
+    /// Every token the state records, with its uses so far and whether it
+    /// is revoked, by expiry.
+    pub fn live_tokens(&self) -> Vec<(TokenId, MintRecord, u32, bool)> {
+        let mut tokens: Vec<_> = self
+            .state
+            .minted_all()
+            .into_iter()
+            .map(|(id, record, uses)| {
+                let revoked = self.state.revoked_among([&id]).is_some();
+                (id, record, uses, revoked)
+            })
+            .collect();
+        tokens.sort_by_key(|(id, record, ..)| (record.expires, *id));
+        tokens
+    }
+
+    /// Uses of `id` counted so far.
+    pub fn uses(&self, id: &TokenId) -> u32 {
+        self.state.uses(id)
+    }
+
+    /// Whether `id` or an ancestor in `lineage` is revoked.
+    pub fn revoked(&self, id: TokenId, lineage: &[TokenId]) -> Option<TokenId> {
+        self.state
+            .revoked_among(lineage.iter().chain(std::iter::once(&id)))
+    }
+
+    /// Check a token's signature (and nothing else: for inspection).
+    pub fn decode(&self, token: &str) -> Result<Verified, Denial> {
+        token::verify(token, &self.keys.verifying())
+            .map_err(|e| Denial::new(Denied::Token(None), e.to_string()))
+    }
+
+    /// The current (clock-checked) time of the state.
+    pub fn clock(&self, now: u64) -> u64 {
+        self.state.clock(now)
+    }
+
+    /// What a (signature-checked) token allows under the policy in force,
+    /// how much of it is left, and why it cannot be used now if so.
+    pub fn inspect(&self, policy: &Policy, verified: &Verified, now: u64) -> TokenInfo {
+        let now = self.state.clock(now);
+        let body = &verified.body;
+        let unusable = if now < body.not_before {
+            Some("it is not valid yet".to_owned())
+        } else if now >= body.expires {
+            Some("it has expired".to_owned())
+        } else {
+            self.revoked(body.id, &body.lineage).map(|revoked| {
+                if revoked == body.id {
+                    "it has been revoked".to_owned()
+                } else {
+                    format!("its parent token {revoked} has been revoked")
+                }
+            })
+        };
+        let issuer = policy.principal(&body.issuer);
+        let tools = body
+            .grants
+            .iter()
+            .filter_map(|grant| {
+                let tool = policy.tool(&grant.tool)?;
+                let may = issuer.is_some_and(|p| p.may_delegate.iter().any(|t| *t == tool.name));
+                may.then(|| describe_tool(tool, &grant.params))
+            })
+            .collect();
+        TokenInfo {
+            id: body.id,
+            issuer: body.issuer.clone(),
+            task: body.task,
+            audience: body.audience,
+            not_before: body.not_before,
+            expires: body.expires,
+            now,
+            max_uses: body.max_uses,
+            uses: self.state.uses(&body.id),
+            lineage: body.lineage.clone(),
+            exact_call: body.call_hash.is_some(),
+            unusable,
+            tools,
+        }
     }
 
     // -- verify and bind ----------------------------------------------------
@@ -597,6 +746,18 @@ impl Tokens {
     ) -> Result<(), Denial> {
         let refuse = |why: String| Denial::new(Denied::Revocation(id), why);
         let admin = caller.uid == 0 || policy.broker.admin_uids.contains(&caller.uid);
+        // With a key of its own (made in the state directory) no other
+        // broker can issue a token this one accepts: an id it has no
+        // record of was never issued, or has expired and is dead anyway.
+        // With a shared signing_key, tokens minted elsewhere are valid
+        // here, so an admin may revoke an id this broker never saw.
+        if admin && policy.broker.signing_key.is_none() && self.state.minted(&id).is_none() {
+            return Err(refuse(
+                "this broker never issued it (or it has expired and been forgotten); \
+                 nothing was revoked"
+                    .into(),
+            ));
+        }
         if !admin {
             let record = self
                 .state
