@@ -42,6 +42,8 @@ pub mod sys;
 pub mod template;
 pub mod token;
 pub mod tool;
+pub mod unit;
+pub mod warnings;
 
 pub use broker::Broker;
 pub use server::serve;
@@ -67,4 +69,10 @@ pub enum Error {
     Sys(#[from] sys::SysError),
     #[error(transparent)]
     Tokens(#[from] token::TokenSetupError),
+    #[error(transparent)]
+    Pinning(#[from] peer::PinSetupError),
+    #[error(transparent)]
+    UnitFile(#[from] unit::UnitError),
+    #[error("the configuration and the installed units disagree:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Unit(Vec<String>),
 }

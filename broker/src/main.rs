@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use keyward_broker::audit::AuditTarget;
-use keyward_broker::daemon::{run_check, run_pubkey, run_revoke, run_serve};
+use keyward_broker::daemon::{run_check, run_pubkey, run_revoke, run_serve, UnitChoice};
 
 /// keyward-broker holds credentials and performs credentialed calls on
 /// behalf of local callers, after its policy has validated every parameter.
@@ -56,7 +56,16 @@ enum Command {
         id: String,
     },
     /// Check a configuration file and its policy; print every error with
-    /// its location.
+    /// its location, and warnings (a credential sent over plain http).
+    ///
+    /// Where the service unit can be read (--unit, default
+    /// /etc/systemd/system/keyward-broker.service if it exists), also
+    /// check that its LoadCredential= lines (drop-ins included) load every
+    /// credential the configuration names, and that the socket unit beside
+    /// it listens where the configuration says, with SOCK_SEQPACKET. And
+    /// that peers can be authenticated where it runs (on kernels before
+    /// 6.5, /proc must show other users' processes). Exit status 1 on any
+    /// error; the unit runs it as ExecStartPre= and before every reload.
     Check {
         /// Configuration file to check.
         #[arg(long)]
@@ -64,6 +73,13 @@ enum Command {
         /// Also load the credentials (needs read access to them).
         #[arg(long)]
         credentials: bool,
+        /// The service unit to compare with (its drop-ins and the socket
+        /// unit beside it are read too).
+        #[arg(long, value_name = "PATH", conflicts_with = "no_unit")]
+        unit: Option<PathBuf>,
+        /// Do not compare with any unit.
+        #[arg(long)]
+        no_unit: bool,
     },
 }
 
@@ -78,7 +94,16 @@ fn main() -> ExitCode {
         Command::Check {
             config,
             credentials,
-        } => run_check(&config, credentials),
+            unit,
+            no_unit,
+        } => {
+            let unit = match (unit, no_unit) {
+                (Some(path), _) => UnitChoice::Path(path),
+                (None, true) => UnitChoice::Skip,
+                (None, false) => UnitChoice::Default,
+            };
+            run_check(&config, credentials, &unit)
+        }
         Command::Pubkey { config } => run_pubkey(&config),
         Command::Revoke { config, id } => return run_revoke(&config, &id),
     };
