@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use base64::Engine as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use zeroize::Zeroize as _;
 
 use crate::client::{socket_path, Client, ClientError, KEYWARD_FD_ENV};
@@ -198,6 +198,15 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
     },
+    /// Write the man pages (agent-shim(1) and one per subcommand) and the
+    /// bash, zsh and fish completions under DIR (DIR/man/man1,
+    /// DIR/completions/SHELL), and print their paths.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write them.
+        #[arg(value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
 }
 
 /// `N`, `NK`, `NM`, `NG` or `NT` (powers of 1024).
@@ -314,6 +323,15 @@ pub fn main() -> ExitCode {
         } => match token.get() {
             Ok(token) => tools(token.as_ref(), json, json_schema),
             Err(e) => fail_as(json || json_schema, "usage", &e),
+        },
+        Command::GenerateDocs { out } => match crate::manual::write_docs(Cli::command(), &out) {
+            Ok(written) => {
+                for path in written {
+                    println!("{}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&format!("writing the documentation: {e}")),
         },
         Command::Mcp { token } => match token.get() {
             Ok(token) => mcp(token.as_ref()),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use keyward_broker::audit::AuditTarget;
 use keyward_broker::daemon::{run_check, run_pubkey, run_revoke, run_serve, UnitChoice};
@@ -81,6 +81,33 @@ enum Command {
         #[arg(long)]
         no_unit: bool,
     },
+    /// Write the man pages (keyward-broker(8), one per subcommand,
+    /// broker.toml(5)) and the bash, zsh and fish completions under DIR
+    /// (DIR/man/man8, DIR/man/man5, DIR/completions/SHELL), and print
+    /// their paths.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write them.
+        #[arg(value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// `generate-docs`: the pages and completions, from these definitions.
+fn generate_docs(out: &std::path::Path) -> Result<(), keyward_broker::Error> {
+    use keyward_broker::manual;
+    let io = |source| {
+        keyward_broker::Error::Sys(keyward_broker::sys::SysError::Call {
+            what: "writing the documentation",
+            source,
+        })
+    };
+    let mut written = manual::write_command_docs(Cli::command(), "8", out).map_err(io)?;
+    written.push(manual::write_config_page(out).map_err(io)?);
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -105,6 +132,7 @@ fn main() -> ExitCode {
             run_check(&config, credentials, &unit)
         }
         Command::Pubkey { config } => run_pubkey(&config),
+        Command::GenerateDocs { out } => generate_docs(&out),
         Command::Revoke { config, id } => return run_revoke(&config, &id),
     };
     match result {

@@ -752,3 +752,75 @@ fn serve_example_prints_commands_that_work_and_cleans_up_on_ctrl_c() {
     assert!(status.success(), "{status}");
     assert!(!dir.exists(), "{} is still there", dir.display());
 }
+
+// ---------------------------------------------------------------------------
+// Man pages and completions
+
+/// The subcommands `BINARY --help` lists (without `help`).
+fn listed_subcommands(binary_name: &str) -> Vec<String> {
+    let ran = run(Command::new(binary(binary_name)).arg("--help"));
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    ran.stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn man_pages_and_completions_generate_and_name_every_subcommand() {
+    let out = tempfile::tempdir().unwrap();
+    for (name, section) in [("keyward-broker", "8"), ("agent-shim", "1")] {
+        let ran = run(Command::new(binary(name))
+            .arg("generate-docs")
+            .arg(out.path()));
+        assert_eq!(ran.code, Some(0), "{ran:?}");
+        let subcommands = listed_subcommands(name);
+        assert!(subcommands.len() >= 4, "{subcommands:?}");
+        let dir = out.path().join(format!("man/man{section}"));
+        let main = std::fs::read_to_string(dir.join(format!("{name}.{section}"))).unwrap();
+        assert!(main.starts_with(".ie") || main.contains(".TH"), "{main}");
+        for sub in &subcommands {
+            // roff escapes the hyphen.
+            let page = format!("{name}-{sub}");
+            assert!(
+                main.contains(&page.replace('-', "\\-")),
+                "{name}({section}) does not name {sub}"
+            );
+            let sub_page = dir.join(format!("{page}.{section}"));
+            assert!(sub_page.is_file(), "{} missing", sub_page.display());
+        }
+        // The hidden generator is not a documented command.
+        assert!(!main.contains("generate\\-docs"), "{main}");
+        for (shell, file) in [
+            ("bash", name.to_owned()),
+            ("zsh", format!("_{name}")),
+            ("fish", format!("{name}.fish")),
+        ] {
+            let path = out.path().join("completions").join(shell).join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            for sub in &subcommands {
+                assert!(text.contains(sub.as_str()), "{}: no {sub}", path.display());
+            }
+        }
+        let bash = out.path().join("completions/bash").join(name);
+        let syntax = run(Command::new("bash").arg("-n").arg(&bash));
+        assert_eq!(syntax.code, Some(0), "{syntax:?}");
+    }
+    let config = std::fs::read_to_string(out.path().join("man/man5/broker.toml.5")).unwrap();
+    for key in [
+        "socket\\_mode",
+        "insecure\\_http",
+        "may\\_delegate",
+        "LoadCredential=",
+    ] {
+        assert!(
+            config.contains(key) || config.contains(&key.replace("\\_", "_")),
+            "broker.toml(5) lacks {key}"
+        );
+    }
+}
