@@ -28,9 +28,12 @@ enum Command {
         /// Configuration file (e.g. /etc/keyward/broker.toml).
         #[arg(long, required_unless_present = "example", conflicts_with = "example")]
         config: Option<PathBuf>,
-        /// Run the built-in example configuration with its socket and an
-        /// example credential in a private runtime directory, with the
-        /// current user as the only principal. For trying keyward out.
+        /// Run the built-in example configuration from a new private
+        /// directory (under $XDG_RUNTIME_DIR, else the temp dir) holding its
+        /// socket, an example credential, the token state and the effective
+        /// configuration (broker.toml, the current user as the only
+        /// principal), and print commands to try. The directory is removed
+        /// when the broker stops. For trying keyward out.
         #[arg(long)]
         example: bool,
         /// Where audit records go: journald (native entries with KEYWARD_*

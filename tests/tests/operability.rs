@@ -8,7 +8,8 @@
 //!   names the fix, instead of refusing every client;
 //! - `keyward-broker check` as `ExecStartPre=`/`ExecReload=` run it: its
 //!   exit status on a bad policy, on a credential the unit does not load,
-//!   on a policy that needs a credential the running broker lacks;
+//!   on a socket unit that listens elsewhere; with `--credentials`, on a
+//!   credential that is not in the credentials directory;
 //! - principals by user and group name, and supplementary groups;
 //! - the warning about a credential sent over plain `http://`;
 //! - connection errors that say what to do, and `--json` errors;
@@ -302,8 +303,8 @@ fn check_exit_status_follows_policy_units_and_loaded_credentials() {
     assert_eq!(ran.code, Some(0), "{ran:?}");
     assert!(ran.stdout.contains("agrees with"), "{ran:?}");
 
-    // ExecReload=: $CREDENTIALS_DIRECTORY is the running broker's. A policy
-    // that needs a credential it was not started with fails the reload.
+    // `check --credentials` against a broker's credentials directory: a
+    // policy that needs a credential that is not there fails.
     let reload = |text: &str| {
         std::fs::write(&config, text).unwrap();
         run(
@@ -823,4 +824,83 @@ fn man_pages_and_completions_generate_and_name_every_subcommand() {
             "broker.toml(5) lacks {key}"
         );
     }
+}
+
+/// The README's install lines, run for real into a scratch root (every
+/// absolute destination moved under it, the debug build standing in for
+/// the release one): they install stripped binaries, the man pages and
+/// the completions.
+#[test]
+fn the_readme_install_lines_install_man_pages_completions_and_stripped_binaries() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let install = readme.split("## Install").nth(1).unwrap();
+    let block = install
+        .split("```sh\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path().join("root");
+    // What every host has already.
+    for dir in ["usr/local/bin", "etc/systemd/system"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let bin_dir = binary("keyward-broker").parent().unwrap().to_owned();
+    let mut script = String::from("set -euo pipefail\n");
+    for line in block.lines() {
+        if line.starts_with("systemd-sysusers") {
+            break; // what follows changes the host: users, systemd, /etc
+        }
+        if line.starts_with("cargo build") {
+            continue;
+        }
+        let line = line
+            .replace(
+                "target/docs",
+                &scratch.path().join("docs").display().to_string(),
+            )
+            .replace("target/release/", &format!("{}/", bin_dir.display()))
+            .replace(" /usr/", &format!(" {}/usr/", root.display()))
+            .replace(" /etc/", &format!(" {}/etc/", root.display()));
+        script.push_str(&line);
+        script.push('\n');
+    }
+    assert!(script.contains("generate-docs"), "{script}");
+    let ran = run(Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(repo));
+    assert_eq!(ran.code, Some(0), "{ran:?}\n{script}");
+    let local = root.join("usr/local");
+    for file in [
+        "share/man/man8/keyward-broker.8",
+        "share/man/man8/keyward-broker-check.8",
+        "share/man/man5/broker.toml.5",
+        "share/man/man1/agent-shim.1",
+        "share/man/man1/agent-shim-run.1",
+        "share/bash-completion/completions/keyward-broker",
+        "share/bash-completion/completions/agent-shim",
+        "share/zsh/site-functions/_agent-shim",
+        "share/fish/vendor_completions.d/keyward-broker.fish",
+        "share/doc/keyward/OPERATIONS.md",
+    ] {
+        assert!(local.join(file).is_file(), "{file} not installed\n{script}");
+    }
+    for name in ["keyward-broker", "agent-shim"] {
+        let installed = std::fs::read(local.join("bin").join(name)).unwrap();
+        let built = std::fs::metadata(binary(name)).unwrap().len();
+        assert!(
+            (installed.len() as u64) < built,
+            "{name} is not stripped ({} of {built} bytes)",
+            installed.len()
+        );
+        let has_symtab = installed.windows(8).any(|w| w == b".symtab\0");
+        assert!(!has_symtab, "{name} still has a symbol table");
+    }
+    assert!(root
+        .join("usr/lib/systemd/catalog/keyward.catalog")
+        .is_file());
 }
