@@ -904,3 +904,43 @@ fn the_readme_install_lines_install_man_pages_completions_and_stripped_binaries(
         .join("usr/lib/systemd/catalog/keyward.catalog")
         .is_file());
 }
+
+/// Names are looked up again at every reload: a group renumbered with
+/// groupmod applies from the next SIGHUP on.
+#[test]
+fn names_are_resolved_again_on_reload() {
+    let account = Account::create("r", 61240, 61241);
+    let config = format!(
+        "[broker]\nsocket = \"{{socket}}\"\nsocket_mode = \"0666\"\n\n\
+         [[principal]]\nname = \"by-group\"\ngids = [\"{}\"]\nmay_call = [\"echo\"]\n\n\
+         [[tool]]\nname = \"echo\"\nkind = \"echo\"\nparams.message = {{ type = \"string\" }}\n",
+        account.group
+    );
+    let broker = Broker::start(&config, &[]);
+    let call = |gid: u32| {
+        shim_with_groups(
+            &broker.socket,
+            61242,
+            gid,
+            &[],
+            &["call", "echo", "message=m"],
+        )
+        .code
+    };
+    assert_eq!(call(61241), Some(0));
+    assert_eq!(call(61243), Some(3));
+    let moved = Command::new("groupmod")
+        .args(["--gid", "61243", &account.group])
+        .status()
+        .unwrap();
+    assert!(moved.success());
+    // Until the reload, the old number stays in force.
+    assert_eq!(call(61241), Some(0));
+    broker.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while call(61243) != Some(0) {
+        assert!(Instant::now() < deadline, "{}", broker.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(call(61241), Some(3));
+}
