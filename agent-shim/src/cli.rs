@@ -274,7 +274,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // `--json` asked for machine-readable output: a usage error is
             // a failure like any other.
-            if e.use_stderr() && std::env::args_os().any(|a| a == "--json") {
+            if e.use_stderr() && wants_json(std::env::args_os()) {
                 print_error_json("usage", e.kind().as_str().unwrap_or("invalid arguments"));
             }
             let _ = e.print();
@@ -390,6 +390,14 @@ fn run(options: &crate::sandbox::RunOptions) -> ExitCode {
 
 fn fail(message: &str) -> ExitCode {
     fail_as(false, "usage", message)
+}
+
+/// Whether a command line that did not parse asked for `--json` output:
+/// `call` or `tools` with `--json` before any `--`.
+fn wants_json(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    let args: Vec<_> = args.skip(1).take_while(|a| a != "--").collect();
+    let command = args.iter().find(|a| !a.to_string_lossy().starts_with('-'));
+    command.is_some_and(|c| c == "call" || c == "tools") && args.iter().any(|a| a == "--json")
 }
 
 /// An error that is not the broker's answer; with `json`, also as
@@ -613,4 +621,32 @@ fn write_body(body: &[u8]) -> std::io::Result<()> {
 
 fn print_json(value: &serde_json::Value) {
     println!("{value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> impl Iterator<Item = std::ffi::OsString> {
+        std::iter::once("agent-shim")
+            .chain(line.split_whitespace())
+            .map(std::ffi::OsString::from)
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn only_call_and_tools_with_json_want_a_json_error() {
+        assert!(wants_json(args("call --json echo bad")));
+        assert!(wants_json(args("tools --json --bogus")));
+        assert!(!wants_json(args("call echo bad")));
+        assert!(!wants_json(args("run --bogus -- prog --json")));
+        assert!(!wants_json(args("mint --json")));
+    }
+
+    #[test]
+    fn error_codes_read_as_snake_case() {
+        assert_eq!(snake_case("VersionMismatch"), "version_mismatch");
+        assert_eq!(snake_case("Upstream"), "upstream");
+    }
 }
