@@ -25,7 +25,7 @@ const EXIT_DENIED: u8 = 3;
 ///
 /// The broker socket is $KEYWARD_SOCKET, or /run/keyward/broker.sock.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

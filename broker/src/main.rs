@@ -12,7 +12,7 @@ use keyward_broker::daemon::{run_check, run_pubkey, run_revoke, run_serve, UnitC
 /// keyward-broker holds credentials and performs credentialed calls on
 /// behalf of local callers, after its policy has validated every parameter.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
