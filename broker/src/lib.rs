@@ -75,6 +75,6 @@ pub enum Error {
     Pinning(#[from] peer::PinSetupError),
     #[error(transparent)]
     UnitFile(#[from] unit::UnitError),
-    #[error("the configuration and the installed units disagree:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    #[error("the configuration cannot work as installed:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Unit(Vec<String>),
 }
