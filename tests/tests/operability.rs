@@ -944,3 +944,87 @@ fn names_are_resolved_again_on_reload() {
     }
     assert_eq!(call(61241), Some(3));
 }
+
+/// The unit's `ExecReload=` lines, run in order as systemd runs them
+/// (stopping at the first that fails) against a test broker: a broken
+/// policy fails the reload before the broker is signalled; a good one
+/// is signalled and applied.
+#[test]
+fn the_units_reload_commands_refuse_a_broken_policy_before_signalling() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let unit = std::fs::read_to_string(repo.join("systemd/keyward-broker.service")).unwrap();
+    let commands: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecReload="))
+        .collect();
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    assert!(commands[0].contains(" check "), "{commands:?}");
+
+    let broker = Broker::start(&ECHO.replace("{port}", "9"), &[]);
+    let reload = || -> Ran {
+        for command in &commands {
+            let line = command
+                .replace(
+                    "/usr/local/bin/keyward-broker",
+                    binary("keyward-broker").to_str().unwrap(),
+                )
+                .replace(
+                    "/etc/keyward/broker.toml",
+                    broker.config_path.to_str().unwrap(),
+                )
+                .replace("$MAINPID", &broker.pid().to_string());
+            let ran = run(Command::new("sh").arg("-c").arg(&line));
+            if ran.code != Some(0) {
+                return ran;
+            }
+        }
+        run(&mut Command::new("true"))
+    };
+    let reloads = || {
+        broker
+            .audit_records()
+            .iter()
+            .filter(|r| r["event"] == "reload")
+            .count()
+    };
+
+    broker.rewrite_config(
+        &ECHO
+            .replace("{port}", "9")
+            .replace("[\"echo\", \"missing\"]", "[\"nope\"]"),
+    );
+    let ran = reload();
+    assert_eq!(ran.code, Some(1), "the reload did not fail: {ran:?}");
+    assert!(
+        ran.stderr.contains("\"nope\" is not a defined tool"),
+        "{ran:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        reloads(),
+        0,
+        "the broker was signalled: {}",
+        broker.stderr()
+    );
+    assert_eq!(
+        broker.call(PRINCIPAL_UID, &["echo", "message=x"]).code,
+        Some(0)
+    );
+
+    broker.rewrite_config(
+        &ECHO
+            .replace("{port}", "9")
+            .replace("[\"echo\", \"missing\"]", "[\"missing\"]"),
+    );
+    let ran = reload();
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reloads() == 0 {
+        assert!(Instant::now() < deadline, "{}", broker.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        broker.call(PRINCIPAL_UID, &["echo", "message=x"]).code,
+        Some(3)
+    );
+}
