@@ -275,7 +275,9 @@ pub fn main() -> ExitCode {
             // `--json` asked for machine-readable output: a usage error is
             // a failure like any other.
             if e.use_stderr() && wants_json(std::env::args_os()) {
-                print_error_json("usage", e.kind().as_str().unwrap_or("invalid arguments"));
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                print_error_json("usage", first.trim_start_matches("error: "));
             }
             let _ = e.print();
             return if e.use_stderr() {
