@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use base64::Engine as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use zeroize::Zeroize as _;
 
 use crate::client::{socket_path, Client, ClientError, KEYWARD_FD_ENV};
@@ -25,7 +25,7 @@ const EXIT_DENIED: u8 = 3;
 ///
 /// The broker socket is $KEYWARD_SOCKET, or /run/keyward/broker.sock.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -216,6 +216,15 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
     },
+    /// Write the man pages (agent-shim(1) and one per subcommand) and the
+    /// bash, zsh and fish completions under DIR (DIR/man/man1,
+    /// DIR/completions/SHELL), and print their paths.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write them.
+        #[arg(value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -303,6 +312,13 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            // `--json` asked for machine-readable output: a usage error is
+            // a failure like any other.
+            if e.use_stderr() && wants_json(std::env::args_os()) {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                print_error_json("usage", first.trim_start_matches("error: "));
+            }
             let _ = e.print();
             return if e.use_stderr() {
                 ExitCode::from(EXIT_ERROR)
@@ -319,7 +335,7 @@ pub fn main() -> ExitCode {
             params,
         } => match token.get() {
             Ok(token) => call(token.as_ref(), &tool, &params, json),
-            Err(e) => fail(&e),
+            Err(e) => fail_as(json, "usage", &e),
         },
         Command::Mint {
             tools,
@@ -348,7 +364,16 @@ pub fn main() -> ExitCode {
             token,
         } => match token.get() {
             Ok(token) => tools(token.as_ref(), json, json_schema),
-            Err(e) => fail(&e),
+            Err(e) => fail_as(json || json_schema, "usage", &e),
+        },
+        Command::GenerateDocs { out } => match crate::manual::write_docs(Cli::command(), &out) {
+            Ok(written) => {
+                for path in written {
+                    println!("{}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&format!("writing the documentation: {e}")),
         },
         Command::TaskHash { task } => {
             println!(
@@ -447,8 +472,47 @@ fn run(options: &crate::sandbox::RunOptions) -> ExitCode {
 }
 
 fn fail(message: &str) -> ExitCode {
+    fail_as(false, "usage", message)
+}
+
+/// Whether a command line that did not parse asked for `--json` output:
+/// `call` or `tools` with `--json` before any `--`.
+fn wants_json(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    let args: Vec<_> = args.skip(1).take_while(|a| a != "--").collect();
+    let command = args.iter().find(|a| !a.to_string_lossy().starts_with('-'));
+    command.is_some_and(|c| c == "call" || c == "tools") && args.iter().any(|a| a == "--json")
+}
+
+/// An error that is not the broker's answer; with `json`, also as
+/// `{"error": {"kind", "message"}}` on stdout.
+fn fail_as(json: bool, kind: &str, message: &str) -> ExitCode {
+    if json {
+        print_error_json(kind, message);
+    }
     eprintln!("agent-shim: {message}");
     ExitCode::from(EXIT_ERROR)
+}
+
+/// `{"error": {"kind": KIND, "message": MESSAGE}}` and a newline, on
+/// stdout: what `--json` prints for every failure.
+fn print_error_json(kind: &str, message: &str) {
+    print_json(&error_json(kind, message));
+}
+
+fn error_json(kind: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({ "error": { "kind": kind, "message": message } })
+}
+
+/// `Upstream` → `upstream`, `VersionMismatch` → `version_mismatch`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.char_indices() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 /// A connection to the broker acting with the right authority: inside
@@ -538,7 +602,7 @@ fn tools(token: Option<&Token>, json: bool, json_schema: bool) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        other => report_failure(other, false),
+        other => report_failure(other, json || json_schema),
     }
 }
 
@@ -753,28 +817,27 @@ fn call(token: Option<&Token>, tool: &str, params: &[(String, String)], json: bo
 }
 
 /// Anything but the hoped-for reply: a denial (exit 3) or an error (1).
+/// With `json`, also `{"error": {"kind", "message"}}` on stdout.
 fn report_failure(response: Result<Response, ClientError>, json: bool) -> ExitCode {
-    match response {
-        Ok(Response::Denied(denial)) => {
-            if json {
-                print_json(&serde_json::json!({ "denied": denial.reason }));
-            }
-            eprintln!("agent-shim: {}", denial.reason);
-            ExitCode::from(EXIT_DENIED)
-        }
-        Ok(Response::Error(e)) => {
-            eprintln!("agent-shim: broker error ({:?}): {}", e.code, e.message);
-            ExitCode::from(EXIT_ERROR)
-        }
-        Ok(other) => {
-            eprintln!("agent-shim: unexpected reply from the broker: {other:?}");
-            ExitCode::from(EXIT_ERROR)
-        }
-        Err(e) => {
-            eprintln!("agent-shim: {e}");
-            ExitCode::from(EXIT_ERROR)
-        }
+    let (kind, message, code) = match response {
+        Ok(Response::Denied(denial)) => ("denied".to_owned(), denial.reason, EXIT_DENIED),
+        Ok(Response::Error(e)) => (
+            snake_case(&format!("{:?}", e.code)),
+            format!("broker error ({:?}): {}", e.code, e.message),
+            EXIT_ERROR,
+        ),
+        Ok(other) => (
+            "protocol".to_owned(),
+            format!("unexpected reply from the broker: {other:?}"),
+            EXIT_ERROR,
+        ),
+        Err(e) => (e.kind().to_owned(), e.to_string(), EXIT_ERROR),
+    };
+    if json {
+        print_error_json(&kind, &message);
     }
+    eprintln!("agent-shim: {message}");
+    ExitCode::from(code)
 }
 
 fn print_result(result: &CallResult, json: bool) -> ExitCode {
@@ -793,27 +856,66 @@ fn print_result(result: &CallResult, json: bool) -> ExitCode {
                     .into()
             }
         }
-        print_json(&envelope);
-    } else {
-        let mut out = std::io::stdout().lock();
-        if out
-            .write_all(&result.body)
-            .and_then(|()| out.flush())
-            .is_err()
-        {
-            return ExitCode::from(EXIT_ERROR);
+        let failed = (result.status >= 400).then(|| upstream_failure(result.status));
+        if let Some(message) = &failed {
+            envelope["error"] = error_json("upstream_status", message)["error"].take();
         }
+        print_json(&envelope);
+    } else if write_body(&result.body).is_err() {
+        return ExitCode::from(EXIT_ERROR);
     }
     if result.status >= 400 {
-        eprintln!(
-            "agent-shim: upstream answered with status {}",
-            result.status
-        );
+        eprintln!("agent-shim: {}", upstream_failure(result.status));
         return ExitCode::from(EXIT_ERROR);
     }
     ExitCode::SUCCESS
 }
 
+fn upstream_failure(status: u16) -> String {
+    format!("upstream answered with status {status}")
+}
+
+/// The body, byte for byte; on a terminal, with a newline after it if it
+/// has none, so the prompt starts on a line of its own. (A pipe or file
+/// gets the exact bytes.)
+fn write_body(body: &[u8]) -> std::io::Result<()> {
+    use std::io::IsTerminal as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(body)?;
+    if out.is_terminal() && !body.is_empty() && !body.ends_with(b"\n") {
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
 fn print_json(value: &serde_json::Value) {
     println!("{value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> impl Iterator<Item = std::ffi::OsString> {
+        std::iter::once("agent-shim")
+            .chain(line.split_whitespace())
+            .map(std::ffi::OsString::from)
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn only_call_and_tools_with_json_want_a_json_error() {
+        assert!(wants_json(args("call --json echo bad")));
+        assert!(wants_json(args("tools --json --bogus")));
+        assert!(!wants_json(args("call echo bad")));
+        assert!(!wants_json(args("run --bogus -- prog --json")));
+        assert!(!wants_json(args("mint --json")));
+    }
+
+    #[test]
+    fn error_codes_read_as_snake_case() {
+        assert_eq!(snake_case("VersionMismatch"), "version_mismatch");
+        assert_eq!(snake_case("Upstream"), "upstream");
+    }
 }

@@ -24,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod grant;
 pub mod landlock;
+pub mod manual;
 pub mod mcp;
 pub mod sandbox;
 pub mod schema;

@@ -28,6 +28,22 @@ const ACL_GROUP: u16 = 0x08;
 const ACL_MASK: u16 = 0x10;
 const ACL_OTHER: u16 = 0x20;
 
+/// The owner of a file, when it is neither this process's user nor root:
+/// the fix for that is `chown`, not `chmod`.
+pub fn foreign_owner(meta: &Metadata) -> Option<u32> {
+    let me = nix::unistd::geteuid().as_raw();
+    (meta.uid() != me && meta.uid() != 0).then_some(meta.uid())
+}
+
+/// What to tell the admin to run about a file `others_with_access`
+/// refused: `chown` for a foreign owner, else `chmod MODE`.
+pub fn remedy(meta: &Metadata, mode: &str) -> String {
+    match foreign_owner(meta) {
+        Some(_) => "chown it to root or to the broker's user".to_owned(),
+        None => format!("chmod {mode} it"),
+    }
+}
+
 /// If anyone but this process's user (and root) — any group included —
 /// may access `file` with
 /// any of the `forbidden` permission bits, say who and how, in words fit

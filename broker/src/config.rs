@@ -98,16 +98,33 @@ fn default_socket_mode() -> String {
 #[serde(deny_unknown_fields)]
 pub struct PrincipalConfig {
     pub name: String,
+    /// Users, by number or name (names resolved at load and reload).
     #[serde(default)]
-    pub uids: Vec<u32>,
+    pub uids: Vec<IdRef>,
+    /// Groups, by number or name: a caller matches if the group is its
+    /// primary one or one of its supplementary groups.
     #[serde(default)]
-    pub gids: Vec<u32>,
+    pub gids: Vec<IdRef>,
     /// Tools this principal may call directly.
     #[serde(default)]
     pub may_call: Vec<String>,
     /// Tools this principal may delegate through tokens.
     #[serde(default)]
     pub may_delegate: Vec<String>,
+}
+
+/// A user or group as the admin wrote it: `1000` or `"alice"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum IdRef {
+    Id(u32),
+    Name(String),
+}
+
+impl From<u32> for IdRef {
+    fn from(id: u32) -> IdRef {
+        IdRef::Id(id)
+    }
 }
 
 /// `[credential.NAME]`: where a secret comes from.
@@ -154,6 +171,11 @@ pub struct ToolConfig {
     pub description: Option<String>,
     /// Name of a `[credential.NAME]` entry.
     pub credential: Option<String>,
+    /// The tool's upstream is meant to be plain `http://` although it
+    /// carries a credential: for loopback test upstreams only. Without it
+    /// `check` and the broker's start warn about such a tool.
+    #[serde(default)]
+    pub insecure_http: bool,
     #[serde(default)]
     pub params: BTreeMap<String, ParamConfig>,
     /// Every other field, for the tool's kind.

@@ -106,10 +106,12 @@ pub enum CredentialError {
     NoDirectory,
     #[error("credential directory {path}: {message}")]
     Directory { path: PathBuf, message: String },
-    #[error(
-        "credential directory {path} {who}; only the broker (and root) may read it: chmod 0700 it"
-    )]
-    DirectoryMode { path: PathBuf, who: String },
+    #[error("credential directory {path} {who}; only the broker (and root) may read it: {fix}")]
+    DirectoryMode {
+        path: PathBuf,
+        who: String,
+        fix: String,
+    },
     #[error("credential directory {path}: {source}")]
     DirectoryStat {
         path: PathBuf,
@@ -335,6 +337,7 @@ fn check_directory(dir: &Path) -> Result<(), CredentialError> {
         return Err(CredentialError::DirectoryMode {
             path: dir.to_owned(),
             who,
+            fix: access::remedy(&meta, "0700"),
         });
     }
     Ok(())
@@ -375,7 +378,10 @@ fn read_secret(name: &str, path: &Path) -> Result<Secret, CredentialError> {
     }
     let all = access::READ | access::WRITE | access::EXECUTE;
     if let Some(who) = access::others_with_access(&file, &meta, all) {
-        return Err(file_error(format!("{who}; chmod 0600 it")));
+        return Err(file_error(format!(
+            "{who}; {}",
+            access::remedy(&meta, "0600")
+        )));
     }
     let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
     if size > MAX_SECRET_LEN {
@@ -566,6 +572,38 @@ mod tests {
         assert!(err.contains("credential api"), "{err}");
         assert!(err.contains("mode 0640"), "{err}");
         assert!(!err.contains(VALUE), "{err}");
+    }
+
+    /// A file or directory of the wrong owner is fixed with `chown`; a
+    /// mode with `chmod`. (Runs as root, as the suite does: the foreign
+    /// owner is an unprivileged uid.)
+    #[test]
+    fn wrong_owner_says_chown_and_wrong_mode_says_chmod() {
+        let dir = private_dir();
+        write(dir.path(), "a", VALUE.as_bytes(), 0o640);
+        let err = load_one(dir.path(), "a")
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chmod 0600"), "{err}");
+        assert!(!err.contains("chown"), "{err}");
+        let dir = private_dir();
+        write(dir.path(), "a", VALUE.as_bytes(), 0o600);
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: cannot give a file a foreign owner; skipped");
+            return;
+        }
+        std::os::unix::fs::chown(dir.path().join("a"), Some(61234), None).unwrap();
+        let err = load_one(dir.path(), "a").unwrap_err().to_string();
+        assert!(err.contains("owned by uid 61234"), "{err}");
+        assert!(err.contains("chown"), "{err}");
+        assert!(!err.contains("chmod"), "{err}");
+        std::os::unix::fs::chown(dir.path().join("a"), Some(0), None).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(61234), None).unwrap();
+        let err = load_one(dir.path(), "a").unwrap_err().to_string();
+        assert!(err.contains("credential directory"), "{err}");
+        assert!(err.contains("chown"), "{err}");
+        assert!(!err.contains("chmod"), "{err}");
     }
 
     #[test]

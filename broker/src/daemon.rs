@@ -17,10 +17,11 @@ use crate::keys::Keys;
 use crate::limits::{self, Limits};
 use crate::listener::{self, Listener};
 use crate::notify::Notifier;
+use crate::peer;
 use crate::policy::Policy;
 use crate::reload::reload_on_hangup;
 use crate::token::{self, Tokens};
-use crate::{serve, sys, Broker, Error};
+use crate::{serve, sys, unit, warnings, Broker, Error};
 
 /// The token authority, when there is a state directory (created 0700 if
 /// missing); without one the broker serves direct calls only.
@@ -108,19 +109,60 @@ pub fn run_revoke(path: &Path, id: &str) -> ExitCode {
     }
 }
 
-pub fn run_check(path: &Path, with_credentials: bool) -> Result<(), Error> {
+/// Which systemd unit `check` compares the configuration with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitChoice {
+    /// [`unit::DEFAULT_SERVICE_UNIT`], if it exists.
+    Default,
+    /// This service unit (it must exist).
+    Path(PathBuf),
+    /// None.
+    Skip,
+}
+
+pub fn run_check(path: &Path, with_credentials: bool, unit: &UnitChoice) -> Result<(), Error> {
     let source = Source::load(path)?;
     let policy = Policy::compile(&source).map_err(Error::Policy)?;
+    for warning in warnings::config_warnings(&source) {
+        eprintln!("keyward-broker: warning: {warning}");
+    }
+    let unit_path = match unit {
+        UnitChoice::Default => {
+            Some(PathBuf::from(unit::DEFAULT_SERVICE_UNIT)).filter(|p| p.exists())
+        }
+        UnitChoice::Path(p) => Some(p.clone()),
+        UnitChoice::Skip => None,
+    };
+    let mut unit_errors = Vec::new();
+    if let Some(unit_path) = &unit_path {
+        let findings = unit::compare(&source, unit_path)?;
+        for warning in &findings.warnings {
+            eprintln!("keyward-broker: warning: {warning}");
+        }
+        unit_errors = findings.errors;
+    }
+    // Where this runs as the service does (ExecStartPre=), the same check
+    // of /proc the broker makes at start.
+    if let Err(e) = peer::check_pinning() {
+        unit_errors.push(e.to_string());
+    }
+    if !unit_errors.is_empty() {
+        return Err(Error::Unit(unit_errors));
+    }
     if with_credentials {
         credential::load_for(&source, policy.basic_users())?;
     }
     println!(
-        "{}: ok ({} principals, {} tools, {} credentials{})",
+        "{}: ok ({} principals, {} tools, {} credentials{}{})",
         path.display(),
         source.config.principals.len(),
         source.config.tools.len(),
         source.config.credentials.len(),
-        if with_credentials { ", all loaded" } else { "" }
+        if with_credentials { ", all loaded" } else { "" },
+        match &unit_path {
+            Some(p) => format!("; agrees with {}", p.display()),
+            None => String::new(),
+        }
     );
     Ok(())
 }
@@ -128,11 +170,40 @@ pub fn run_check(path: &Path, with_credentials: bool) -> Result<(), Error> {
 pub fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Result<(), Error> {
     // Before any secret exists in this process.
     sys::harden_process()?;
-    let source = match config {
-        Some(path) => Source::load(path)?,
-        None => example_source()?,
+    // The built-in example lives in a private directory, removed (with
+    // its socket, credential, state and configuration) when this returns.
+    let example_dir = if example {
+        Some(create_example_dir()?)
+    } else {
+        None
     };
+    let config_path = match (&example_dir, config) {
+        (Some(dir), _) => Some(write_example_config(dir.path())?),
+        (None, path) => path.map(Path::to_path_buf),
+    };
+    let Some(config_path) = config_path else {
+        return Err(Error::Config(crate::config::ConfigError::Read {
+            path: PathBuf::new(),
+            source: std::io::Error::other("no --config given"),
+        }));
+    };
+    if example_dir.is_some() {
+        // The example must not pick up a systemd credentials directory.
+        std::env::remove_var("CREDENTIALS_DIRECTORY");
+        std::env::remove_var("STATE_DIRECTORY");
+    }
+    let source = Source::load(&config_path)?;
     let policy = Policy::compile(&source).map_err(Error::Policy)?;
+    for warning in warnings::config_warnings(&source) {
+        eprintln!("keyward-broker: warning: {warning}");
+    }
+    // Refuse to start where no client could be authenticated.
+    if peer::check_pinning()? == peer::PinMethod::PidfdOpen {
+        eprintln!(
+            "keyward-broker: peers are pinned with pidfd_open and /proc/<pid>/status \
+             (no SO_PEERPIDFD)"
+        );
+    }
     // Every session holds descriptors: take all the kernel allows, and
     // keep the session cap below it.
     let fd_limit = limits::raise_fd_limit()?;
@@ -161,7 +232,7 @@ pub fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Re
             what: "starting the runtime",
             source: e,
         })?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = match inherited {
             Some(fd) => Listener::from_fd(fd)?,
             None => Listener::bind(
@@ -171,17 +242,31 @@ pub fn run_serve(config: Option<&Path>, example: bool, audit: AuditTarget) -> Re
             )?,
         };
         if example {
-            print_example_usage(&settings.socket, broker.audit.is_journal());
+            print_example_usage(&settings.socket, &config_path, broker.audit.is_journal());
         }
-        let reloads = reload_on_hangup(Arc::clone(&broker), config.map(Path::to_path_buf))
-            .map_err(|source| sys::SysError::Call {
-                what: "installing the SIGHUP handler",
-                source,
+        let reloads =
+            reload_on_hangup(Arc::clone(&broker), Some(config_path)).map_err(|source| {
+                sys::SysError::Call {
+                    what: "installing the SIGHUP handler",
+                    source,
+                }
             })?;
         tokio::spawn(reloads);
         serve(listener, broker, shutdown_signal()).await?;
         Ok(())
-    })
+    });
+    // Sessions still finishing in the background hold nothing in the
+    // example directory once the runtime is gone.
+    drop(runtime);
+    if let Some(dir) = example_dir {
+        let path = dir.path().to_owned();
+        if let Err(e) = dir.close() {
+            eprintln!("keyward-broker: removing {}: {e}", path.display());
+        } else if example {
+            println!("keyward-broker: removed {}", path.display());
+        }
+    }
+    served
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -200,49 +285,83 @@ async fn shutdown_signal() {
     }
 }
 
-/// The embedded example, placed in a private runtime directory: the socket
-/// and an example credential there, the current user as principal.
-fn example_source() -> Result<Source, Error> {
+/// A new private (0700) directory for the example, under
+/// `$XDG_RUNTIME_DIR` (or the temp dir), with a random name.
+fn create_example_dir() -> Result<tempfile::TempDir, Error> {
     let uid = nix::unistd::getuid().as_raw();
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("keyward-example-{uid}"));
-    let creds = dir.join("credentials");
+    tempfile::Builder::new()
+        .prefix(&format!("keyward-example-{uid}-"))
+        .tempdir_in(base)
+        .map_err(|source| {
+            Error::Sys(sys::SysError::Call {
+                what: "creating the example directory",
+                source,
+            })
+        })
+}
+
+/// The embedded example made effective: socket, credential and state in
+/// `dir`, the current user as its principals' uid; written as
+/// `dir/broker.toml` (so `revoke`, `pubkey` and a SIGHUP reload work on
+/// it), with its example credential in `dir/credentials`.
+fn write_example_config(dir: &Path) -> Result<PathBuf, Error> {
     let io = |what: &'static str| {
         move |source: std::io::Error| Error::Sys(sys::SysError::Call { what, source })
     };
-    write_example_files(&dir, &creds).map_err(io("creating the example directory"))?;
-    let mut source = Source::parse("(built-in example)", EXAMPLE.to_owned())?;
-    source.config.broker.socket = dir.join("broker.sock");
-    source.config.broker.credentials_dir = Some(creds);
-    source.config.broker.state_dir = Some(dir.join("state"));
-    for principal in &mut source.config.principals {
-        principal.get_mut().uids = vec![uid];
-    }
-    // The example must not pick up a systemd credentials directory.
-    std::env::remove_var("CREDENTIALS_DIRECTORY");
-    std::env::remove_var("STATE_DIRECTORY");
-    Ok(source)
+    let creds = dir.join("credentials");
+    write_example_credential(&creds).map_err(io("writing the example credential"))?;
+    let uid = nix::unistd::getuid().as_raw();
+    let text = effective_example(EXAMPLE, dir, uid).map_err(|message| {
+        Error::Config(crate::config::ConfigError::Parse {
+            path: PathBuf::from("(built-in example)"),
+            message,
+        })
+    })?;
+    let path = dir.join("broker.toml");
+    std::fs::write(&path, text).map_err(io("writing the example configuration"))?;
+    Ok(path)
 }
 
-fn write_example_files(dir: &Path, creds: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(creds)?;
-    for d in [dir, creds] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+/// The example's text with its paths moved into `dir` and `uid` as the
+/// only uid of every principal.
+fn effective_example(example: &str, dir: &Path, uid: u32) -> Result<String, String> {
+    let mut table: toml::Table = example
+        .parse()
+        .map_err(|e: toml::de::Error| e.to_string())?;
+    let path = |p: PathBuf| toml::Value::String(p.to_string_lossy().into_owned());
+    if let Some(broker) = table.get_mut("broker").and_then(|b| b.as_table_mut()) {
+        broker.insert("socket".into(), path(dir.join("broker.sock")));
+        broker.insert("credentials_dir".into(), path(dir.join("credentials")));
+        broker.insert("state_dir".into(), path(dir.join("state")));
     }
-    let token = creds.join("example_api.token");
-    let _ = std::fs::remove_file(&token);
+    if let Some(principals) = table.get_mut("principal").and_then(|p| p.as_array_mut()) {
+        for principal in principals.iter_mut().filter_map(|p| p.as_table_mut()) {
+            principal.insert(
+                "uids".into(),
+                toml::Value::Array(vec![toml::Value::Integer(i64::from(uid))]),
+            );
+        }
+    }
+    let body = toml::to_string(&table).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "# Written by `keyward-broker serve --example`: the built-in example\n\
+         # (examples/broker.toml) with its paths in this directory and uid {uid}\n\
+         # as the principal. Removed, with this directory, when the broker stops.\n\n{body}"
+    ))
+}
+
+fn write_example_credential(creds: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().mode(0o700).create(creds)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(token)?;
+        .open(creds.join("example_api.token"))?;
     std::io::Write::write_all(&mut file, EXAMPLE_CREDENTIAL.as_bytes())
 }
 
@@ -250,23 +369,80 @@ fn write_example_files(dir: &Path, creds: &Path) -> std::io::Result<()> {
 /// http tools have something to inject (and redact).
 const EXAMPLE_CREDENTIAL: &str = include_str!("../../examples/credentials/example_api.token");
 
-fn print_example_usage(socket: &Path, to_journal: bool) {
+/// `agent-shim` beside this binary (both come out of one `cargo build`),
+/// as an absolute path; `None` if it was not built.
+fn sibling_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.join(name);
+    path.is_file().then_some(path)
+}
+
+fn print_example_usage(socket: &Path, config: &Path, to_journal: bool) {
+    let uid = nix::unistd::getuid();
+    let broker = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "keyward-broker".to_owned());
     println!(
         "keyward-broker: example broker listening on {}",
         socket.display()
     );
-    println!("  try, in another terminal:");
     println!(
-        "    KEYWARD_SOCKET={} cargo run -q -p agent-shim -- call echo message=hello",
-        socket.display()
+        "  its configuration: {} (removed with its directory on stop)",
+        config.display()
+    );
+    println!("  try, from another terminal, as the same user (uid {uid}):");
+    println!("    export KEYWARD_SOCKET={}", socket.display());
+    let shim = match sibling_binary("agent-shim") {
+        Some(shim) => shim.display().to_string(),
+        None => {
+            println!("    cargo build --release --locked -p agent-shim   # not built yet");
+            "target/release/agent-shim".to_owned()
+        }
+    };
+    println!("    {shim} call echo message=hello");
+    println!("    {shim} tools");
+    println!("    T=$({shim} mint --tool echo --ttl 5m --task try)");
+    println!("    KEYWARD_TOKEN=$T {shim} call echo message=delegated");
+    println!("    {broker} pubkey --config {}", config.display());
+    println!(
+        "    {broker} revoke --config {} ID   # the id mint printed",
+        config.display()
     );
     if to_journal {
         println!("  stop with Ctrl-C; audit records go to the journal:");
-        println!(
-            "    journalctl -f SYSLOG_IDENTIFIER=keyward-broker _UID={}",
-            nix::unistd::getuid()
-        );
+        println!("    journalctl -f SYSLOG_IDENTIFIER=keyward-broker _UID={uid}");
     } else {
         println!("  stop with Ctrl-C; audit records follow on stderr.");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_effective_example_compiles_with_its_paths_moved() {
+        let dir = Path::new("/tmp/keyward-example-0-abc");
+        let text = effective_example(EXAMPLE, dir, 4321).unwrap();
+        let source = Source::parse("broker.toml", text).unwrap();
+        let policy = Policy::compile(&source).unwrap();
+        assert_eq!(policy.broker.socket, dir.join("broker.sock"));
+        assert_eq!(
+            policy.broker.credentials_dir.as_deref(),
+            Some(dir.join("credentials").as_path())
+        );
+        assert_eq!(
+            policy.broker.state_dir.as_deref(),
+            Some(dir.join("state").as_path())
+        );
+        let caller = crate::policy::Caller::new(4321, 4321);
+        assert!(policy.principals_of(&caller).count() > 0);
+        assert_eq!(
+            policy
+                .principals_of(&crate::policy::Caller::new(1000, 1000))
+                .count(),
+            0
+        );
     }
 }

@@ -22,6 +22,7 @@ pub mod admin;
 pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod config_doc;
 pub mod credential;
 pub mod daemon;
 pub mod executor;
@@ -30,6 +31,7 @@ pub mod keys;
 pub mod leak;
 pub mod limits;
 pub mod listener;
+pub mod manual;
 pub mod notify;
 pub mod param;
 pub mod peer;
@@ -44,6 +46,8 @@ pub mod sys;
 pub mod template;
 pub mod token;
 pub mod tool;
+pub mod unit;
+pub mod warnings;
 
 pub use broker::Broker;
 pub use server::serve;
@@ -69,4 +73,10 @@ pub enum Error {
     Sys(#[from] sys::SysError),
     #[error(transparent)]
     Tokens(#[from] token::TokenSetupError),
+    #[error(transparent)]
+    Pinning(#[from] peer::PinSetupError),
+    #[error(transparent)]
+    UnitFile(#[from] unit::UnitError),
+    #[error("the configuration cannot work as installed:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Unit(Vec<String>),
 }

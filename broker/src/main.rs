@@ -4,15 +4,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use keyward_broker::audit::AuditTarget;
-use keyward_broker::daemon::{run_check, run_pubkey, run_revoke, run_serve};
+use keyward_broker::daemon::{run_check, run_pubkey, run_revoke, run_serve, UnitChoice};
 
 /// keyward-broker holds credentials and performs credentialed calls on
 /// behalf of local callers, after its policy has validated every parameter.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,9 +28,12 @@ enum Command {
         /// Configuration file (e.g. /etc/keyward/broker.toml).
         #[arg(long, required_unless_present = "example", conflicts_with = "example")]
         config: Option<PathBuf>,
-        /// Run the built-in example configuration with its socket and an
-        /// example credential in a private runtime directory, with the
-        /// current user as the only principal. For trying keyward out.
+        /// Run the built-in example configuration from a new private
+        /// directory (under $XDG_RUNTIME_DIR, else the temp dir) holding its
+        /// socket, an example credential, the token state and the effective
+        /// configuration (broker.toml, the current user as the only
+        /// principal), and print commands to try. The directory is removed
+        /// when the broker stops. For trying keyward out.
         #[arg(long)]
         example: bool,
         /// Where audit records go: journald (native entries with KEYWARD_*
@@ -82,7 +85,16 @@ enum Command {
         json: bool,
     },
     /// Check a configuration file and its policy; print every error with
-    /// its location.
+    /// its location, and warnings (a credential sent over plain http).
+    ///
+    /// Where the service unit can be read (--unit, default
+    /// /etc/systemd/system/keyward-broker.service if it exists), also
+    /// check that its LoadCredential= lines (drop-ins included) load every
+    /// credential the configuration names, and that the socket unit beside
+    /// it listens where the configuration says, with SOCK_SEQPACKET. And
+    /// that peers can be authenticated where it runs (on kernels before
+    /// 6.5, /proc must show other users' processes). Exit status 1 on any
+    /// error; the unit runs it as ExecStartPre= and before every reload.
     Check {
         /// Configuration file to check.
         #[arg(long)]
@@ -90,7 +102,41 @@ enum Command {
         /// Also load the credentials (needs read access to them).
         #[arg(long)]
         credentials: bool,
+        /// The service unit to compare with (its drop-ins and the socket
+        /// unit beside it are read too).
+        #[arg(long, value_name = "PATH", conflicts_with = "no_unit")]
+        unit: Option<PathBuf>,
+        /// Do not compare with any unit.
+        #[arg(long)]
+        no_unit: bool,
     },
+    /// Write the man pages (keyward-broker(8), one per subcommand,
+    /// broker.toml(5)) and the bash, zsh and fish completions under DIR
+    /// (DIR/man/man8, DIR/man/man5, DIR/completions/SHELL), and print
+    /// their paths.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write them.
+        #[arg(value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// `generate-docs`: the pages and completions, from these definitions.
+fn generate_docs(out: &std::path::Path) -> Result<(), keyward_broker::Error> {
+    use keyward_broker::manual;
+    let io = |source| {
+        keyward_broker::Error::Sys(keyward_broker::sys::SysError::Call {
+            what: "writing the documentation",
+            source,
+        })
+    };
+    let mut written = manual::write_command_docs(Cli::command(), "8", out).map_err(io)?;
+    written.push(manual::write_config_page(out).map_err(io)?);
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -104,8 +150,18 @@ fn main() -> ExitCode {
         Command::Check {
             config,
             credentials,
-        } => run_check(&config, credentials),
+            unit,
+            no_unit,
+        } => {
+            let unit = match (unit, no_unit) {
+                (Some(path), _) => UnitChoice::Path(path),
+                (None, true) => UnitChoice::Skip,
+                (None, false) => UnitChoice::Default,
+            };
+            run_check(&config, credentials, &unit)
+        }
         Command::Pubkey { config } => run_pubkey(&config),
+        Command::GenerateDocs { out } => generate_docs(&out),
         Command::Revoke { config, id } => return run_revoke(&config, &id),
         Command::Status { config, json } => {
             return keyward_broker::admin::run_status(config.as_deref(), json)

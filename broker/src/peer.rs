@@ -10,9 +10,19 @@
 //! message from a process that inherited or was passed the socket, from a
 //! recycled pid, or without credentials (pid 0, uid 65534) is
 //! unauthenticated. Nothing the client says about itself is ever used.
+//! The peer's supplementary groups are the kernel's too (`SO_PEERGROUPS`,
+//! recorded when it connected).
+//!
+//! The fallback needs `/proc/<pid>/status` of other users' processes, which
+//! `hidepid=` (systemd's `ProtectProc=invisible`) hides: [`check_pinning`]
+//! finds that at start, so a broker that would refuse every client does not
+//! start at all. `KEYWARD_TEST_NO_PEERPIDFD=1` in the broker's environment
+//! makes it act as if the kernel had no `SO_PEERPIDFD` (for tests of the
+//! fallback on a new kernel).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
 use std::task::{Context, Waker};
 
 use nix::sys::socket::{getsockopt, sockopt, UnixCredentials};
@@ -41,8 +51,124 @@ pub struct Peer {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups when it connected (`SO_PEERGROUPS`).
+    pub groups: Vec<u32>,
     pub method: PinMethod,
     pidfd: Liveness,
+}
+
+/// The variable that makes the broker pin peers as on a kernel without
+/// `SO_PEERPIDFD` (for tests of the fallback).
+pub const NO_PEERPIDFD_ENV: &str = "KEYWARD_TEST_NO_PEERPIDFD";
+
+/// Whether `SO_PEERPIDFD` is to be treated as absent, read once.
+fn peer_pidfd_disabled() -> bool {
+    static DISABLED: OnceLock<bool> = OnceLock::new();
+    *DISABLED.get_or_init(|| std::env::var_os(NO_PEERPIDFD_ENV).is_some_and(|v| v == "1"))
+}
+
+/// Why the broker cannot pin peers on this system at all.
+#[derive(Debug, thiserror::Error)]
+pub enum PinSetupError {
+    #[error(
+        "this kernel has no SO_PEERPIDFD (it came in Linux 6.5), so peers are pinned through \
+         /proc/<pid>/status, but /proc hides other users' processes from the broker ({why}): \
+         every client would be refused. Under systemd, install the drop-in \
+         keyward-broker.service.d/pre-6.5-kernel.conf (ProtectProc=default) from the \
+         systemd/ directory as /etc/systemd/system/keyward-broker.service.d/pre-6.5-kernel.conf, \
+         then `systemctl daemon-reload && systemctl restart keyward-broker`; or boot Linux 6.5 \
+         or later"
+    )]
+    ProcHidden { why: String },
+    #[error("cannot check how to pin peers: {0}")]
+    Probe(String),
+}
+
+/// At start: how peers will be pinned, or why they cannot be. With
+/// `SO_PEERPIDFD`, by the kernel's pidfd; without it, by `pidfd_open` and
+/// `/proc/<pid>/status`, which must show other users' processes.
+pub fn check_pinning() -> Result<PinMethod, PinSetupError> {
+    if !peer_pidfd_disabled() && kernel_has_peer_pidfd()? {
+        return Ok(PinMethod::PeerPidfd);
+    }
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| PinSetupError::ProcHidden {
+            why: format!("/proc/self/mountinfo: {e}"),
+        })?;
+    let groups = nix::unistd::getgroups().unwrap_or_default();
+    let mut ids: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
+    ids.push(nix::unistd::getegid().as_raw());
+    match proc_hides_others(&mountinfo, &ids, may_trace_anyone()) {
+        Some(why) => Err(PinSetupError::ProcHidden { why }),
+        None => Ok(PinMethod::PidfdOpen),
+    }
+}
+
+/// Whether `getsockopt(SO_PEERPIDFD)` works here, tried on a socketpair.
+fn kernel_has_peer_pidfd() -> Result<bool, PinSetupError> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (a, _b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| PinSetupError::Probe(format!("socketpair: {e}")))?;
+    match getsockopt(&a, sockopt::PeerPidfd) {
+        Ok(_pidfd) => Ok(true),
+        Err(nix::Error::ENOPROTOOPT) | Err(nix::Error::EINVAL) => Ok(false),
+        Err(e) => Err(PinSetupError::Probe(format!("SO_PEERPIDFD: {e}"))),
+    }
+}
+
+/// Root with `CAP_SYS_PTRACE` sees every process whatever `hidepid` says.
+fn may_trace_anyone() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
+}
+
+/// Why the `/proc` mount (in `mountinfo`, as `/proc/self/mountinfo` has
+/// it) hides other users' processes from a process in groups `groups`,
+/// or `None` if it does not.
+fn proc_hides_others(mountinfo: &str, groups: &[u32], may_trace: bool) -> Option<String> {
+    // "36 35 0:5 / /proc rw,nosuid - proc proc rw,hidepid=invisible":
+    // mount point 5th, then optional fields up to "-", fs type, source,
+    // super options. The last mount on /proc is the one in force.
+    let proc_mount = mountinfo.lines().rev().find_map(|line| {
+        let (fields, rest) = line.split_once(" - ")?;
+        let mount_point = fields.split(' ').nth(4)?;
+        let mut rest = rest.split(' ');
+        let fs_type = rest.next()?;
+        let options = rest.nth(1).unwrap_or_default();
+        (mount_point == "/proc" && fs_type == "proc").then_some(options)
+    });
+    let Some(options) = proc_mount else {
+        return Some("no proc file system is mounted on /proc".to_owned());
+    };
+    let option = |name: &str| {
+        options
+            .split(',')
+            .find_map(|o| o.strip_prefix(name)?.strip_prefix('='))
+    };
+    let hidepid = option("hidepid").filter(|v| !matches!(*v, "0" | "off"))?;
+    if may_trace {
+        return None;
+    }
+    if let Some(gid) = option("gid").and_then(|g| g.parse::<u32>().ok()) {
+        if groups.contains(&gid) {
+            return None;
+        }
+    }
+    Some(format!(
+        "it is mounted with hidepid={hidepid}, as systemd's ProtectProc=invisible does"
+    ))
 }
 
 /// The pinned process's pidfd. A pidfd polls readable once its process
@@ -125,11 +251,20 @@ impl Peer {
         let cred = getsockopt(conn, sockopt::PeerCredentials)
             .map_err(|e| AuthError::Pin(format!("SO_PEERCRED: {e}")))?;
         check_set(cred.pid(), cred.uid(), cred.gid())?;
-        match getsockopt(conn, sockopt::PeerPidfd) {
-            Ok(pidfd) => Peer::new(cred, pidfd, PinMethod::PeerPidfd),
-            Err(nix::Error::ENOPROTOOPT) | Err(nix::Error::EINVAL) => Peer::pin_by_pid(cred),
-            Err(e) => Err(AuthError::Pin(format!("SO_PEERPIDFD: {e}"))),
-        }
+        // Groups only ever add authority: without them (an error here) the
+        // peer is judged on its uid and primary gid alone.
+        let groups = sys::peer_groups(conn.as_fd()).unwrap_or_default();
+        let mut peer = if peer_pidfd_disabled() {
+            Peer::pin_by_pid(cred)?
+        } else {
+            match getsockopt(conn, sockopt::PeerPidfd) {
+                Ok(pidfd) => Peer::new(cred, pidfd, PinMethod::PeerPidfd)?,
+                Err(nix::Error::ENOPROTOOPT) | Err(nix::Error::EINVAL) => Peer::pin_by_pid(cred)?,
+                Err(e) => return Err(AuthError::Pin(format!("SO_PEERPIDFD: {e}"))),
+            }
+        };
+        peer.groups = groups;
+        Ok(peer)
     }
 
     /// The fallback for kernels without `SO_PEERPIDFD`: open a pidfd on the
@@ -159,6 +294,7 @@ impl Peer {
             pid: cred.pid(),
             uid: cred.uid(),
             gid: cred.gid(),
+            groups: Vec::new(),
             method,
             pidfd: Liveness::new(pidfd)?,
         })
@@ -208,6 +344,7 @@ impl Peer {
         Caller {
             uid: self.uid,
             gid: self.gid,
+            groups: self.groups.clone(),
         }
     }
 }
@@ -265,6 +402,53 @@ mod tests {
         assert_eq!(peer.method, PinMethod::PeerPidfd);
         assert_eq!(sys::pidfd_pid(peer.pidfd.fd()).unwrap(), peer.pid);
         assert_eq!(peer.authenticate(Some(&me())), Ok(()));
+    }
+
+    #[test]
+    fn records_the_peers_supplementary_groups() {
+        let (a, _b) = pair();
+        let peer = Peer::pin(&a).unwrap();
+        let mine: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_raw())
+            .collect();
+        assert_eq!(peer.groups, mine);
+        assert_eq!(peer.caller().groups, mine);
+    }
+
+    const MOUNTINFO: &str = "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n\
+        36 22 0:5 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n";
+
+    #[test]
+    fn a_plain_proc_hides_nothing() {
+        assert_eq!(proc_hides_others(MOUNTINFO, &[], false), None);
+        let off = MOUNTINFO.replace("proc proc rw\n", "proc proc rw,hidepid=off\n");
+        assert_eq!(proc_hides_others(&off, &[], false), None);
+    }
+
+    #[test]
+    fn hidepid_hides_unless_exempt() {
+        // As systemd mounts it for ProtectProc=invisible: the last /proc wins.
+        let hidden = format!(
+            "{MOUNTINFO}90 22 0:60 / /proc rw,nosuid - proc proc rw,hidepid=invisible,subset=pid\n"
+        );
+        let why = proc_hides_others(&hidden, &[], false).unwrap();
+        assert!(why.contains("hidepid=invisible"), "{why}");
+        assert!(why.contains("ProtectProc=invisible"), "{why}");
+        assert_eq!(proc_hides_others(&hidden, &[], true), None);
+        let exempt = hidden.replace("subset=pid", "gid=42");
+        assert_eq!(proc_hides_others(&exempt, &[42], false), None);
+        assert!(proc_hides_others(&exempt, &[43], false).is_some());
+        assert!(proc_hides_others("", &[], false).is_some());
+    }
+
+    #[test]
+    fn pinning_check_follows_the_kernel() {
+        // CI runs on 6.5+ (the fallback is tested end to end by forcing it).
+        if kernel_has_peer_pidfd().unwrap() {
+            assert_eq!(check_pinning().unwrap(), PinMethod::PeerPidfd);
+        }
     }
 
     #[test]

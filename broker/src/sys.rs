@@ -53,6 +53,47 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The most supplementary groups a process can have (`NGROUPS_MAX`).
+const NGROUPS_MAX: usize = 65536;
+
+/// `SO_PEERGROUPS`: the supplementary groups the peer of a connected
+/// AF_UNIX socket had when it connected, as the kernel recorded them.
+pub fn peer_groups(conn: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    // Most processes have a handful of groups: start small, and grow to
+    // what the kernel says it needs (ERANGE sets the length it wants).
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+            .map_err(|_| io::Error::other("too many groups"))?;
+        // SAFETY: the buffer is valid for `len` bytes of writes, and the
+        // kernel writes at most `len` bytes and stores the length it used
+        // (or, with ERANGE, the length it needs) in `len`.
+        let ret = unsafe {
+            libc::getsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed =
+            usize::try_from(len).unwrap_or(usize::MAX) / std::mem::size_of::<libc::gid_t>();
+        if ret == 0 {
+            groups.truncate(needed.min(groups.len()));
+            return Ok(groups);
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ERANGE)
+            || needed <= groups.len()
+            || needed > NGROUPS_MAX
+        {
+            return Err(error);
+        }
+        groups.resize(needed, 0);
+    }
+}
+
 /// Whether the process behind a pidfd has exited (a pidfd polls readable
 /// once its process has exited).
 pub fn pidfd_exited(pidfd: &impl AsFd) -> io::Result<bool> {

@@ -39,7 +39,7 @@ use keyward_proto::{
 /// responses).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to the broker at {path}: {source}")]
+    #[error("cannot connect to the broker at {path}: {source}{}", connect_hint(.source))]
     Connect {
         path: PathBuf,
         #[source]
@@ -64,6 +64,42 @@ pub enum ClientError {
         .after.as_secs_f32()
     )]
     Timeout { what: &'static str, after: Duration },
+}
+
+/// What to do about a failed connect, for the error message: a missing or
+/// dead socket, a socket the caller may not open, a socket of another kind.
+fn connect_hint(error: &io::Error) -> &'static str {
+    use nix::errno::Errno;
+    match error.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOENT | Errno::ECONNREFUSED) => {
+            "; is keyward-broker running? (systemctl status keyward-broker.socket)"
+        }
+        Some(Errno::EACCES | Errno::EPERM) => {
+            "; are you in group keyward-clients? (log in again after usermod)"
+        }
+        Some(Errno::EPROTOTYPE) => {
+            "; not a keyward socket (something else listens there: the broker's is SOCK_SEQPACKET)"
+        }
+        _ => "",
+    }
+}
+
+impl ClientError {
+    /// A short, stable name for the kind of failure, for machine-readable
+    /// output (`agent-shim --json`): `connect`, `timeout`, `protocol`,
+    /// `io`, `usage`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Connect { .. } => "connect",
+            ClientError::Timeout { .. } => "timeout",
+            ClientError::Io(_) | ClientError::Closed => "io",
+            ClientError::TooLarge
+            | ClientError::Decode(_)
+            | ClientError::Encode(_)
+            | ClientError::Handshake(_) => "protocol",
+            ClientError::InheritedFd { .. } => "usage",
+        }
+    }
 }
 
 /// How long connecting and the `Hello` exchange may take.

@@ -148,7 +148,14 @@ impl Fixture {
             "{route}: never reached the upstream"
         );
         assert_eq!(ran.code, Some(1), "{route}: {ran:?}");
-        assert!(ran.stdout.is_empty(), "{route}: a body came back: {ran:?}");
+        // `--json` prints the error object, and nothing of the body.
+        let printed: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
+        assert_eq!(
+            printed.as_object().map(|o| o.len()),
+            Some(1),
+            "{route}: a body came back: {ran:?}"
+        );
+        assert!(printed["error"]["message"].is_string(), "{route}: {ran:?}");
         let expected = if route == "two-encodings" {
             "compressed (content-encoding)"
         } else {

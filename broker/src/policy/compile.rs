@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Located, ParamConfig, ParamType, Source};
+use crate::config::{IdRef, Located, ParamConfig, ParamType, Source};
 use crate::tool::{self, Defaults, Definition};
 
 use super::{
@@ -351,6 +351,8 @@ fn compile_principals(src: &Source, errors: &mut Vec<Located>) -> Vec<Principal>
         if cfg.uids.is_empty() && cfg.gids.is_empty() {
             messages.push("uids, gids: at least one uid or gid is required".to_owned());
         }
+        let uids = resolve_ids("uids", &cfg.uids, resolve_user, &mut messages);
+        let gids = resolve_ids("gids", &cfg.gids, resolve_group, &mut messages);
         for (field, list) in [
             ("may_call", &cfg.may_call),
             ("may_delegate", &cfg.may_delegate),
@@ -369,14 +371,48 @@ fn compile_principals(src: &Source, errors: &mut Vec<Located>) -> Vec<Principal>
         if ok {
             principals.push(Principal {
                 name: cfg.name.clone(),
-                uids: cfg.uids.clone(),
-                gids: cfg.gids.clone(),
+                uids,
+                gids,
                 may_call: cfg.may_call.clone(),
                 may_delegate: cfg.may_delegate.clone(),
             });
         }
     }
     principals
+}
+
+/// Numbers as they are, names looked up (in the user or group database,
+/// at every load and reload); an unknown name is an error of `field`.
+fn resolve_ids(
+    field: &str,
+    ids: &[IdRef],
+    lookup: fn(&str) -> Result<Option<u32>, String>,
+    messages: &mut Vec<String>,
+) -> Vec<u32> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        match id {
+            IdRef::Id(n) => out.push(*n),
+            IdRef::Name(name) => match lookup(name) {
+                Ok(Some(n)) => out.push(n),
+                Ok(None) => messages.push(format!("{field}: {name:?} is not a known name")),
+                Err(e) => messages.push(format!("{field}: looking up {name:?}: {e}")),
+            },
+        }
+    }
+    out
+}
+
+fn resolve_user(name: &str) -> Result<Option<u32>, String> {
+    nix::unistd::User::from_name(name)
+        .map(|u| u.map(|u| u.uid.as_raw()))
+        .map_err(|e| e.to_string())
+}
+
+fn resolve_group(name: &str) -> Result<Option<u32>, String> {
+    nix::unistd::Group::from_name(name)
+        .map(|g| g.map(|g| g.gid.as_raw()))
+        .map_err(|e| e.to_string())
 }
 
 /// `tool "send_email"`, or `tool #3` for an entry without a name.
@@ -775,6 +811,50 @@ params.n = { type = "int", pattern = "x" }
         );
     }
 
+    /// Users and groups by name are looked up (here: root and the groups
+    /// every system has); a supplementary group matches `gids` as well as
+    /// the primary one; an unknown name is a located error.
+    #[test]
+    fn principals_by_name_and_supplementary_groups() {
+        let text = format!(
+            "{BROKER}[[principal]]\nname = \"admins\"\nuids = [\"root\", 7]\n\
+             gids = [\"root\", 4242]\n"
+        );
+        let p = Policy::compile(&source(&text)).expect("compiles");
+        let admins = p.principal("admins").unwrap();
+        assert_eq!(admins.uids, [0, 7]);
+        assert_eq!(admins.gids, [0, 4242]);
+        let in_supplementary = Caller {
+            uid: 5000,
+            gid: 5000,
+            groups: vec![100, 4242],
+        };
+        assert_eq!(p.principals_of(&in_supplementary).count(), 1);
+        assert_eq!(p.principals_of(&Caller::new(5000, 5000)).count(), 0);
+        assert_eq!(p.principals_of(&Caller::new(5000, 4242)).count(), 1);
+
+        let text = format!(
+            "{BROKER}[[principal]]\nname = \"x\"\n\
+             uids = [\"no-such-user-kw\"]\ngids = [\"no-such-group-kw\"]\n"
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert_eq!(errs[0].line, Some(5), "{errs:#?}");
+        assert!(
+            errs[0]
+                .message
+                .contains("uids: \"no-such-user-kw\" is not a known name"),
+            "{}",
+            errs[0]
+        );
+        assert_eq!(errs[1].line, Some(6), "{errs:#?}");
+        assert!(
+            errs[1].message.contains("gids: \"no-such-group-kw\""),
+            "{}",
+            errs[1]
+        );
+    }
+
     /// Table test: (config after `[broker]`, expected line, expected entry,
     /// text the message must contain).
     #[test]
@@ -921,7 +1001,7 @@ params.n = { type = "int", pattern = "x" }
              [[tool]]\nname = \"t\"\nkind = \"echo\"\nparams.a = {{ type = \"string\", pattern = \"b|c\" }}\n"
         );
         let p = Policy::compile(&source(&text)).expect("compiles");
-        let caller = Caller { uid: 1, gid: 1 };
+        let caller = Caller::new(1, 1);
         for (value, ok) in [
             ("b", true),
             ("c", true),

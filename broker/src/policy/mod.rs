@@ -83,10 +83,29 @@ pub struct Tool {
 }
 
 /// The caller as the kernel reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups (`SO_PEERGROUPS`); a principal's `gids` match
+    /// these as well as `gid`.
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    /// A caller with no supplementary groups.
+    pub const fn new(uid: u32, gid: u32) -> Caller {
+        Caller {
+            uid,
+            gid,
+            groups: Vec::new(),
+        }
+    }
+
+    /// Whether the caller is in group `gid`, primary or supplementary.
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
 }
 
 /// A call that passed policy: the tool and every declared parameter,
@@ -170,9 +189,9 @@ impl Policy {
 
     /// The principals that match a caller.
     pub fn principals_of<'a>(&'a self, caller: &'a Caller) -> impl Iterator<Item = &'a Principal> {
-        self.principals
-            .iter()
-            .filter(move |p| p.uids.contains(&caller.uid) || p.gids.contains(&caller.gid))
+        self.principals.iter().filter(move |p| {
+            p.uids.contains(&caller.uid) || p.gids.iter().any(|&g| caller.in_group(g))
+        })
     }
 }
 
@@ -426,10 +445,7 @@ mod tests {
     use super::test_util::{call, policy, s, source, BROKER};
     use super::*;
 
-    const ORCH: Caller = Caller {
-        uid: 1000,
-        gid: 1000,
-    };
+    const ORCH: Caller = Caller::new(1000, 1000);
 
     fn denied(caller: &Caller, c: &Call) -> String {
         match policy().authorize(caller, c) {
@@ -471,7 +487,7 @@ mod tests {
     #[test]
     fn matches_on_gid_and_picks_the_allowing_principal() {
         // uid 2000 is "nobody-special" (no tools); gid 50 is "ops".
-        let caller = Caller { uid: 2000, gid: 50 };
+        let caller = Caller::new(2000, 50);
         let ok = allowed(&caller, &call("count", &[("n", s("3"))]));
         assert_eq!(ok.principal, "ops");
         assert_eq!(
@@ -485,7 +501,7 @@ mod tests {
         let long = "x".repeat(500);
         let cases: Vec<(Caller, Call, String)> = vec![
             (
-                Caller { uid: 1001, gid: 1001 },
+                Caller::new(1001, 1001),
                 call("mail", &[]),
                 "call denied: uid 1001 (gid 1001) is not a principal in the broker policy".into(),
             ),
@@ -506,7 +522,7 @@ mod tests {
                 "call denied: principal \"orchestrator\" may not call tool \"unlisted\"".into(),
             ),
             (
-                Caller { uid: 2000, gid: 2000 },
+                Caller::new(2000, 2000),
                 call("count", &[("n", s("1"))]),
                 "call denied: principal \"nobody-special\" may not call tool \"count\"".into(),
             ),
@@ -730,7 +746,7 @@ mod tests {
              params.key = {{ type = \"path\", default = \"k/1\", secret = true }}\n"
         );
         let p = Policy::compile(&source(&text)).expect("compiles");
-        let caller = Caller { uid: 1, gid: 1 };
+        let caller = Caller::new(1, 1);
         let run = |file: &str| p.authorize(&caller, &call("files", &[("file", s(file))]));
         for ok in ["reports", "reports/q1.txt", "reports/2024/a b.txt"] {
             let got = run(ok).unwrap_or_else(|d| panic!("{ok:?}: {d}"));
@@ -784,7 +800,7 @@ mod tests {
              params.file = {{ type = \"path\", max_len = 64 }}\n"
         );
         let p = Policy::compile(&source(&text)).expect("compiles");
-        let caller = Caller { uid: 1, gid: 1 };
+        let caller = Caller::new(1, 1);
         let long = format!("../{}", "\u{FF21}%2525252541".repeat(1000));
         let reason = p
             .authorize(&caller, &call("files", &[("file", s(&long))]))

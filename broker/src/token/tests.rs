@@ -44,14 +44,8 @@ kind = "echo"
 "#;
 
 const T0: u64 = 1_900_000_000;
-const ORCH: Caller = Caller {
-    uid: 1000,
-    gid: 1000,
-};
-const AGENT: Caller = Caller {
-    uid: 2000,
-    gid: 2000,
-};
+const ORCH: Caller = Caller::new(1000, 1000);
+const AGENT: Caller = Caller::new(2000, 2000);
 
 fn policy(text: &str) -> Policy {
     Policy::compile(&Source::parse("t.toml", text.to_owned()).unwrap()).unwrap()
@@ -141,7 +135,7 @@ fn mint_stays_within_delegation_ttl_and_principals() {
     };
     assert!(denied(&AGENT, &request(&["echo"])).contains("is not a principal"));
     assert!(denied(&ORCH, &request(&["internal"])).contains("may not delegate tool"));
-    let caller = Caller { uid: 1001, gid: 1 };
+    let caller = Caller::new(1001, 1);
     assert!(denied(&caller, &request(&["mail"])).contains("may not delegate"));
     let long = Mint {
         ttl_secs: Some(3600),
@@ -354,13 +348,13 @@ fn revocation_by_whom_and_down_the_lineage() {
     assert!(revoke(&AGENT, parent.id)
         .unwrap_err()
         .contains("only root, an admin uid or its issuer \"orch\""));
-    assert!(revoke(&Caller { uid: 1001, gid: 1 }, parent.id).is_err());
+    assert!(revoke(&Caller::new(1001, 1), parent.id).is_err());
     assert!(revoke(&ORCH, TokenId([7; 16]))
         .unwrap_err()
         .contains("did not mint it"));
     // An admin revoking an id this broker never issued (its key is its
     // own, so nobody else could have) is told so.
-    assert!(revoke(&Caller { uid: 900, gid: 900 }, TokenId([7; 16]))
+    assert!(revoke(&Caller::new(900, 900), TokenId([7; 16]))
         .unwrap_err()
         .contains("never issued it"));
     revoke(&ORCH, parent.id).unwrap();
