@@ -48,11 +48,16 @@ const SYSTEM_EXEC: &[&str] = &[
 ];
 
 /// Files and directories under `/etc` that ordinary programs read (the
-/// loader cache, name service, time zone, TLS roots, Debian alternatives).
-/// Never all of `/etc`: the broker's configuration lives there.
+/// loader cache, name service, time zone, TLS roots, Debian alternatives,
+/// the distribution's name, which `pip` and `platform` read). Never all of
+/// `/etc`: the broker's configuration lives there. In namespace mode
+/// `passwd` and `group` are generated (root, the caller, nobody), not the
+/// host's.
 const SYSTEM_READ: &[&str] = &[
     "/etc/alternatives",
     "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/debian_version",
     "/etc/gai.conf",
     "/etc/group",
     "/etc/host.conf",
@@ -66,11 +71,13 @@ const SYSTEM_READ: &[&str] = &[
     "/etc/nsswitch.conf",
     "/etc/os-release",
     "/etc/passwd",
+    "/etc/pki",
     "/etc/protocols",
     "/etc/resolv.conf",
     "/etc/services",
     "/etc/ssl",
     "/etc/terminfo",
+    "/etc/timezone",
     "/dev/random",
     "/dev/urandom",
     // Landlock cannot tell one pid directory from another; what keeps the
@@ -82,6 +89,23 @@ const SYSTEM_READ: &[&str] = &[
 
 /// Devices the program may read and write (and truncate: `> /dev/null`).
 const SYSTEM_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full"];
+
+/// The controlling terminal, granted (and, in namespace mode, mounted)
+/// only with `--tty`.
+pub const TERMINAL: &str = "/dev/tty";
+
+/// Whether `path` is one of the system paths the rules always name: owned
+/// by root on any sane host, so where it is a symbolic link (`/lib` ->
+/// `usr/lib`, `/etc/resolv.conf` -> `/run/...`) the link is the
+/// administrator's and may be followed. A caller's path never is.
+pub fn is_system_path(path: &Path) -> bool {
+    SYSTEM_EXEC
+        .iter()
+        .chain(SYSTEM_READ)
+        .chain(SYSTEM_DEVICES)
+        .chain(std::iter::once(&TERMINAL))
+        .any(|p| Path::new(p) == path)
+}
 
 /// Why Landlock could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +261,15 @@ impl FsRules {
             read_write: checked(allow_write)?,
             devices: existing(SYSTEM_DEVICES),
         })
+    }
+
+    /// Also allow reading and writing the controlling terminal
+    /// (`--tty`), where the host has `/dev/tty`.
+    pub fn allow_terminal(&mut self) {
+        let tty = PathBuf::from(TERMINAL);
+        if tty.exists() && !self.devices.contains(&tty) {
+            self.devices.push(tty);
+        }
     }
 
     /// Also allow reading and executing `path` (the program itself).
