@@ -17,11 +17,14 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::OwnedFd;
+
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd,
-    RestrictionStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus,
-    Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, RestrictionStatus,
+    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus, Scope, ABI,
 };
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
 
 use crate::sys;
 
@@ -311,10 +314,7 @@ pub fn restrict(rules: &FsRules) -> Result<RestrictionStatus, LandlockError> {
             if std::fs::metadata(path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
                 continue;
             }
-            let fd = PathFd::new(path).map_err(|e| LandlockError::Path {
-                path: path.clone(),
-                source: io::Error::other(e.to_string()),
-            })?;
+            let fd = open_rule_path(path)?;
             let access = if is_directory(&fd) {
                 access
             } else {
@@ -337,7 +337,33 @@ pub fn restrict(rules: &FsRules) -> Result<RestrictionStatus, LandlockError> {
     Ok(status)
 }
 
-fn is_directory(fd: &PathFd) -> bool {
+/// The descriptor a rule is attached to. A system path may be a link the
+/// administrator made (`/lib`), and is followed; a caller's path was made
+/// canonical by the shim, so a symbolic link in it now (a directory of the
+/// uid swapped for a link since it was checked) is refused, never
+/// followed to wherever it points.
+fn open_rule_path(path: &Path) -> Result<OwnedFd, LandlockError> {
+    let flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+    let opened = if is_system_path(path) {
+        nix::fcntl::open(path, flags, Mode::empty())
+    } else {
+        let how = OpenHow::new()
+            .flags(flags)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+        nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how)
+    };
+    opened.map_err(|e| LandlockError::Path {
+        path: path.to_owned(),
+        source: match e {
+            nix::Error::ELOOP => io::Error::other(
+                "a component is a symbolic link now; it was not when the path was checked",
+            ),
+            e => e.into(),
+        },
+    })
+}
+
+fn is_directory(fd: &OwnedFd) -> bool {
     nix::sys::stat::fstat(fd)
         .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
         .unwrap_or(true)

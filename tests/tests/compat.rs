@@ -16,7 +16,7 @@
 //! Everything runs as the unprivileged test uid, with the system Python
 //! (`/usr/bin/python3`: a pyenv in root's home is out of its reach) and
 //! the `node` on `PATH`.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, unsafe_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -541,4 +541,140 @@ exec setpriv --reuid={uid} --regid={uid} --clear-groups "$@""#,
     }
     let version = std::fs::read_to_string("/etc/debian_version").unwrap();
     assert!(ran.stdout.ends_with(&version), "{ran:?}");
+}
+
+/// Another sandbox that may write to the work directory swaps a directory
+/// on a caller's `--allow-read` path for a symbolic link after the shim
+/// checked the path and before the sandbox is built (here: while the
+/// broker, a stand-in, answers `Bind`). The link aims at the
+/// orchestrator's secrets, as the host sees them and as the namespace
+/// root's builder does (`/oldroot/...`). Neither the root nor Landlock
+/// may follow it: the run is refused, and the secret never shows.
+#[test]
+fn a_caller_path_swapped_for_a_link_after_the_check_is_refused() {
+    require_root();
+    for (fallback, via_oldroot) in [(false, true), (false, false), (true, false)] {
+        let work = Work::new();
+        let base = work.path.parent().unwrap().to_owned();
+        let allowed = work.path.join("data/sub");
+        std::fs::create_dir_all(&allowed).unwrap();
+        std::fs::write(allowed.join("public.txt"), "public data\n").unwrap();
+        let secret = base.join("secret/sub");
+        std::fs::create_dir_all(&secret).unwrap();
+        std::fs::write(secret.join("credentials"), "orchestrator-secret-5d1f\n").unwrap();
+        for p in [
+            work.path.join("data"),
+            allowed.clone(),
+            allowed.join("public.txt"),
+            base.join("secret"),
+            secret.clone(),
+            secret.join("credentials"),
+        ] {
+            std::os::unix::fs::chown(&p, Some(PRINCIPAL_UID), Some(PRINCIPAL_UID)).unwrap();
+        }
+        let socket = base.join("broker.sock");
+        let data = work.path.join("data");
+        let aim = if via_oldroot {
+            Path::new("/oldroot").join(base.join("secret").strip_prefix("/").unwrap())
+        } else {
+            base.join("secret")
+        };
+        let broker = fake_broker(&socket, move || {
+            std::fs::rename(&data, data.with_extension("orig")).unwrap();
+            std::os::unix::fs::symlink(&aim, &data).unwrap();
+        });
+        let read = format!("cat {}/*", allowed.display());
+        let mut cmd = Command::new(binary("agent-shim"));
+        cmd.env_clear()
+            .env("PATH", PATH)
+            .env("KEYWARD_SOCKET", &socket)
+            .env("KEYWARD_TOKEN", "kw1.stand-in")
+            .args(["run", "--allow-read"])
+            .arg(&allowed);
+        if fallback {
+            cmd.env("KEYWARD_TEST_NO_USERNS", "1");
+        } else {
+            cmd.arg("--require-namespaces");
+        }
+        let ran = Ran::from(
+            cmd.args(["--", "/bin/sh", "-c", &read])
+                .current_dir("/")
+                .stdin(Stdio::null())
+                .uid(PRINCIPAL_UID)
+                .gid(PRINCIPAL_UID)
+                .output()
+                .unwrap(),
+        );
+        broker.join().unwrap();
+        let case = format!("fallback={fallback} via_oldroot={via_oldroot}");
+        assert!(
+            std::fs::symlink_metadata(work.path.join("data"))
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "{case}"
+        );
+        assert!(
+            !ran.stdout.contains("orchestrator-secret"),
+            "{case}: {ran:?}"
+        );
+        assert_ne!(ran.code, Some(0), "{case}: {ran:?}");
+        let why = if fallback {
+            "a component is a symbolic link now"
+        } else if via_oldroot {
+            "No such file or directory"
+        } else {
+            "a component was replaced by a symbolic link"
+        };
+        assert!(
+            ran.stderr.contains(&allowed.display().to_string()) && ran.stderr.contains(why),
+            "{case}: {ran:?}"
+        );
+    }
+}
+
+/// A stand-in broker on `path` for one connection: it answers `Hello`,
+/// and `Bind` with `Bound` after running `before_bound`.
+fn fake_broker(
+    path: &Path,
+    before_bound: impl FnOnce() + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    use keyward_proto::token::TokenId;
+    use keyward_proto::{decode, encode, Bound, Hello, Request, Response};
+    use nix::sys::socket::{
+        accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(listener.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    listen(&listener, Backlog::new(1).unwrap()).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: accept returned a new descriptor that nothing else owns.
+        let conn = unsafe { OwnedFd::from_raw_fd(accept(listener.as_raw_fd()).unwrap()) };
+        let mut buf = vec![0u8; 70_000];
+        let mut next = || -> Request {
+            let n = nix::unistd::read(&conn, &mut buf).unwrap();
+            decode(&buf[..n]).unwrap()
+        };
+        assert!(matches!(next(), Request::Hello(_)));
+        let hello = Response::Hello(Hello {
+            version: keyward_proto::PROTOCOL_VERSION,
+        });
+        nix::unistd::write(&conn, &encode(&hello).unwrap()).unwrap();
+        assert!(matches!(next(), Request::Bind(_)));
+        before_bound();
+        let bound = Response::Bound(Bound {
+            id: TokenId([7; 16]),
+            task: [0; 32],
+            expires: u64::MAX,
+        });
+        nix::unistd::write(&conn, &encode(&bound).unwrap()).unwrap();
+    })
 }

@@ -160,8 +160,8 @@ struct Bind {
 /// what it now points at is not what the caller allowed. A system path
 /// may be a link the administrator made (`/lib` -> `usr/lib`,
 /// `/etc/resolv.conf` -> `/run/...`, an `/etc` of links as on NixOS):
-/// what it points at is shown at its place. A path that does not exist is
-/// left out.
+/// what it points at is shown at its place. A system path that does not
+/// exist is left out; a caller's path that no longer does is refused.
 fn resolve_binds(plan: &Plan) -> Result<Vec<Bind>, MountError> {
     let rules = &plan.mounts;
     let mut paths: Vec<(&Path, bool)> = Vec::new();
@@ -174,12 +174,14 @@ fn resolve_binds(plan: &Plan) -> Result<Vec<Bind>, MountError> {
         if !path.is_absolute() || generated(path) {
             continue;
         }
+        let system = landlock::is_system_path(path);
         let source = match std::fs::canonicalize(path) {
             Ok(source) => source,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && system => continue,
+            // The shim checked that it existed.
             Err(e) => return Err(failed("resolve", path, e)),
         };
-        let inside = if landlock::is_system_path(path) {
+        let inside = if system {
             match (path.parent(), path.file_name()) {
                 (Some(parent), Some(name)) => step(
                     "resolve",

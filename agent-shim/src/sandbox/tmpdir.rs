@@ -25,7 +25,15 @@ impl PrivateTmp {
             .prefix("agent-shim-tmp-")
             .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()?;
-        Ok(PrivateTmp { path: dir.keep() })
+        // Canonical: Landlock follows no link in a caller's path.
+        let path = dir.keep();
+        match std::fs::canonicalize(&path) {
+            Ok(path) => Ok(PrivateTmp { path }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&path);
+                Err(e)
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
