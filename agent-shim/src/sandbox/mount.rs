@@ -7,10 +7,16 @@
 //! pid namespace and a minimal `/dev`. Nothing else of the host (no
 //! `/home`, no `/run`) exists inside. Every bind is `nosuid` and `nodev`.
 //!
-//! The recipe, as bubblewrap's: make every mount a slave (nothing
-//! propagates out); pivot into a scratch tmpfs so that the old root is
-//! visible whole at `/oldroot`; build `/newroot` from it; detach the old
-//! root; pivot into `/newroot`; make `/` read-only.
+//! `/etc/passwd` and `/etc/group` are generated (root, the caller,
+//! nobody); `/dev/tty` is there only with `--tty`.
+//!
+//! The recipe, as bubblewrap's: resolve every path against the host's root
+//! while it is still `/` (so an absolute symbolic link means what it meant
+//! to the caller); make every mount a slave (nothing propagates out); pivot
+//! into a scratch tmpfs so that the old root is visible whole at
+//! `/oldroot`; build `/newroot` from it, each bind through descriptors
+//! opened without following any link; detach the old root; pivot into
+//! `/newroot`; make `/` read-only.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -203,7 +209,8 @@ fn resolve_binds(plan: &Plan) -> Result<Vec<Bind>, MountError> {
         } else {
             source.clone()
         };
-        if inside.starts_with("/proc") || inside.starts_with("/dev") {
+        let special = |p: &Path| p.starts_with("/proc") || p.starts_with("/dev");
+        if special(&inside) || special(&source) {
             continue;
         }
         let relative = |p: &Path| p.strip_prefix("/").unwrap_or(p).to_owned();
