@@ -510,6 +510,32 @@ mod tests {
     }
 
     #[test]
+    fn identity_files_are_well_formed_and_name_the_caller() {
+        let files = identity_files();
+        let uid = nix::unistd::getuid().as_raw().to_string();
+        let (passwd, group) = (&files[0], &files[1]);
+        assert_eq!(passwd.0, Path::new("/etc/passwd"));
+        assert_eq!(group.0, Path::new("/etc/group"));
+        let passwd = String::from_utf8(passwd.1.clone()).unwrap();
+        let group = String::from_utf8(group.1.clone()).unwrap();
+        for line in passwd.lines() {
+            assert_eq!(line.split(':').count(), 7, "{passwd}");
+        }
+        for line in group.lines() {
+            assert_eq!(line.split(':').count(), 4, "{group}");
+        }
+        assert!(passwd.starts_with("root:x:0:0:"), "{passwd}");
+        assert!(passwd.contains("\nnobody:x:65534:65534:"), "{passwd}");
+        assert!(
+            passwd
+                .lines()
+                .any(|l| l.split(':').nth(2) == Some(uid.as_str())),
+            "{passwd}"
+        );
+        assert!(passwd.lines().count() <= 3, "{passwd}");
+    }
+
+    #[test]
     fn token_debug_is_redacted() {
         let source = TokenSource::Arg("kw1.secret".into());
         assert!(!format!("{source:?}").contains("secret"));
