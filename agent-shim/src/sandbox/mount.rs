@@ -166,8 +166,8 @@ struct Bind {
 /// what it now points at is not what the caller allowed. A system path
 /// may be a link the administrator made (`/lib` -> `usr/lib`,
 /// `/etc/resolv.conf` -> `/run/...`, an `/etc` of links as on NixOS):
-/// what it points at is shown at its place. A system path that does not
-/// exist is left out; a caller's path that no longer does is refused.
+/// what it points at is shown at its place. A system path that cannot be
+/// resolved is left out; a caller's path that no longer can is refused.
 fn resolve_binds(plan: &Plan) -> Result<Vec<Bind>, MountError> {
     let rules = &plan.mounts;
     let mut paths: Vec<(&Path, bool)> = Vec::new();
@@ -183,17 +183,18 @@ fn resolve_binds(plan: &Plan) -> Result<Vec<Bind>, MountError> {
         let system = landlock::is_system_path(path);
         let source = match std::fs::canonicalize(path) {
             Ok(source) => source,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && system => continue,
+            // A system path this host does not have (or hides from the
+            // caller) is left out, as it would be from the rules.
+            Err(_) if system => continue,
             // The shim checked that it existed.
             Err(e) => return Err(failed("resolve", path, e)),
         };
         let inside = if system {
             match (path.parent(), path.file_name()) {
-                (Some(parent), Some(name)) => step(
-                    "resolve",
-                    parent,
-                    std::fs::canonicalize(parent).map(|p| p.join(name)),
-                )?,
+                (Some(parent), Some(name)) => match std::fs::canonicalize(parent) {
+                    Ok(parent) => parent.join(name),
+                    Err(_) => continue,
+                },
                 _ => source.clone(),
             }
         } else if source != path {
