@@ -123,7 +123,12 @@ fn value<'a>(out: &'a str, key: &str) -> &'a str {
 fn a_private_writable_tmp_that_shows_nothing_of_the_host_and_keeps_nothing() {
     require_root();
     let work = Work::new();
-    let host_file = PathBuf::from(format!("/tmp/kw-compat-host-{}", std::process::id()));
+    // A file of the host's /tmp, world-readable; removed even on failure.
+    let host = tempfile::Builder::new()
+        .prefix("kw-compat-host-")
+        .tempfile_in("/tmp")
+        .unwrap();
+    let host_file = host.path().to_owned();
     std::fs::write(&host_file, "host-tmp-content").unwrap();
     std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let left = format!("kw-compat-left-{}", std::process::id());
@@ -186,7 +191,7 @@ print("PYFILE=" + p)'
         let again = sh(fallback, &work.path, "ls -A \"$TMPDIR\"; echo done");
         assert_eq!(again.stdout, "done\n", "{m}: {again:?}");
     }
-    std::fs::remove_file(&host_file).unwrap();
+    drop(host);
 }
 
 /// `multiprocessing.Pool` and `concurrent.futures.ProcessPoolExecutor`:
@@ -677,4 +682,48 @@ fn fake_broker(
         });
         nix::unistd::write(&conn, &encode(&bound).unwrap()).unwrap();
     })
+}
+
+/// Fallback mode's private directory is removed even when the shim is
+/// killed by `SIGKILL` while the program runs: the reaper, which kills
+/// what is left of the sandbox, removes it.
+#[test]
+fn the_fallback_directory_goes_even_when_the_shim_is_killed() {
+    use std::io::BufRead;
+    require_root();
+    let work = Work::new();
+    let mut shim = Command::new(binary("agent-shim"))
+        .env_clear()
+        .env("PATH", PATH)
+        .env("KEYWARD_TEST_NO_USERNS", "1")
+        .args(["run", "--allow-write"])
+        .arg(&work.path)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo x > \"$TMPDIR/f\"; echo TMPDIR=$TMPDIR; exec sleep 60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .uid(PRINCIPAL_UID)
+        .gid(PRINCIPAL_UID)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(shim.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let tmpdir = PathBuf::from(value(&line, "TMPDIR"));
+    assert!(tmpdir.join("f").exists(), "{line:?}");
+    shim.kill().unwrap();
+    shim.wait().unwrap();
+    for _ in 0..200 {
+        if !tmpdir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("{} outlived the killed shim", tmpdir.display());
 }

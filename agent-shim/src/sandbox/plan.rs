@@ -93,6 +93,8 @@ pub(super) struct Plan {
     /// Files the namespace root shows in place of the host's: `passwd`
     /// and `group` with root, the caller and nobody ([`identity_files`]).
     pub generated: Vec<(PathBuf, Vec<u8>)>,
+    /// Fallback mode's private temporary directory (the reaper removes it).
+    pub private_tmp: Option<PathBuf>,
 }
 
 impl Plan {
@@ -114,6 +116,7 @@ impl Plan {
             fs.read_write.push(tmp.path().to_owned());
         }
         self.set_env("TMPDIR", tmp.path().as_os_str())?;
+        self.private_tmp = Some(tmp.path().to_owned());
         Ok(tmp)
     }
 
@@ -364,6 +367,7 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
         cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         verbose: options.verbose,
         generated: identity_files(),
+        private_tmp: None,
     };
     // The namespace root's own tmpfs; the caller's TMPDIR does not exist
     // there. (Fallback mode replaces it with its private directory.)

@@ -3,9 +3,9 @@
 //! there is no private tmpfs `/tmp`, so the shim creates a fresh `0700`
 //! directory in its own temporary directory (`$TMPDIR`, else `/tmp`),
 //! Landlock grants the program read and write there and nowhere else in
-//! `/tmp`, `TMPDIR` points at it, and the shim removes it, whatever the
-//! program left in it, once every process of the sandbox is gone. (A shim
-//! killed by `SIGKILL` leaves it behind: it is the uid's own, mode `0700`.)
+//! `/tmp`, `TMPDIR` points at it, and it is removed, whatever the program
+//! left in it, once every process of the sandbox is gone: by the reaper
+//! (which outlives a shim killed by `SIGKILL`), else by the shim.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -43,12 +43,19 @@ impl PrivateTmp {
 
 impl Drop for PrivateTmp {
     fn drop(&mut self) {
-        if let Err(e) = remove_tree(&self.path) {
-            eprintln!(
-                "agent-shim: warning: cannot remove the sandbox's temporary directory {}: {e}",
-                self.path.display()
-            );
-        }
+        remove(&self.path);
+    }
+}
+
+/// Remove the directory (if the reaper has not already); a failure is
+/// said on stderr.
+pub(super) fn remove(path: &Path) {
+    match remove_tree(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => eprintln!(
+            "agent-shim: warning: cannot remove the sandbox's temporary directory {}: {e}",
+            path.display()
+        ),
+        _ => {}
     }
 }
 
