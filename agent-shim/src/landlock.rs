@@ -17,11 +17,14 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::OwnedFd;
+
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd,
-    RestrictionStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus,
-    Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, RestrictionStatus,
+    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus, Scope, ABI,
 };
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
 
 use crate::sys;
 
@@ -48,11 +51,16 @@ const SYSTEM_EXEC: &[&str] = &[
 ];
 
 /// Files and directories under `/etc` that ordinary programs read (the
-/// loader cache, name service, time zone, TLS roots, Debian alternatives).
-/// Never all of `/etc`: the broker's configuration lives there.
+/// loader cache, name service, time zone, TLS roots, Debian alternatives,
+/// the distribution's name, which `pip` and `platform` read). Never all of
+/// `/etc`: the broker's configuration lives there. In namespace mode
+/// `passwd` and `group` are generated (root, the caller, nobody), not the
+/// host's.
 const SYSTEM_READ: &[&str] = &[
     "/etc/alternatives",
     "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/debian_version",
     "/etc/gai.conf",
     "/etc/group",
     "/etc/host.conf",
@@ -66,11 +74,13 @@ const SYSTEM_READ: &[&str] = &[
     "/etc/nsswitch.conf",
     "/etc/os-release",
     "/etc/passwd",
+    "/etc/pki",
     "/etc/protocols",
     "/etc/resolv.conf",
     "/etc/services",
     "/etc/ssl",
     "/etc/terminfo",
+    "/etc/timezone",
     "/dev/random",
     "/dev/urandom",
     // Landlock cannot tell one pid directory from another; what keeps the
@@ -82,6 +92,23 @@ const SYSTEM_READ: &[&str] = &[
 
 /// Devices the program may read and write (and truncate: `> /dev/null`).
 const SYSTEM_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full"];
+
+/// The controlling terminal, granted (and, in namespace mode, mounted)
+/// only with `--tty`.
+pub const TERMINAL: &str = "/dev/tty";
+
+/// Whether `path` is one of the system paths the rules always name: owned
+/// by root on any sane host, so where it is a symbolic link (`/lib` ->
+/// `usr/lib`, `/etc/resolv.conf` -> `/run/...`) the link is the
+/// administrator's and may be followed. A caller's path never is.
+pub fn is_system_path(path: &Path) -> bool {
+    SYSTEM_EXEC
+        .iter()
+        .chain(SYSTEM_READ)
+        .chain(SYSTEM_DEVICES)
+        .chain(std::iter::once(&TERMINAL))
+        .any(|p| Path::new(p) == path)
+}
 
 /// Why Landlock could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +266,15 @@ impl FsRules {
         })
     }
 
+    /// Also allow reading and writing the controlling terminal
+    /// (`--tty`), where the host has `/dev/tty`.
+    pub fn allow_terminal(&mut self) {
+        let tty = PathBuf::from(TERMINAL);
+        if tty.exists() && !self.devices.contains(&tty) {
+            self.devices.push(tty);
+        }
+    }
+
     /// Also allow reading and executing `path` (the program itself).
     pub fn allow_exec(&mut self, path: &Path) {
         if !self.read_exec.iter().any(|p| path.starts_with(p)) {
@@ -278,10 +314,7 @@ pub fn restrict(rules: &FsRules) -> Result<RestrictionStatus, LandlockError> {
             if std::fs::metadata(path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
                 continue;
             }
-            let fd = PathFd::new(path).map_err(|e| LandlockError::Path {
-                path: path.clone(),
-                source: io::Error::other(e.to_string()),
-            })?;
+            let fd = open_rule_path(path)?;
             let access = if is_directory(&fd) {
                 access
             } else {
@@ -304,7 +337,33 @@ pub fn restrict(rules: &FsRules) -> Result<RestrictionStatus, LandlockError> {
     Ok(status)
 }
 
-fn is_directory(fd: &PathFd) -> bool {
+/// The descriptor a rule is attached to. A system path may be a link the
+/// administrator made (`/lib`), and is followed; a caller's path was made
+/// canonical by the shim, so a symbolic link in it now (a directory of the
+/// uid swapped for a link since it was checked) is refused, never
+/// followed to wherever it points.
+fn open_rule_path(path: &Path) -> Result<OwnedFd, LandlockError> {
+    let flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+    let opened = if is_system_path(path) {
+        nix::fcntl::open(path, flags, Mode::empty())
+    } else {
+        let how = OpenHow::new()
+            .flags(flags)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+        nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how)
+    };
+    opened.map_err(|e| LandlockError::Path {
+        path: path.to_owned(),
+        source: match e {
+            nix::Error::ELOOP => io::Error::other(
+                "a component is a symbolic link now; it was not when the path was checked",
+            ),
+            e => e.into(),
+        },
+    })
+}
+
+fn is_directory(fd: &OwnedFd) -> bool {
     nix::sys::stat::fstat(fd)
         .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
         .unwrap_or(true)

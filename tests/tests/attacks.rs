@@ -177,7 +177,9 @@ struct Attack {
     bare_works: bool,
     /// The Landlock ABI the expectation needs.
     needs_abi: i32,
-    /// Run with the pty as controlling terminal.
+    /// A terminal attack: unsandboxed, the pty is the attack's
+    /// controlling terminal; sandboxed, the shim runs with `--tty` on a
+    /// pty no session holds (see the TIOCSTI row).
     tty: bool,
     /// Give the shim the token as `--token T` (in its command line).
     token_arg: bool,
@@ -387,7 +389,24 @@ impl Lab {
             true,
         );
         loot_argv.token_arg = true;
-        let mut tiocsti = attack(8, "TIOCSTI into the terminal", &["tiocsti"], eperm, true);
+        // The shim's setsid alone takes the caller's controlling terminal
+        // away, and TIOCSCTTY cannot steal one another session holds: to
+        // show the seccomp rule at work, the sandbox runs with --tty (the
+        // terminal ioctls, TIOCSCTTY included, allowed) on a pty no
+        // session holds, as an orchestrator driving its sub-agent through
+        // a pty of its own does. The program makes it its controlling
+        // terminal; without the TIOCSTI rule the injection then succeeds.
+        // (Where dev.tty.legacy_tiocsti is 0 the kernel refuses TIOCSTI
+        // to everyone without CAP_SYS_ADMIN, unsandboxed too.)
+        let legacy_tiocsti = std::fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti")
+            .map_or(true, |v| v.trim() != "0");
+        let mut tiocsti = attack(
+            8,
+            "TIOCSTI into a terminal (--tty)",
+            &["tiocsti"],
+            eperm,
+            legacy_tiocsti,
+        );
         tiocsti.tty = true;
         vec![
             attack(
@@ -797,6 +816,9 @@ impl Lab {
                 if mode == Mode::Shim {
                     cmd.arg("--require-namespaces");
                 }
+                if attack.tty {
+                    cmd.arg("--tty");
+                }
                 if attack.token_arg {
                     let token = std::fs::read_to_string(&self.token_file).unwrap();
                     cmd.arg("--token").arg(token.trim());
@@ -848,7 +870,8 @@ impl Lab {
         let leak = std::fs::File::open(self.home.join(".aws/credentials")).unwrap();
         let leak_fd = leak.as_raw_fd();
         let tty = self.tty.slave.try_clone().unwrap();
-        let with_tty = attack.tty;
+        // Sandboxed, the pty stays free: see the TIOCSTI row.
+        let with_tty = attack.tty && !mode.sandboxed();
         cmd.stdin(Stdio::from(tty));
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe system calls on integers.
@@ -1275,7 +1298,7 @@ fn sigkill_of_the_shim_leaves_nothing_running() {
 
 /// `--tty` shares the terminal: the settings may be changed (a program
 /// like an editor needs it), without it they may not; typing into it is
-/// refused either way (the TIOCSTI row runs without `--tty`, and the
+/// refused either way (the TIOCSTI row runs with `--tty`, and the
 /// filter's unit test covers both profiles).
 #[test]
 fn only_tty_lets_the_program_change_the_terminal() {

@@ -42,6 +42,7 @@ mod mount;
 mod namespace;
 mod plan;
 mod supervise;
+mod tmpdir;
 
 pub use derive::Derive;
 pub use plan::{read_token, Limits};
@@ -237,6 +238,8 @@ pub enum SandboxError {
     Subreaper(#[source] io::Error),
     #[error("cannot drop capabilities: {0}")]
     Capabilities(#[source] io::Error),
+    #[error("cannot create the sandbox's private temporary directory: {0}")]
+    TempDir(#[source] io::Error),
 }
 
 impl SandboxError {
@@ -292,7 +295,8 @@ pub fn run(options: &RunOptions) -> Result<u8, SandboxError> {
         "agent-shim: warning: namespaces unavailable ({reason}); the sandbox is \
          Landlock and seccomp only (fallback mode)"
     );
-    plan.fall_back(reason)?;
+    // Removed when this returns: by then no process of the sandbox is left.
+    let _tmp = plan.fall_back(reason)?;
     let reaper = supervise::start_reaper(&plan, channel.take(), &old_mask)?;
     // The sandbox holds the only reference the program needs.
     drop(channel);

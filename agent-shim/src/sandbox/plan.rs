@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 
 use keyward_proto::Response;
 
+use super::tmpdir::PrivateTmp;
 use super::{Mode, RunOptions, SandboxError, Token, TokenSource, TOKEN_ENV};
 use crate::client::{socket_path, Client, CHANNEL_FD, KEYWARD_FD_ENV};
 use crate::landlock::{FsRules, Support};
@@ -89,12 +90,19 @@ pub(super) struct Plan {
     /// The working directory, kept inside the sandbox where it exists.
     pub cwd: PathBuf,
     pub verbose: bool,
+    /// Files the namespace root shows in place of the host's: `passwd`
+    /// and `group` with root, the caller and nobody ([`identity_files`]).
+    pub generated: Vec<(PathBuf, Vec<u8>)>,
+    /// Fallback mode's private temporary directory (the reaper removes it).
+    pub private_tmp: Option<PathBuf>,
 }
 
 impl Plan {
-    /// Switch to fallback mode: the filter gains the fallback rules, and
-    /// `RLIMIT_NPROC` counts the processes the uid already has.
-    pub fn fall_back(&mut self, reason: String) -> Result<(), SandboxError> {
+    /// Switch to fallback mode: the filter gains the fallback rules,
+    /// `RLIMIT_NPROC` counts the processes the uid already has, and the
+    /// program gets a private temporary directory instead of a private
+    /// `/tmp` (removed when the returned guard is dropped).
+    pub fn fall_back(&mut self, reason: String) -> Result<PrivateTmp, SandboxError> {
         self.mode = Mode::Fallback(reason);
         if self.filter.is_some() {
             self.filter = Some(seccomp::compile(Profile {
@@ -103,8 +111,76 @@ impl Plan {
             })?);
         }
         self.nproc = uid_processes().saturating_add(self.limits.pids);
+        let tmp = PrivateTmp::create().map_err(SandboxError::TempDir)?;
+        if let Some(fs) = &mut self.fs {
+            fs.read_write.push(tmp.path().to_owned());
+        }
+        self.set_env("TMPDIR", tmp.path().as_os_str())?;
+        self.private_tmp = Some(tmp.path().to_owned());
+        Ok(tmp)
+    }
+
+    /// Set `name` in the program's environment, replacing what was there.
+    fn set_env(&mut self, name: &str, value: &OsStr) -> Result<(), SandboxError> {
+        let prefix = format!("{name}=");
+        self.env
+            .retain(|kv| !kv.as_bytes().starts_with(prefix.as_bytes()));
+        let mut kv = OsString::from(prefix);
+        kv.push(value);
+        self.env.push(cstring(&kv)?);
         Ok(())
     }
+}
+
+/// `passwd` and `group` for the namespace root: root, the caller (named
+/// as on the host, else after `$USER`), and nobody, never the host's whole
+/// files. Inside the user namespace uid and gid 0 and 65534 are unmapped
+/// and show as the overflow ids; the entries are there so that a lookup
+/// of them by name succeeds, as programs expect.
+pub(super) fn identity_files() -> Vec<(PathBuf, Vec<u8>)> {
+    use nix::unistd::{getgid, getuid, Group, User};
+    let (uid, gid) = (getuid(), getgid());
+    // A field of these files must hold no ':' and no newline.
+    let clean = |s: &str| -> Option<String> {
+        (!s.is_empty() && !s.contains([':', '\n', '\0'])).then(|| s.to_owned())
+    };
+    let user = User::from_uid(uid).ok().flatten();
+    let env_name = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok();
+    let name = user
+        .as_ref()
+        .and_then(|u| clean(&u.name))
+        .or_else(|| env_name.as_deref().and_then(clean))
+        .unwrap_or_else(|| format!("user{uid}"));
+    let home = user
+        .as_ref()
+        .and_then(|u| clean(&u.dir.to_string_lossy()))
+        .or_else(|| std::env::var("HOME").ok().as_deref().and_then(clean))
+        .unwrap_or_else(|| "/".to_owned());
+    let shell = user
+        .as_ref()
+        .and_then(|u| clean(&u.shell.to_string_lossy()))
+        .unwrap_or_else(|| "/bin/sh".to_owned());
+    let group = Group::from_gid(gid)
+        .ok()
+        .flatten()
+        .and_then(|g| clean(&g.name))
+        .unwrap_or_else(|| name.clone());
+    let mut passwd = String::from("root:x:0:0:root:/root:/usr/sbin/nologin\n");
+    let mut groups = String::from("root:x:0:\n");
+    if uid.as_raw() != 0 && uid.as_raw() != 65534 {
+        passwd.push_str(&format!("{name}:x:{uid}:{gid}::{home}:{shell}\n"));
+    }
+    if gid.as_raw() != 0 && gid.as_raw() != 65534 {
+        groups.push_str(&format!("{group}:x:{gid}:\n"));
+    }
+    passwd.push_str("nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n");
+    groups.push_str("nogroup:x:65534:\n");
+    vec![
+        (PathBuf::from("/etc/passwd"), passwd.into_bytes()),
+        (PathBuf::from("/etc/group"), groups.into_bytes()),
+    ]
 }
 
 /// How many processes (threads count) the real uid runs now.
@@ -252,6 +328,9 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
         &canonical(&options.allow_exec),
     )?;
     mounts.allow_exec(&program);
+    if options.tty {
+        mounts.allow_terminal();
+    }
     let support = Support::probe();
     let fs = match support.require_files() {
         Ok(()) => Some(mounts.clone()),
@@ -273,7 +352,7 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(Plan {
+    let mut plan = Plan {
         program,
         argv,
         env,
@@ -287,7 +366,13 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
         nproc: options.limits.pids,
         cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         verbose: options.verbose,
-    })
+        generated: identity_files(),
+        private_tmp: None,
+    };
+    // The namespace root's own tmpfs; the caller's TMPDIR does not exist
+    // there. (Fallback mode replaces it with its private directory.)
+    plan.set_env("TMPDIR", OsStr::new("/tmp"))?;
+    Ok(plan)
 }
 
 /// The program's environment: the allowlist, `LC_*`, the `--keep-env`
@@ -435,6 +520,32 @@ mod tests {
             SandboxError::NotFound("x".into()).exit_code(),
             EXIT_NOT_FOUND
         );
+    }
+
+    #[test]
+    fn identity_files_are_well_formed_and_name_the_caller() {
+        let files = identity_files();
+        let uid = nix::unistd::getuid().as_raw().to_string();
+        let (passwd, group) = (&files[0], &files[1]);
+        assert_eq!(passwd.0, Path::new("/etc/passwd"));
+        assert_eq!(group.0, Path::new("/etc/group"));
+        let passwd = String::from_utf8(passwd.1.clone()).unwrap();
+        let group = String::from_utf8(group.1.clone()).unwrap();
+        for line in passwd.lines() {
+            assert_eq!(line.split(':').count(), 7, "{passwd}");
+        }
+        for line in group.lines() {
+            assert_eq!(line.split(':').count(), 4, "{group}");
+        }
+        assert!(passwd.starts_with("root:x:0:0:"), "{passwd}");
+        assert!(passwd.contains("\nnobody:x:65534:65534:"), "{passwd}");
+        assert!(
+            passwd
+                .lines()
+                .any(|l| l.split(':').nth(2) == Some(uid.as_str())),
+            "{passwd}"
+        );
+        assert!(passwd.lines().count() <= 3, "{passwd}");
     }
 
     #[test]

@@ -142,7 +142,13 @@ fn reaper(
         }
         Forked::Parent(program) => {
             drop(channel);
-            supervise(program, Some(spare))
+            let status = supervise(program, Some(spare));
+            // No process of the sandbox is left: its temporary directory
+            // goes now, also when the shim was killed and cannot.
+            if let Some(tmp) = &plan.private_tmp {
+                super::tmpdir::remove(tmp);
+            }
+            status
         }
     }
 }

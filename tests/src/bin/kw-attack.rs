@@ -824,8 +824,13 @@ fn abstract_connect(name: &str) -> Outcome {
 
 // ---------------------------------------------------- terminal, namespaces
 
-/// Push a command into the input of the terminal on stdin.
+/// Push a command into the input of the terminal on stdin. The kernel
+/// takes `TIOCSTI` only on the caller's controlling terminal, so first
+/// make it ours where no other session holds it (`TIOCSCTTY`; the shim's
+/// `setsid` left the program a session leader with none).
 fn tiocsti() -> Outcome {
+    // SAFETY: TIOCSCTTY takes an integer; a failure is left to TIOCSTI.
+    unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
     let mut sent = 0;
     for b in b"id\n" {
         // SAFETY: TIOCSTI reads one byte from a live local.
