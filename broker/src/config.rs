@@ -110,12 +110,18 @@ pub struct PrincipalConfig {
     pub may_delegate: Vec<String>,
 }
 
-/// `[credential.NAME]`: where a secret comes from.
+/// `[credential.NAME]`: where a secret comes from. Without `kind`, a
+/// static secret read from `file`; with one, the rest of the entry belongs
+/// to that kind (`kind = "oauth2"`: [`crate::credential::oauth`]), checked
+/// when the policy is compiled.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CredentialConfig {
-    /// File name relative to the credentials directory.
-    pub file: PathBuf,
+    pub kind: Option<String>,
+    /// File name relative to the credentials directory (static secrets).
+    pub file: Option<PathBuf>,
+    /// Every other field, for the credential's kind.
+    #[serde(flatten)]
+    pub fields: toml::Table,
 }
 
 /// `[[tool]]`: one action the broker performs. The fields every kind has

@@ -271,17 +271,43 @@ fn check_credentials(src: &Source, errors: &mut Vec<Located>) {
         if name.is_empty() {
             error("the credential name must not be empty".to_owned());
         }
-        let file = entry.get_ref().file.as_os_str();
-        let plain = match file.to_str() {
-            Some(f) => !f.is_empty() && !f.contains(['/', '\0']) && f != "." && f != "..",
-            None => false,
-        };
-        if !plain {
-            error(format!(
-                "file: {file:?} must be a plain file name (no \"/\", not \".\" or \"..\") \
-                 relative to the credentials directory"
-            ));
+        let cfg = entry.get_ref();
+        match cfg.kind.as_deref() {
+            None => check_static_credential(cfg, &mut error),
+            Some(crate::credential::oauth::KIND) => {
+                for message in crate::credential::oauth::check_config(name, cfg) {
+                    error(message);
+                }
+            }
+            Some(other) => error(format!(
+                "kind: {other:?} is not a credential kind (leave it out for a static secret, or \"{}\")",
+                crate::credential::oauth::KIND
+            )),
         }
+    }
+}
+
+/// A static secret: `file` and nothing else.
+fn check_static_credential(cfg: &crate::config::CredentialConfig, error: &mut impl FnMut(String)) {
+    if let Some(field) = cfg.fields.keys().next() {
+        error(format!(
+            "{field}: not allowed for a static credential (no kind)"
+        ));
+    }
+    let Some(file) = cfg.file.as_deref() else {
+        error("file: is required (the file holding the secret)".to_owned());
+        return;
+    };
+    let file = file.as_os_str();
+    let plain = match file.to_str() {
+        Some(f) => !f.is_empty() && !f.contains(['/', '\0']) && f != "." && f != "..",
+        None => false,
+    };
+    if !plain {
+        error(format!(
+            "file: {file:?} must be a plain file name (no \"/\", not \".\" or \"..\") \
+             relative to the credentials directory"
+        ));
     }
 }
 
