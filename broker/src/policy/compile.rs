@@ -768,6 +768,10 @@ params.n = { type = "int", pattern = "x" }
             ("[credential.c]\nfile = \"/etc/shadow\"", 4, "credential \"c\"", "plain file name"),
             ("[credential.c]\nfile = \"..\"", 4, "credential \"c\"", "plain file name"),
             ("[credential.c]\nfile = \"\"", 4, "credential \"c\"", "plain file name"),
+            ("[credential.c]\nkind = \"vault\"", 4, "credential \"c\"", "kind: \"vault\" is not a credential kind"),
+            ("[credential.c]\nfile = \"a\"\nclient_id = \"x\"", 5, "credential \"c\"", "client_id: not allowed for a static credential"),
+            ("[credential.c]\nkind = \"oauth2\"\nclient_id = \"x\"\nrefresh_token_file = \"r\"", 3, "credential \"c\"", "token_url: is required"),
+            ("[credential.c]\nkind = \"oauth2\"\ntoken_url = \"https://x/\"\nclient_id = \"x\"", 3, "credential \"c\"", "refresh_token_file: is required"),
             // tools
             ("[[tool]]\nname = \"Bad\"\nkind = \"echo\"", 4, "tool \"Bad\"", "name: \"Bad\" is not a valid tool name"),
             ("[[tool]]\nname = \"\"\nkind = \"echo\"", 4, "tool #1", "name:"),
