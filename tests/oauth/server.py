@@ -21,6 +21,7 @@ and secret, and a refresh token issued to the client. Control endpoints
                                 server refuses every token)
   POST /control/revoke-access   every access token issued so far is revoked
   POST /control/revoke-refresh  every refresh token is revoked
+  POST /control/issue           a new refresh token (as re-authorizing gives)
 
 Resource routes (bearer required): /api/me; hostile ones that echo the
 token: /api/echo (whole), /api/fragment (all but its last 3 characters),
@@ -242,6 +243,12 @@ def control_revoke_access():
         for token in tokens:
             token.access_revoked = True
     return jsonify(ok=True)
+
+
+@auth_app.route("/control/issue", methods=["POST"])
+def control_issue():
+    token = remember({"access_token": None, "refresh_token": "kwrt-" + secrets.token_urlsafe(36), "scope": SCOPE})
+    return jsonify(refresh_token=token.refresh_token)
 
 
 @auth_app.route("/control/revoke-refresh", methods=["POST"])

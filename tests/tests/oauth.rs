@@ -11,7 +11,7 @@
 //! | `rotation_is_recorded_and_survives_a_restart` | the rotated refresh token is in `state/oauth2-gmail.json` (0600) and a restarted broker uses it |
 //! | `a_token_expiring_mid_session_is_refreshed_before_use` | short lifetime: refreshed before expiry, no 401 |
 //! | `fifty_concurrent_calls_cause_one_refresh` | single-flight |
-//! | `invalid_grant_breaks_the_credential_without_a_retry_storm` | one attempt, a clear error for every call, an audit record |
+//! | `invalid_grant_breaks_the_credential_without_a_retry_storm` | one attempt, a clear error for every call, an audit record; a new refresh token and SIGHUP repair it |
 //! | `no_new_refresh_token_keeps_the_old_one` | rotation off: later refreshes use the configured token |
 //! | `a_401_refreshes_once_and_retries_once` | a revoked access token: one refresh, one retry, success |
 //! | `a_hostile_resource_server_gets_nothing_back` | echo of the token: redacted; a fragment or hex of it: withheld |
@@ -391,6 +391,33 @@ fn invalid_grant_breaks_the_credential_without_a_retry_storm() {
         1
     );
     f.assert_clean(&runs.iter().collect::<Vec<_>>(), &[]);
+
+    // Re-authorize: a new refresh token in the file, then SIGHUP.
+    let issued = f.server.control("POST", "/control/issue", &json!({}));
+    let fresh = issued["refresh_token"].as_str().unwrap();
+    let file = f.broker.dir.path().join("creds/gmail.refresh_token");
+    std::fs::write(&file, format!("{fresh}\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    f.broker.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !f
+        .broker
+        .audit()
+        .contains("credential gmail re-authorized from")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload record:\n{}",
+            f.broker.audit()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = f.call_ok("me");
+    assert_eq!(body["ok"], true, "{body}");
+    let stats = f.server.stats();
+    let used = stats["refresh_tokens_used"].as_array().unwrap();
+    assert_eq!(used.last().unwrap(), fresh, "{stats}");
+    f.assert_clean(&[], &[]);
 }
 
 #[test]
