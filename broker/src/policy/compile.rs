@@ -436,6 +436,18 @@ fn compile_tools(
                     "credential: {credential:?} is not defined by any [credential.NAME] entry"
                 ));
             }
+            // A token credential has no fixed value to put in an
+            // environment, a file or a connection string.
+            let kind = src
+                .config
+                .credentials
+                .get(credential)
+                .and_then(|c| c.get_ref().kind.clone());
+            if kind.as_deref() == Some(crate::credential::oauth::KIND) && cfg.kind != "http" {
+                messages.push(format!(
+                    "credential: {credential:?} is an oauth2 credential, which only http tools can use"
+                ));
+            }
         }
 
         match action {
@@ -768,6 +780,7 @@ params.n = { type = "int", pattern = "x" }
             ("[credential.c]\nfile = \"/etc/shadow\"", 4, "credential \"c\"", "plain file name"),
             ("[credential.c]\nfile = \"..\"", 4, "credential \"c\"", "plain file name"),
             ("[credential.c]\nfile = \"\"", 4, "credential \"c\"", "plain file name"),
+            ("[credential.o]\nkind = \"oauth2\"\ntoken_url = \"https://x/\"\nclient_id = \"x\"\nrefresh_token_file = \"r\"\n[[tool]]\nname = \"t\"\nkind = \"exec\"\ncredential = \"o\"\nprogram = \"/bin/true\"\ncredential_env = \"TOKEN\"", 11, "tool \"t\"", "credential: \"o\" is an oauth2 credential, which only http tools can use"),
             ("[credential.c]\nkind = \"vault\"", 4, "credential \"c\"", "kind: \"vault\" is not a credential kind"),
             ("[credential.c]\nfile = \"a\"\nclient_id = \"x\"", 5, "credential \"c\"", "client_id: not allowed for a static credential"),
             ("[credential.c]\nkind = \"oauth2\"\nclient_id = \"x\"\nrefresh_token_file = \"r\"", 3, "credential \"c\"", "token_url: is required"),
