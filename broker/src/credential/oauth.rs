@@ -571,24 +571,25 @@ impl OAuth2Credential {
         }
     }
 
-    /// Cover the client secret, the refresh token, the current (or
-    /// `next`) access token and the retired values.
+    /// Cover the client secret, the refresh token, the current access
+    /// token, the `next` one (about to replace it: calls in flight still
+    /// use the current one) and the retired values.
     fn cover(&self, next: Option<&Arc<Secret>>) -> Result<(), OAuthError> {
         let values: Vec<Arc<Secret>> = {
             let inner = self.lock();
             self.client_secret
                 .iter()
                 .chain(inner.refresh_token.iter())
-                .chain(next.or(inner.access.as_ref().map(|a| &a.token)))
+                .chain(inner.access.as_ref().map(|a| &a.token))
+                .chain(next)
                 .chain(inner.retired.iter())
                 .cloned()
                 .collect()
         };
         self.coverage
             .set(&self.name, values)
-            .map_err(|e| OAuthError::State {
+            .map_err(|e| OAuthError::Config {
                 name: self.name.clone(),
-                path: PathBuf::new(),
                 message: e.to_string(),
             })
     }
@@ -623,7 +624,14 @@ impl OAuth2Credential {
     /// One request to the token endpoint.
     async fn obtain(&self, refresh_token: Option<&Secret>) -> Result<Answer, OAuthError> {
         let name = || self.name.clone();
-        let mut body = Zeroizing::new(String::with_capacity(1024));
+        // Sized once (every byte percent-encoded at worst): no
+        // reallocation leaves an unwiped copy of a secret behind.
+        let secrets_len = refresh_token.map_or(0, |t| t.expose().len())
+            + self.client_secret.as_ref().map_or(0, |s| s.expose().len());
+        let mut body = Zeroizing::new(String::with_capacity(
+            3 * (secrets_len + self.client_id.len() + self.scope.as_ref().map_or(0, String::len))
+                + 128,
+        ));
         let mut field = |key: &str, value: &[u8]| {
             if !body.is_empty() {
                 body.push('&');
@@ -654,7 +662,9 @@ impl OAuth2Credential {
         let mut authorization = None;
         match (&self.client_secret, self.client_auth) {
             (Some(secret), ClientAuth::Basic) => {
-                let mut pair = Zeroizing::new(String::new());
+                let mut pair = Zeroizing::new(String::with_capacity(
+                    3 * (self.client_id.len() + secret.expose().len()) + 1,
+                ));
                 pair.extend(utf8_percent_encode(&self.client_id, FORM));
                 pair.push(':');
                 let secret_text =
@@ -690,6 +700,7 @@ impl OAuth2Credential {
             )
             .header(reqwest::header::ACCEPT, "application/json")
             .header(reqwest::header::ACCEPT_ENCODING, "identity")
+            // The HTTP stack owns (and does not wipe) this copy.
             .body(body.as_bytes().to_vec());
         if let Some(header) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, header);

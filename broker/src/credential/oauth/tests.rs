@@ -8,9 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 
-const CLIENT_SECRET: &str = "client-Secret-0123456789abcdef";
-const REFRESH: &str = "refresh-Token-0123456789abcdef";
-const ROTATED: &str = "rotated-Token-fedcba9876543210";
+const CLIENT_SECRET: &str = "cs-Vq8Lm2Rt6Yw0Pz4Nk7Bx";
+const REFRESH: &str = "rt-Ha5Gj9Ds3Fu1Qe8Mc6Wo";
+const ROTATED: &str = "rt-Zl4Xi7Ck2Vb5Nt0Sy3Ap";
 
 fn entry(text: &str) -> CredentialConfig {
     toml::from_str(text).unwrap()
@@ -175,10 +175,10 @@ fn the_state_file_is_private_atomic_and_preferred_while_it_descends_from_the_con
     assert!(again.coverage.scanner().check(ROTATED.as_bytes()).is_err());
     assert!(again.coverage.scanner().check(REFRESH.as_bytes()).is_err());
     // The admin re-authorized: a new configured token wins.
-    write(dir.path(), "r", "reauthorized-Token-00112233\n");
+    write(dir.path(), "r", "rt-Kp3Gw8Yh1Ej6Dq9Tm4Zc\n");
     let fresh = loaded(dir.path()).unwrap();
     let current = fresh.lock().refresh_token.clone().unwrap();
-    assert_eq!(current.expose(), b"reauthorized-Token-00112233");
+    assert_eq!(current.expose(), b"rt-Kp3Gw8Yh1Ej6Dq9Tm4Zc");
     // A state file others can read is refused, naming it.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = loaded(dir.path()).unwrap_err().to_string();
@@ -210,15 +210,59 @@ fn reauthorize_repairs_a_broken_credential_only_with_a_new_token() {
     let line = credential.reauthorize().unwrap();
     assert!(line.contains("stays broken"), "{line}");
     assert!(matches!(credential.state(), CredentialState::Broken(_)));
-    write(dir.path(), "r", "reauthorized-Token-00112233\n");
+    write(dir.path(), "r", "rt-Kp3Gw8Yh1Ej6Dq9Tm4Zc\n");
     let line = credential.reauthorize().unwrap();
     assert!(line.contains("re-authorized"), "{line}");
     assert_eq!(credential.state(), CredentialState::Loaded);
     let current = credential.lock().refresh_token.clone().unwrap();
-    assert_eq!(current.expose(), b"reauthorized-Token-00112233");
+    assert_eq!(current.expose(), b"rt-Kp3Gw8Yh1Ej6Dq9Tm4Zc");
     assert!(credential
         .coverage
         .scanner()
-        .check(b"reauthorized-Token-00112233")
+        .check(b"rt-Kp3Gw8Yh1Ej6Dq9Tm4Zc")
+        .is_err());
+}
+
+#[test]
+fn a_replaced_access_token_stays_covered() {
+    let dir = setup();
+    let credential = loaded(dir.path()).unwrap();
+    let first = "at-Ue6Ro1Tg8Kf3Jh5Wd9Lq";
+    let second = "at-Mb2Nv7Ec4Xs0Oz6Iy1Pr";
+    let token = credential
+        .install(Zeroizing::new(first.to_owned()), None, Some(3600))
+        .unwrap();
+    assert_eq!(token.secret.expose(), first.as_bytes());
+    assert!(credential
+        .coverage
+        .scanner()
+        .check(first.as_bytes())
+        .is_err());
+    let token = credential
+        .install(Zeroizing::new(second.to_owned()), None, Some(3600))
+        .unwrap();
+    assert_eq!(token.generation, 2);
+    // Calls in flight may still hold the first one, and it stays valid
+    // upstream until it expires.
+    for value in [first, second, REFRESH, CLIENT_SECRET] {
+        assert!(
+            credential
+                .coverage
+                .scanner()
+                .check(value.as_bytes())
+                .is_err(),
+            "{value} not covered"
+        );
+        assert_eq!(
+            credential.coverage.redactor().redact_str(value),
+            crate::redact::REDACTED
+        );
+    }
+    // No refresh token in the answer: the configured one stays.
+    let kept = credential.lock().refresh_token.clone().unwrap();
+    assert_eq!(kept.expose(), REFRESH.as_bytes());
+    // Too short to redact reliably: refused, not used.
+    assert!(credential
+        .install(Zeroizing::new("short".to_owned()), None, None)
         .is_err());
 }
