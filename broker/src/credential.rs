@@ -380,6 +380,13 @@ impl Credentials {
         }
     }
 
+    /// Every credential and what it is doing now, by name.
+    pub fn states(&self) -> Vec<(String, CredentialState)> {
+        self.names()
+            .filter_map(|name| Some((name.to_owned(), self.state(name)?)))
+            .collect()
+    }
+
     /// The value to inject for `name` now: a static secret, or a token
     /// credential's current access token (refreshed first if it is due).
     pub async fn current(&self, name: &str) -> Result<Current, CredentialError> {
@@ -798,6 +805,23 @@ mod tests {
         let picked = Credentials::directory(Some(Path::new("/etc/k")));
         std::env::remove_var("CREDENTIALS_DIRECTORY");
         assert_eq!(picked.unwrap(), Path::new("/run/credentials/k.service"));
+    }
+
+    #[tokio::test]
+    async fn static_credentials_are_loaded_and_current() {
+        let creds = Credentials::from_values([("api", VALUE)]).unwrap();
+        assert_eq!(
+            creds.states(),
+            vec![("api".to_owned(), CredentialState::Loaded)]
+        );
+        assert!(creds.state("nope").is_none());
+        assert!(creds.contains("api") && !creds.contains("nope"));
+        let current = creds.current("api").await.unwrap();
+        assert_eq!(current.secret.expose(), VALUE.as_bytes());
+        // A static secret has nothing to refresh on a 401.
+        assert!(creds.rejected("api", &current).await.unwrap().is_none());
+        let err = creds.current("nope").await.unwrap_err().to_string();
+        assert_eq!(err, "credential nope: is not loaded");
     }
 
     #[test]
