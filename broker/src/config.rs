@@ -127,16 +127,18 @@ impl From<u32> for IdRef {
     }
 }
 
-/// `[credential.NAME]`: where a secret comes from.
+/// `[credential.NAME]`: where a secret comes from. Without `kind`, a
+/// static secret read from `file`; with one, the rest of the entry belongs
+/// to that kind (`kind = "oauth2"`: [`crate::credential::oauth`]), checked
+/// when the policy is compiled.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CredentialConfig {
-    /// File name relative to the credentials directory (every kind but
-    /// `"aws"`).
-    pub file: Option<PathBuf>,
-    /// What the credential is: a plain secret by default; `"aws"` an AWS
-    /// access key ([`crate::credential::aws`]).
+    /// What the credential is: a static secret read from `file` without
+    /// one; `"aws"` an AWS access key ([`crate::credential::aws`]);
+    /// `"oauth2"` ([`crate::credential::oauth`], its keys in `fields`).
     pub kind: Option<String>,
+    /// File name relative to the credentials directory (static secrets).
+    pub file: Option<PathBuf>,
     // -- kind = "aws" (crate::credential::aws) --
     /// The access key id (`AKIA...`): not secret, it names the key.
     pub access_key_id: Option<String>,
@@ -147,15 +149,53 @@ pub struct CredentialConfig {
     pub endpoint: Option<String>,
     /// Region of STS and of derived credentials (default `us-east-1`).
     pub region: Option<String>,
+    /// Every other field, for the credential's kind.
+    #[serde(flatten)]
+    pub fields: toml::Table,
 }
 
 impl CredentialConfig {
-    /// The file holding the secret, whatever the kind.
+    /// The file holding a fixed secret (static and aws kinds); `None` for
+    /// kinds whose files belong to the kind ([`Self::secret_files`]).
     pub fn secret_file(&self) -> Option<&Path> {
         match self.kind.as_deref() {
             Some(crate::credential::aws::KIND) => self.secret_access_key_file.as_deref(),
             _ => self.file.as_deref(),
         }
+    }
+
+    /// Every file this credential is read from, in the credentials
+    /// directory (what `LoadCredential=` must provide).
+    pub fn secret_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self
+            .secret_file()
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect();
+        if self.kind.as_deref() == Some(crate::credential::oauth::KIND) {
+            for key in ["client_secret_file", "refresh_token_file"] {
+                if let Some(toml::Value::String(file)) = self.fields.get(key) {
+                    files.push(PathBuf::from(file));
+                }
+            }
+        }
+        files
+    }
+
+    /// The aws-only keys that are set (refused on other kinds).
+    pub fn aws_fields_set(&self) -> Vec<&'static str> {
+        [
+            (self.access_key_id.is_some(), "access_key_id"),
+            (
+                self.secret_access_key_file.is_some(),
+                "secret_access_key_file",
+            ),
+            (self.endpoint.is_some(), "endpoint"),
+            (self.region.is_some(), "region"),
+        ]
+        .into_iter()
+        .filter_map(|(set, field)| set.then_some(field))
+        .collect()
     }
 }
 

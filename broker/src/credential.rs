@@ -7,6 +7,13 @@
 //! have planted or read: a group- or world-accessible directory or file, a
 //! symlink or other non-regular file, and values too short to redact
 //! reliably. Errors name the credential and the path, never the content.
+//!
+//! A credential may also be of a kind whose value changes while the broker
+//! runs (`kind = "oauth2"`, [`oauth`]): redaction and the leak scanner
+//! cover what every credential holds *now* ([`Coverage`]), rebuilt before
+//! a new value is first used.
+
+pub mod oauth;
 
 pub mod aws;
 
@@ -15,6 +22,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use zeroize::Zeroizing;
 
@@ -85,17 +93,104 @@ impl std::fmt::Debug for Secret {
 /// Every configured credential, by name, plus the redactor for all of them.
 #[derive(Debug, Default)]
 pub struct Credentials {
-    secrets: BTreeMap<String, Secret>,
+    secrets: BTreeMap<String, Arc<Secret>>,
+    /// Credentials whose value changes at runtime (`kind = "oauth2"`).
+    oauth: BTreeMap<String, Arc<oauth::OAuth2Credential>>,
     /// `(credential, user)` pairs used with HTTP Basic auth; the redactor
     /// also covers `user:secret` for each.
     basic_users: BTreeSet<(String, String)>,
-    redactor: Redactor,
-    /// Windows of the secrets themselves (not of the Basic pairs, whose
-    /// user part is public): what no response or parameter may carry.
-    scanner: LeakScanner,
+    /// The redactor and the leak scanner for every value held now.
+    coverage: Arc<Coverage>,
     /// `kind = "aws"` credentials: the public half of each key (the
     /// secret access key is the credential's secret).
     aws: BTreeMap<String, aws::AwsKey>,
+}
+
+/// What a credential is doing, for `keyward-broker status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialState {
+    /// Usable (a static secret, or a token credential between refreshes).
+    Loaded,
+    /// A token refresh is in flight.
+    Refreshing,
+    /// Unusable until the admin acts; the reason says what to do.
+    Broken(String),
+}
+
+/// The value a tool injects now, and which generation of a token
+/// credential it is (for [`Credentials::rejected`]).
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub secret: Arc<Secret>,
+    generation: Option<u64>,
+}
+
+/// What redaction and the leak scanner cover: every credential's values,
+/// by credential, and the Basic pairs (redacted, not scanned: their user
+/// part is public). A token credential replaces its values when it gets
+/// new tokens; both are rebuilt and swapped in before the new values are
+/// used, and calls in flight keep the ones they started with.
+#[derive(Default)]
+pub struct Coverage {
+    values: Mutex<CoveredValues>,
+    current: RwLock<(Arc<Redactor>, Arc<LeakScanner>)>,
+}
+
+#[derive(Default)]
+struct CoveredValues {
+    secrets: BTreeMap<String, Vec<Arc<Secret>>>,
+    pairs: Vec<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coverage").finish_non_exhaustive()
+    }
+}
+
+impl Coverage {
+    /// The redactor for every value covered now.
+    pub fn redactor(&self) -> Arc<Redactor> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()).0)
+    }
+
+    /// The leak scanner for every value covered now.
+    pub fn scanner(&self) -> Arc<LeakScanner> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()).1)
+    }
+
+    /// Cover exactly `values` for `credential` from now on.
+    pub fn set(&self, credential: &str, values: Vec<Arc<Secret>>) -> Result<(), CredentialError> {
+        let mut covered = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        let old = covered.secrets.insert(credential.to_owned(), values);
+        if let Err(e) = self.rebuild(&covered) {
+            match old {
+                Some(old) => covered.secrets.insert(credential.to_owned(), old),
+                None => covered.secrets.remove(credential),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn add_pair(&self, pair: Zeroizing<Vec<u8>>) -> Result<(), CredentialError> {
+        let mut covered = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        covered.pairs.push(pair);
+        if let Err(e) = self.rebuild(&covered) {
+            covered.pairs.pop();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn rebuild(&self, covered: &CoveredValues) -> Result<(), CredentialError> {
+        let secrets = || covered.secrets.values().flatten().map(|s| s.expose());
+        let scanner = LeakScanner::new(secrets())?;
+        let redactor = Redactor::new(secrets().chain(covered.pairs.iter().map(|p| p.as_slice())))?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) =
+            (Arc::new(redactor), Arc::new(scanner));
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +239,8 @@ pub enum CredentialError {
     Redactor(#[from] RedactError),
     #[error(transparent)]
     Scanner(#[from] LeakError),
+    #[error(transparent)]
+    OAuth(#[from] oauth::OAuthError),
 }
 
 impl Credentials {
@@ -206,16 +303,26 @@ impl Credentials {
     }
 
     fn from_secrets(secrets: BTreeMap<String, Secret>) -> Result<Credentials, CredentialError> {
-        let mut credentials = Credentials {
-            secrets,
+        let coverage = Arc::new(Coverage::default());
+        let mut stored = BTreeMap::new();
+        for (name, secret) in secrets {
+            let secret = Arc::new(secret);
+            coverage.set(&name, vec![Arc::clone(&secret)])?;
+            stored.insert(name, secret);
+        }
+        Ok(Credentials {
+            secrets: stored,
+            oauth: BTreeMap::new(),
             basic_users: BTreeSet::new(),
-            redactor: Redactor::default(),
-            scanner: LeakScanner::default(),
             aws: BTreeMap::new(),
-        };
-        credentials.scanner = LeakScanner::new(credentials.secrets.values().map(|s| s.expose()))?;
-        credentials.rebuild_redactor()?;
-        Ok(credentials)
+            coverage,
+        })
+    }
+
+    /// Add a token credential (its values are already covered).
+    fn add_oauth(&mut self, credential: oauth::OAuth2Credential) {
+        self.oauth
+            .insert(credential.name().to_owned(), Arc::new(credential));
     }
 
     /// Tell the redactor that `credential` is also sent as HTTP Basic
@@ -226,17 +333,24 @@ impl Credentials {
         credential: &str,
         user: &str,
     ) -> Result<(), CredentialError> {
-        if !self.secrets.contains_key(credential) {
+        if self.oauth.contains_key(credential) {
+            return Err(CredentialError::Invalid {
+                name: credential.to_owned(),
+                message: "is an oauth2 credential: send its access token with \
+                          auth = { bearer = true } or { header = \"NAME\" }, not as HTTP Basic"
+                    .to_owned(),
+            });
+        }
+        let Some(secret) = self.secrets.get(credential) else {
             return Err(CredentialError::Invalid {
                 name: credential.to_owned(),
                 message: "is not loaded".to_owned(),
             });
-        }
-        if self
-            .basic_users
-            .insert((credential.to_owned(), user.to_owned()))
-        {
-            self.rebuild_redactor()?;
+        };
+        if !self.has_basic_user(credential, user) {
+            self.coverage.add_pair(basic_pair(user, secret))?;
+            self.basic_users
+                .insert((credential.to_owned(), user.to_owned()));
         }
         Ok(())
     }
@@ -245,21 +359,6 @@ impl Credentials {
     pub fn has_basic_user(&self, credential: &str, user: &str) -> bool {
         self.basic_users
             .contains(&(credential.to_owned(), user.to_owned()))
-    }
-
-    fn rebuild_redactor(&mut self) -> Result<(), CredentialError> {
-        let mut values: Vec<Zeroizing<Vec<u8>>> = self
-            .secrets
-            .values()
-            .map(|s| Zeroizing::new(s.expose().to_vec()))
-            .collect();
-        for (credential, user) in &self.basic_users {
-            if let Some(secret) = self.secrets.get(credential) {
-                values.push(basic_pair(user, secret));
-            }
-        }
-        self.redactor = Redactor::new(values.iter().map(|v| v.as_slice()))?;
-        Ok(())
     }
 
     /// Record that the loaded credential `name` is an AWS key.
@@ -279,24 +378,113 @@ impl Credentials {
         Some((self.aws.get(name)?, self.secrets.get(name)?))
     }
 
-    /// A credential by name.
+    /// A static credential by name (token credentials have no fixed
+    /// value: see [`Credentials::current`]).
     pub fn get(&self, name: &str) -> Option<&Secret> {
-        self.secrets.get(name)
+        self.secrets.get(name).map(|s| &**s)
     }
 
-    /// The redactor covering every loaded secret and registered Basic pair.
-    pub fn redactor(&self) -> &Redactor {
-        &self.redactor
+    /// Whether a credential of any kind is loaded under this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.secrets.contains_key(name) || self.oauth.contains_key(name)
     }
 
-    /// The leak scanner covering every loaded secret.
-    pub fn scanner(&self) -> &LeakScanner {
-        &self.scanner
+    /// A token credential by name.
+    pub fn oauth(&self, name: &str) -> Option<&Arc<oauth::OAuth2Credential>> {
+        self.oauth.get(name)
+    }
+
+    /// What the credential is doing now; `None` if none has this name.
+    pub fn state(&self, name: &str) -> Option<CredentialState> {
+        match self.oauth.get(name) {
+            Some(credential) => Some(credential.state()),
+            None => self
+                .secrets
+                .contains_key(name)
+                .then_some(CredentialState::Loaded),
+        }
+    }
+
+    /// Every credential and what it is doing now, by name.
+    pub fn states(&self) -> Vec<(String, CredentialState)> {
+        self.names()
+            .filter_map(|name| Some((name.to_owned(), self.state(name)?)))
+            .collect()
+    }
+
+    /// The value to inject for `name` now: a static secret, or a token
+    /// credential's current access token (refreshed first if it is due).
+    pub async fn current(&self, name: &str) -> Result<Current, CredentialError> {
+        if let Some(credential) = self.oauth.get(name) {
+            let token = credential.access_token().await?;
+            return Ok(Current {
+                secret: token.secret,
+                generation: Some(token.generation),
+            });
+        }
+        match self.secrets.get(name) {
+            Some(secret) => Ok(Current {
+                secret: Arc::clone(secret),
+                generation: None,
+            }),
+            None => Err(CredentialError::Invalid {
+                name: name.to_owned(),
+                message: "is not loaded".to_owned(),
+            }),
+        }
+    }
+
+    /// The upstream refused `current` as unauthorized (HTTP 401): a token
+    /// credential refreshes (once, however many calls report the same
+    /// token) and returns the new value to retry with; `None` when there
+    /// is nothing to retry with (a static secret, or a token too fresh to
+    /// blame).
+    pub async fn rejected(
+        &self,
+        name: &str,
+        current: &Current,
+    ) -> Result<Option<Current>, CredentialError> {
+        let (Some(credential), Some(generation)) = (self.oauth.get(name), current.generation)
+        else {
+            return Ok(None);
+        };
+        Ok(credential.rejected(generation).await?.map(|token| Current {
+            secret: token.secret,
+            generation: Some(token.generation),
+        }))
+    }
+
+    /// After a reload: every broken token credential whose configured
+    /// refresh token the admin replaced takes the new one and is usable
+    /// again. One line per credential still broken or repaired.
+    pub fn reauthorize(&self) -> Vec<String> {
+        self.oauth
+            .values()
+            .filter_map(|credential| credential.reauthorize())
+            .collect()
+    }
+
+    /// The redactor covering every value held now and every registered
+    /// Basic pair.
+    pub fn redactor(&self) -> Arc<Redactor> {
+        self.coverage.redactor()
+    }
+
+    /// The leak scanner covering every value held now.
+    pub fn scanner(&self) -> Arc<LeakScanner> {
+        self.coverage.scanner()
     }
 
     /// The names of the loaded credentials.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.secrets.keys().map(String::as_str)
+        let mut names: Vec<&str> = self
+            .secrets
+            .keys()
+            .chain(self.oauth.keys())
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        names.into_iter()
     }
 }
 
@@ -439,18 +627,26 @@ pub fn load_for<'a>(
         return Ok(Credentials::default());
     }
     let dir = Credentials::directory(source.config.broker.credentials_dir.as_deref())?;
-    let mut wanted = Vec::new();
-    for (name, c) in &source.config.credentials {
-        let file = c
-            .get_ref()
-            .secret_file()
-            .ok_or_else(|| CredentialError::Invalid {
-                name: name.clone(),
-                message: "names no file to load".to_owned(),
-            })?;
-        wanted.push((name.clone(), file.to_path_buf()));
-    }
+    let wanted = source
+        .config
+        .credentials
+        .iter()
+        .filter_map(|(name, c)| Some((name.clone(), c.get_ref().secret_file()?.to_path_buf())));
     let mut credentials = Credentials::load(&dir, wanted)?;
+    let state_dir = crate::state::directory(source.config.broker.state_dir.as_deref());
+    for (name, entry) in &source.config.credentials {
+        let config = entry.get_ref();
+        if config.kind.as_deref() == Some(oauth::KIND) {
+            let loaded = oauth::OAuth2Credential::load(
+                name,
+                config,
+                &dir,
+                state_dir.as_deref(),
+                Arc::clone(&credentials.coverage),
+            )?;
+            credentials.add_oauth(loaded);
+        }
+    }
     for (credential, user) in basic_users {
         credentials.register_basic_user(credential, user)?;
     }
@@ -675,6 +871,23 @@ mod tests {
         let picked = Credentials::directory(Some(Path::new("/etc/k")));
         std::env::remove_var("CREDENTIALS_DIRECTORY");
         assert_eq!(picked.unwrap(), Path::new("/run/credentials/k.service"));
+    }
+
+    #[tokio::test]
+    async fn static_credentials_are_loaded_and_current() {
+        let creds = Credentials::from_values([("api", VALUE)]).unwrap();
+        assert_eq!(
+            creds.states(),
+            vec![("api".to_owned(), CredentialState::Loaded)]
+        );
+        assert!(creds.state("nope").is_none());
+        assert!(creds.contains("api") && !creds.contains("nope"));
+        let current = creds.current("api").await.unwrap();
+        assert_eq!(current.secret.expose(), VALUE.as_bytes());
+        // A static secret has nothing to refresh on a 401.
+        assert!(creds.rejected("api", &current).await.unwrap().is_none());
+        let err = creds.current("nope").await.unwrap_err().to_string();
+        assert_eq!(err, "credential nope: is not loaded");
     }
 
     #[test]

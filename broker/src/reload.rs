@@ -59,10 +59,17 @@ impl Broker {
         let outcome = match result {
             Ok((policy, limits, summary)) => {
                 self.replace(policy, limits);
-                let reason = format!(
+                let mut reason = format!(
                     "{}: {summary} (socket and credential changes apply at the next restart)",
                     path.display()
                 );
+                // A broken OAuth credential whose refresh token the admin
+                // replaced is usable again.
+                for line in self.executor.credentials().reauthorize() {
+                    eprintln!("keyward-broker: {line}");
+                    reason.push_str("; ");
+                    reason.push_str(&line);
+                }
                 let _ = self
                     .audit
                     .must_record(&Record::new(Event::Reload, Decision::Info).reason(&reason));
@@ -94,7 +101,7 @@ impl Broker {
             let Some(credential) = &tool.credential else {
                 continue;
             };
-            if credentials.get(credential).is_none() {
+            if !credentials.contains(credential) {
                 return Err(ReloadError::CredentialNotLoaded {
                     tool: tool.name.clone(),
                     credential: credential.clone(),

@@ -151,18 +151,17 @@ pub fn compare(source: &Source, service: &Path) -> Result<Findings, UnitError> {
     }
     let mut wanted = BTreeSet::new();
     for (name, entry) in &source.config.credentials {
-        let Some(file) = entry.get_ref().secret_file() else {
-            continue;
-        };
-        let file = file.to_string_lossy().into_owned();
-        if !loaded.contains(&file) {
-            findings.errors.push(format!(
-                "credential {name:?} (file {file:?}) has no LoadCredential={file}:... line in \
+        for file in entry.get_ref().secret_files() {
+            let file = file.to_string_lossy().into_owned();
+            if !loaded.contains(&file) {
+                findings.errors.push(format!(
+                    "credential {name:?} (file {file:?}) has no LoadCredential={file}:... line in \
                  {unit} or its drop-ins: the broker will not start \
                  (systemctl edit keyward-broker.service)"
-            ));
+                ));
+            }
+            wanted.insert(file);
         }
-        wanted.insert(file);
     }
     for id in loaded.difference(&wanted) {
         findings.warnings.push(format!(

@@ -512,6 +512,7 @@ mod tests {
             secret_access_key_file: Some("aws.secret".into()),
             endpoint: Some("http://127.0.0.1:5000".to_owned()),
             region: Some("eu-west-1".to_owned()),
+            fields: toml::Table::new(),
         };
         assert!(check(&config).is_empty(), "{:?}", check(&config));
         assert_eq!(

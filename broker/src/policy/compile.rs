@@ -276,53 +276,72 @@ fn check_credentials(src: &Source, errors: &mut Vec<Located>) {
         if name.is_empty() {
             error("the credential name must not be empty".to_owned());
         }
-        let config = entry.get_ref();
-        let field = match config.kind.as_deref() {
+        let cfg = entry.get_ref();
+        let aws_only = cfg.aws_fields_set();
+        match cfg.kind.as_deref() {
             None => {
-                for (set, field) in [
-                    (config.access_key_id.is_some(), "access_key_id"),
-                    (
-                        config.secret_access_key_file.is_some(),
-                        "secret_access_key_file",
-                    ),
-                    (config.endpoint.is_some(), "endpoint"),
-                    (config.region.is_some(), "region"),
-                ] {
-                    if set {
-                        error(format!("{field}: not allowed without kind = \"aws\""));
-                    }
+                for field in &aws_only {
+                    error(format!("{field}: not allowed without kind = \"aws\""));
                 }
-                "file"
+                check_static_credential(cfg, &mut error)
             }
             Some(crate::credential::aws::KIND) => {
-                crate::credential::aws::check(config)
+                crate::credential::aws::check(cfg)
                     .into_iter()
                     .for_each(&mut error);
-                "secret_access_key_file"
+                if let Some(field) = cfg.fields.keys().next() {
+                    error(format!("{field}: not allowed for kind \"aws\""));
+                }
+                if let Some(file) = cfg.secret_access_key_file.as_deref() {
+                    check_plain_file("secret_access_key_file", file, &mut error);
+                }
             }
-            Some(other) => {
-                error(format!(
-                    "kind: {other:?} is not a kind of credential (\"aws\")"
-                ));
-                continue;
+            Some(crate::credential::oauth::KIND) => {
+                for field in &aws_only {
+                    error(format!(
+                        "{field}: not allowed for kind \"{}\"",
+                        crate::credential::oauth::KIND
+                    ));
+                }
+                for message in crate::credential::oauth::check_config(name, cfg) {
+                    error(message);
+                }
             }
-        };
-        let Some(file) = config.secret_file().map(Path::as_os_str) else {
-            if field == "file" {
-                error("file: is required".to_owned());
-            }
-            continue;
-        };
-        let plain = match file.to_str() {
-            Some(f) => !f.is_empty() && !f.contains(['/', '\0']) && f != "." && f != "..",
-            None => false,
-        };
-        if !plain {
-            error(format!(
-                "{field}: {file:?} must be a plain file name (no \"/\", not \".\" or \"..\") \
-                 relative to the credentials directory"
-            ));
+            Some(other) => error(format!(
+                "kind: {other:?} is not a credential kind (leave it out for a static secret, or \"{}\" or \"{}\")",
+                crate::credential::aws::KIND,
+                crate::credential::oauth::KIND
+            )),
         }
+    }
+}
+
+/// A static secret: `file` and nothing else.
+fn check_static_credential(cfg: &crate::config::CredentialConfig, error: &mut impl FnMut(String)) {
+    if let Some(field) = cfg.fields.keys().next() {
+        error(format!(
+            "{field}: not allowed for a static credential (no kind)"
+        ));
+    }
+    let Some(file) = cfg.file.as_deref() else {
+        error("file: is required (the file holding the secret)".to_owned());
+        return;
+    };
+    check_plain_file("file", file, error);
+}
+
+/// A credential file is named relative to the credentials directory.
+fn check_plain_file(field: &str, file: &Path, error: &mut impl FnMut(String)) {
+    let file = file.as_os_str();
+    let plain = match file.to_str() {
+        Some(f) => !f.is_empty() && !f.contains(['/', '\0']) && f != "." && f != "..",
+        None => false,
+    };
+    if !plain {
+        error(format!(
+            "{field}: {file:?} must be a plain file name (no \"/\", not \".\" or \"..\") \
+             relative to the credentials directory"
+        ));
     }
 }
 
@@ -507,6 +526,18 @@ fn compile_tools(
                     }
                 }
                 None => {}
+            }
+            // A token credential has no fixed value to put in an
+            // environment, a file or a connection string.
+            let kind = src
+                .config
+                .credentials
+                .get(credential)
+                .and_then(|c| c.get_ref().kind.clone());
+            if kind.as_deref() == Some(crate::credential::oauth::KIND) && cfg.kind != "http" {
+                messages.push(format!(
+                    "credential: {credential:?} is an oauth2 credential, which only http tools can use"
+                ));
             }
         }
 
@@ -889,7 +920,7 @@ params.n = { type = "int", pattern = "x" }
             ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\nendpoint = \"ftp://x\"", 7, "credential \"c\"", "endpoint: \"ftp://x\" is not an http(s) URL"),
             ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\nfile = \"f\"", 7, "credential \"c\"", "file: not allowed for kind \"aws\""),
             ("[credential.c]\nfile = \"f\"\nregion = \"us-east-1\"", 5, "credential \"c\"", "region: not allowed without kind = \"aws\""),
-            ("[credential.c]\nkind = \"gcp\"\nfile = \"f\"", 4, "credential \"c\"", "kind: \"gcp\" is not a kind of credential"),
+            ("[credential.c]\nkind = \"gcp\"\nfile = \"f\"", 4, "credential \"c\"", "kind: \"gcp\" is not a credential kind"),
             ("[credential.c]", 3, "credential \"c\"", "file: is required"),
             // AWS keys are for signing tools only, and those need one.
             ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"http\"\ncredential = \"c\"\nmethod = \"GET\"\nurl = \"https://h/\"\nauth = { bearer = true }", 10, "tool \"t\"", "credential: \"c\" is an AWS key"),
@@ -902,6 +933,11 @@ params.n = { type = "int", pattern = "x" }
             ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"\nsession_policy = '{\"R\":\"{k}\"}'", 11, "tool \"t\"", "session_policy: placeholder {k} names no parameter"),
             ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"\nsession_policy = '{'", 11, "tool \"t\"", "session_policy: is not JSON"),
             ("[credential.c]\nkind = \"aws\"\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_access_key_file = \"s\"\n[[tool]]\nname = \"t\"\nkind = \"aws_sts\"\ncredential = \"c\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\nmax_duration = \"5m\"", 12, "tool \"t\"", "max_duration: 300 s is not between"),
+            ("[credential.o]\nkind = \"oauth2\"\ntoken_url = \"https://x/\"\nclient_id = \"x\"\nrefresh_token_file = \"r\"\n[[tool]]\nname = \"t\"\nkind = \"exec\"\ncredential = \"o\"\nprogram = \"/bin/true\"\ncredential_env = \"TOKEN\"", 11, "tool \"t\"", "credential: \"o\" is an oauth2 credential, which only http tools can use"),
+            ("[credential.c]\nkind = \"vault\"", 4, "credential \"c\"", "kind: \"vault\" is not a credential kind"),
+            ("[credential.c]\nfile = \"a\"\nclient_id = \"x\"", 5, "credential \"c\"", "client_id: not allowed for a static credential"),
+            ("[credential.c]\nkind = \"oauth2\"\nclient_id = \"x\"\nrefresh_token_file = \"r\"", 3, "credential \"c\"", "token_url: is required"),
+            ("[credential.c]\nkind = \"oauth2\"\ntoken_url = \"https://x/\"\nclient_id = \"x\"", 3, "credential \"c\"", "refresh_token_file: is required"),
             // tools
             ("[[tool]]\nname = \"Bad\"\nkind = \"echo\"", 4, "tool \"Bad\"", "name: \"Bad\" is not a valid tool name"),
             ("[[tool]]\nname = \"\"\nkind = \"echo\"", 4, "tool #1", "name:"),

@@ -533,6 +533,16 @@ fn wait(pending: Result<mpsc::Receiver<Reply>, StateError>) -> Reply {
     })
 }
 
+/// The state directory: `$STATE_DIRECTORY` (systemd's `StateDirectory=`)
+/// when set, else the configured one.
+pub fn directory(configured: Option<&Path>) -> Option<PathBuf> {
+    std::env::var_os("STATE_DIRECTORY")
+        .filter(|v| !v.is_empty())
+        // systemd may pass several, colon-separated: the first is ours.
+        .map(|v| PathBuf::from(v.to_string_lossy().split(':').next().unwrap_or_default()))
+        .or_else(|| configured.map(Path::to_path_buf))
+}
+
 /// fsync the directory holding `path`, so a rename or link into it is
 /// durable.
 pub fn sync_dir(path: &Path) -> std::io::Result<()> {

@@ -169,11 +169,7 @@ pub fn now() -> u64 {
 /// The state directory: `$STATE_DIRECTORY` (systemd's `StateDirectory=`)
 /// or the configured one.
 pub fn state_directory(configured: Option<&Path>) -> Option<PathBuf> {
-    std::env::var_os("STATE_DIRECTORY")
-        .filter(|v| !v.is_empty())
-        // systemd may pass several, colon-separated: the first is ours.
-        .map(|v| PathBuf::from(v.to_string_lossy().split(':').next().unwrap_or_default()))
-        .or_else(|| configured.map(Path::to_path_buf))
+    crate::state::directory(configured)
 }
 
 impl Tokens {

@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 use super::{off_reactor, Action, Context, Definition, ExecError, Invocation, Kind, Running};
 use crate::config::{duration_opt, ParamType};
-use crate::credential::{basic_pair, Credentials, Secret};
+use crate::credential::{basic_pair, CredentialError, Credentials, Secret};
 use crate::param::TypedValue;
 use crate::redact::Redactor;
 use crate::template::{BodyTemplate, HeaderTemplate, Rejection, UrlTemplate, RESERVED_HEADERS};
@@ -474,35 +474,93 @@ impl HttpTool {
             HeaderValue::from_static("identity"),
         );
 
+        // The credential's value now: a static secret, or an OAuth access
+        // token (refreshed first if due, and once more on a 401).
+        let mut current = None;
+        if let Some(auth) = &tool.auth {
+            if !credentials.contains(&auth.credential) {
+                return Err(ExecError::Internal(format!(
+                    "credential {} is not loaded",
+                    auth.credential
+                )));
+            }
+            current = Some(
+                credentials
+                    .current(&auth.credential)
+                    .await
+                    .map_err(|e| credential_error(credentials, &e))?,
+            );
+        }
+        // SigV4 signs the finished request instead of sending the secret.
+        let sigv4 = match &tool.auth {
+            Some(Auth {
+                credential,
+                scheme: AuthScheme::AwsSigV4 { service, region },
+            }) => {
+                let (key, secret) = credentials.aws(credential).ok_or_else(|| {
+                    ExecError::Internal(format!("AWS credential {credential} is not loaded"))
+                })?;
+                let region = region.as_deref().unwrap_or(&key.region);
+                Some((key, secret, service.as_str(), region))
+            }
+            _ => None,
+        };
+        let mut retried = false;
+        let fetched = loop {
+            let mut request = reqwest::Request::new(tool.method.clone(), url.clone());
+            *request.headers_mut() = headers.clone();
+            if let (None, Some(auth), Some(current)) = (&sigv4, &tool.auth, &current) {
+                let value = auth.scheme.header_value(&current.secret).ok_or_else(|| {
+                    ExecError::Upstream(format!(
+                        "credential {} cannot be sent in an HTTP header (it contains a control character)",
+                        auth.credential
+                    ))
+                })?;
+                // Last, and `insert`: replaces anything of the same name.
+                request
+                    .headers_mut()
+                    .insert(auth.scheme.header_name(), value);
+            }
+            if let Some((key, secret, service, region)) = sigv4 {
+                // Last: nothing after it may change what was signed.
+                let payload = body.as_deref().unwrap_or_default();
+                crate::credential::aws::sign(&mut request, payload, key, secret, service, region)
+                    .map_err(|e| {
+                    ExecError::Upstream(credentials.redactor().redact_str(&e.to_string()))
+                })?;
+            }
+            if let Some(body) = &body {
+                *request.body_mut() = Some(body.clone().into());
+            }
+            let fetched = tokio::time::timeout(
+                tool.timeout,
+                fetch(client()?, request, tool.max_response_bytes),
+            )
+            .await
+            .map_err(|_| ExecError::Timeout(tool.timeout))?;
+            let unauthorized = matches!(&fetched, Ok((401, _, _)));
+            if let (true, false, Some(auth), Some(used)) =
+                (unauthorized, retried, &tool.auth, &current)
+            {
+                let renewed = credentials
+                    .rejected(&auth.credential, used)
+                    .await
+                    .map_err(|e| credential_error(credentials, &e))?;
+                if let Some(renewed) = renewed {
+                    current = Some(renewed);
+                    retried = true;
+                    continue;
+                }
+            }
+            break fetched;
+        };
+
         // Redaction of a Basic pair nobody registered: built for this call.
         let mut pair_redactor = None;
-        // SigV4 signs the finished request, below.
-        let mut sigv4 = None;
-        if let Some(Auth {
-            credential,
-            scheme: AuthScheme::AwsSigV4 { service, region },
-        }) = &tool.auth
-        {
-            let (key, secret) = credentials.aws(credential).ok_or_else(|| {
-                ExecError::Internal(format!("AWS credential {credential} is not loaded"))
-            })?;
-            let region = region.as_deref().unwrap_or(&key.region);
-            sigv4 = Some((key, secret, service.as_str(), region));
-        } else if let Some(auth) = &tool.auth {
-            let secret = credentials.get(&auth.credential).ok_or_else(|| {
-                ExecError::Internal(format!("credential {} is not loaded", auth.credential))
-            })?;
-            let value = auth.scheme.header_value(secret).ok_or_else(|| {
-                ExecError::Upstream(format!(
-                    "credential {} cannot be sent in an HTTP header (it contains a control character)",
-                    auth.credential
-                ))
-            })?;
-            // Last, and `insert`: replaces anything of the same name.
-            headers.insert(auth.scheme.header_name(), value);
+        if let (Some(auth), Some(current)) = (&tool.auth, &current) {
             if let AuthScheme::Basic { user } = &auth.scheme {
                 if !credentials.has_basic_user(&auth.credential, user) {
-                    let pair = basic_pair(user, secret);
+                    let pair = basic_pair(user, &current.secret);
                     pair_redactor = Some(
                         Redactor::new([pair.as_slice()])
                             .map_err(|e| ExecError::Client(e.to_string()))?,
@@ -510,6 +568,7 @@ impl HttpTool {
                 }
             }
         }
+        // Taken after the credential's value is known: it covers it.
         let redactor = credentials.redactor();
         let redact_bytes = |bytes: &[u8]| match &pair_redactor {
             Some(pair) => redactor.redact_bytes(&pair.redact_bytes(bytes)),
@@ -518,23 +577,6 @@ impl HttpTool {
         let redact_text =
             |text: &str| String::from_utf8_lossy(&redact_bytes(text.as_bytes())).into_owned();
 
-        let mut request = reqwest::Request::new(tool.method.clone(), url);
-        *request.headers_mut() = headers;
-        if let Some((key, secret, service, region)) = sigv4 {
-            // Last: nothing after it may change what was signed.
-            let payload = body.as_deref().unwrap_or_default();
-            crate::credential::aws::sign(&mut request, payload, key, secret, service, region)
-                .map_err(|e| ExecError::Upstream(redact_text(&e.to_string())))?;
-        }
-        if let Some(body) = body {
-            *request.body_mut() = Some(body.into());
-        }
-        let fetched = tokio::time::timeout(
-            tool.timeout,
-            fetch(client()?, request, tool.max_response_bytes),
-        )
-        .await
-        .map_err(|_| ExecError::Timeout(tool.timeout))?;
         let (status, response_headers, raw_body) = fetched.map_err(|e| match e {
             FetchError::TooLarge => ExecError::TooLarge(tool.max_response_bytes),
             FetchError::Upstream(message) => ExecError::Upstream(redact_text(&message)),
@@ -583,6 +625,12 @@ impl HttpTool {
             body,
         })
     }
+}
+
+/// A credential that cannot be used now, as the caller's error (redacted,
+/// though the message is built to name no value).
+fn credential_error(credentials: &Credentials, error: &CredentialError) -> ExecError {
+    ExecError::Credential(credentials.redactor().redact_str(&error.to_string()))
 }
 
 /// Send the request and read the response, refusing a body over `cap`

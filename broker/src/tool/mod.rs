@@ -221,6 +221,10 @@ pub enum ExecError {
     /// was not loaded), not the upstream or the caller.
     #[error("internal broker error: {0}")]
     Internal(String),
+    /// The credential cannot be used now (e.g. an OAuth credential whose
+    /// refresh token was rejected); the message says why and what to do.
+    #[error("{0}")]
+    Credential(String),
 }
 
 /// Run CPU-bound `op` where it does not stall other sessions' I/O: on a
