@@ -146,10 +146,15 @@ impl Broker {
         self.admission.open()
     }
 
-    fn who(&self, policy: &Policy, uid: u32) -> Who {
+    /// Who `uid` is to admission. Root and the admin uids are privileged
+    /// in their own sessions only: a session acting with a token (bound,
+    /// or a channel of a bound one) has only the token's authority, and
+    /// takes no reserved slot and no exemption from the rate limit, whoever
+    /// its uid (a sandbox an admin runs is no admin).
+    fn who(&self, policy: &Policy, uid: u32, with_token: bool) -> Who {
         Who {
             uid,
-            privileged: uid == 0 || policy.broker.admin_uids.contains(&uid),
+            privileged: !with_token && (uid == 0 || policy.broker.admin_uids.contains(&uid)),
             per_uid: policy.broker.max_connections_per_uid,
         }
     }
@@ -157,19 +162,31 @@ impl Broker {
     /// A slot for a new session (connection or channel) of `uid`, acting
     /// with `token` if given; refused beyond the limits.
     pub fn admit(&self, uid: u32, token: Option<TokenId>) -> Result<SessionSlot, Refusal> {
-        let who = self.who(&self.policy(), uid);
+        let who = self.who(&self.policy(), uid, token.is_some());
         self.admission.admit(&self.limits(), who, token)
     }
 
-    /// Count a connection's slot against the token it is being bound to.
+    /// Count a connection's slot against the token it is being bound to;
+    /// refused if the token is at its cap, or if the slot is one of the
+    /// reserve (a bound session takes none).
     pub fn attach_token(&self, slot: &mut SessionSlot, id: TokenId) -> Result<(), Refusal> {
         self.admission.attach_token(&self.limits(), slot, id)
     }
 
-    /// Take one request from `uid`'s rate budget; `Err((refusal, first))`
+    /// Take one request of a session of `uid` (acting with a token if
+    /// `with_token`) from `uid`'s rate budget; `Err((refusal, first))`
     /// when it is spent, `first` for the first refusal of a run.
-    pub fn rate(&self, uid: u32) -> Result<(), (Refusal, bool)> {
-        let who = self.who(&self.policy(), uid);
+    pub fn rate(&self, uid: u32, with_token: bool) -> Result<(), (Refusal, bool)> {
+        let who = self.who(&self.policy(), uid, with_token);
+        if who.privileged {
+            return Ok(());
+        }
         self.admission.request(&self.limits(), who)
+    }
+
+    /// Whether to record a refusal of `uid` now (see
+    /// [`Admission::record_refusal`]).
+    pub fn record_refusal(&self, uid: u32) -> Option<u64> {
+        self.admission.record_refusal(uid)
     }
 }

@@ -71,13 +71,15 @@ pub struct BrokerConfig {
     /// Sessions (connections and channels) the broker serves at once, all
     /// uids together; by default as many as its descriptor limit allows.
     pub max_sessions: Option<usize>,
-    /// Of `max_sessions`, how many only root and `admin_uids` may take.
+    /// Of `max_sessions`, how many only root's and `admin_uids`' own
+    /// (unbound) connections may take.
     pub reserved_sessions: Option<usize>,
     /// Sessions (bound connections and channels) open at once with one
     /// token.
     pub max_sessions_per_token: Option<usize>,
-    /// Requests per second one uid may make, sustained (root and
-    /// `admin_uids` are not limited).
+    /// Requests per second one uid may make, sustained, channels opened
+    /// included (root's and `admin_uids`' own connections are not limited,
+    /// their token-bound ones are).
     pub requests_per_second: Option<u32>,
     /// Requests one uid may make in a burst above that rate.
     pub request_burst: Option<u32>,

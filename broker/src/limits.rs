@@ -8,23 +8,26 @@
 //!   derived from the descriptor limit (each session holds its socket and
 //!   a pidfd) with [`FD_HEADROOM`] descriptors kept for the broker's own
 //!   files and upstream connections, so the broker never runs out;
-//! - of those, the last [`Limits::reserved_sessions`] go to root and the
-//!   `admin_uids` only, so they can always connect and revoke;
+//! - of those, the last [`Limits::reserved_sessions`] go to root's and the
+//!   `admin_uids`' own sessions only, so they can always connect and
+//!   revoke (a session acting with a token, whoever its uid, takes none);
 //! - the uid holds fewer than `max_connections_per_uid` sessions, channels
 //!   included;
 //! - a session acting with a token: the token has fewer than
 //!   [`Limits::max_sessions_per_token`] sessions open.
 //!
 //! Requests are also rate-limited per uid (a token bucket of
-//! [`Limits::request_burst`] refilled at [`Limits::requests_per_second`]);
-//! root and the admin uids are not.
+//! [`Limits::request_burst`] refilled at [`Limits::requests_per_second`]),
+//! a `Channel` too; root's and the admin uids' own sessions are not, their
+//! token-bound ones are. Refused channels are recorded at most once per
+//! [`REFUSAL_RECORD_PERIOD`] per uid.
 //!
 //! Tests: the unit tests below; `tests/tests/abuse.rs` floods the real
 //! broker as a hostile uid.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keyward_proto::token::TokenId;
 
@@ -145,6 +148,19 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// How many sessions may be open for a new one to be admitted: all of
+    /// them for root's and the admin uids' own sessions, all but the
+    /// reserve for everyone else.
+    fn ceiling(&self, privileged: bool) -> usize {
+        if privileged {
+            self.max_sessions
+        } else {
+            self.max_sessions - self.reserved_sessions.min(self.max_sessions)
+        }
+    }
+}
+
 /// The configuration keys the limits are made of.
 #[derive(Debug, Default)]
 struct Keys {
@@ -221,11 +237,24 @@ struct Bucket {
     refused: u64,
 }
 
+/// At most one refusal record per uid per this period (see
+/// [`Admission::record_refusal`]).
+pub const REFUSAL_RECORD_PERIOD: Duration = Duration::from_secs(1);
+
+/// When a uid's last refusal was recorded, and how many went unrecorded
+/// since.
+#[derive(Debug)]
+struct Quiet {
+    at: Instant,
+    unrecorded: u64,
+}
+
 /// Who may take what: the counts of open sessions and the request buckets.
 #[derive(Debug, Default)]
 pub struct Admission {
     counts: Mutex<Counts>,
     buckets: Mutex<HashMap<u32, Bucket>>,
+    quiet: Mutex<HashMap<u32, Quiet>>,
 }
 
 /// What the caller of [`Admission::admit`] knows about the uid.
@@ -272,12 +301,7 @@ impl Admission {
         token: Option<TokenId>,
     ) -> Result<SessionSlot, Refusal> {
         let mut counts = self.lock();
-        let ceiling = if who.privileged {
-            limits.max_sessions
-        } else {
-            limits.max_sessions - limits.reserved_sessions.min(limits.max_sessions)
-        };
-        if counts.total >= ceiling {
+        if counts.total >= limits.ceiling(who.privileged) {
             return Err(Refusal::Full {
                 max: limits.max_sessions,
                 reserved: limits.reserved_sessions,
@@ -308,6 +332,9 @@ impl Admission {
     }
 
     /// Count `slot` against `id` from now on (a connection being bound).
+    /// A bound session is admitted like any session acting with a token:
+    /// not while the broker is into the reserve (this slot, counted
+    /// already, may be one of it: root's or an admin's connection).
     pub fn attach_token(
         &self,
         limits: &Limits,
@@ -315,6 +342,12 @@ impl Admission {
         id: TokenId,
     ) -> Result<(), Refusal> {
         let mut counts = self.lock();
+        if counts.total > limits.ceiling(false) {
+            return Err(Refusal::Full {
+                max: limits.max_sessions,
+                reserved: limits.reserved_sessions,
+            });
+        }
         if let Some(old) = slot.token.take() {
             decrement(&mut counts.by_token, old);
         }
@@ -378,6 +411,46 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// Whether to record a refusal of `uid` now: `Some(n)` at most once
+    /// per [`REFUSAL_RECORD_PERIOD`], `n` being how many refusals went
+    /// unrecorded since the last record; `None` otherwise (counted for the
+    /// next record).
+    pub fn record_refusal(&self, uid: u32) -> Option<u64> {
+        self.record_refusal_at(uid, Instant::now())
+    }
+
+    fn record_refusal_at(&self, uid: u32, now: Instant) -> Option<u64> {
+        let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget uids quiet for a period now and then, so the map stays
+        // small (a forgotten uid had nothing unrecorded worth keeping
+        // beyond a period: its next refusal is recorded anyway).
+        if quiet.len() > 4096 {
+            quiet.retain(|_, q| now.saturating_duration_since(q.at) < REFUSAL_RECORD_PERIOD);
+        }
+        match quiet.get_mut(&uid) {
+            Some(q) if now.saturating_duration_since(q.at) < REFUSAL_RECORD_PERIOD => {
+                q.unrecorded += 1;
+                None
+            }
+            Some(q) => {
+                q.at = now;
+                Some(std::mem::take(&mut q.unrecorded))
+            }
+            None => {
+                quiet.insert(
+                    uid,
+                    Quiet {
+                        at: now,
+                        unrecorded: 0,
+                    },
+                );
+                Some(0)
+            }
+        }
+    }
+}
+
 /// A held session slot; released on drop.
 #[derive(Debug)]
 pub struct SessionSlot {
@@ -395,7 +468,6 @@ impl Drop for SessionSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn limits() -> Limits {
         Limits {
@@ -495,6 +567,43 @@ mod tests {
         let t1 = t0 + Duration::from_millis(110);
         a.request_at(&l, who(5, 1), t1).unwrap();
         assert!(a.request_at(&l, who(5, 1), t1).is_err());
+    }
+
+    #[test]
+    fn a_session_in_the_reserve_cannot_be_bound() {
+        let a = Admission::new();
+        let l = limits();
+        let id = TokenId([3; 16]);
+        let mut held: Vec<_> = (0..8)
+            .map(|_| a.admit(&l, who(0, 100), None).unwrap())
+            .collect();
+        // Root's own ninth connection takes the reserve...
+        let mut ninth = a.admit(&l, who(0, 100), None).unwrap();
+        // ...but cannot then act with a token from it.
+        assert_eq!(
+            a.attach_token(&l, &mut ninth, id).unwrap_err(),
+            Refusal::Full {
+                max: 10,
+                reserved: 2
+            }
+        );
+        drop(ninth);
+        a.attach_token(&l, &mut held[0], id).unwrap();
+    }
+
+    #[test]
+    fn refusals_are_recorded_once_a_period() {
+        let a = Admission::new();
+        let t0 = Instant::now();
+        assert_eq!(a.record_refusal_at(5, t0), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(a.record_refusal_at(5, t0), None);
+        }
+        // Another uid is counted apart.
+        assert_eq!(a.record_refusal_at(6, t0), Some(0));
+        let t1 = t0 + REFUSAL_RECORD_PERIOD;
+        assert_eq!(a.record_refusal_at(5, t1), Some(1000));
+        assert_eq!(a.record_refusal_at(5, t1), None);
     }
 
     #[test]

@@ -299,6 +299,18 @@ impl Connection {
         }
     }
 
+    /// Receive one message if one is queued now (as far as the reactor
+    /// knows), without waiting; `None` if there is none.
+    pub fn try_recv(&self, buf: &mut [u8]) -> Option<io::Result<Received>> {
+        match self
+            .fd
+            .try_io(Interest::READABLE, |fd| sys::recv_message(fd.as_fd(), buf))
+        {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            other => Some(other),
+        }
+    }
+
     /// Send one message.
     pub async fn send(&self, bytes: &[u8]) -> io::Result<()> {
         loop {

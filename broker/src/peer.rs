@@ -23,7 +23,6 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::OnceLock;
-use std::task::{Context, Waker};
 
 use nix::sys::socket::{getsockopt, sockopt, UnixCredentials};
 use tokio::io::unix::AsyncFd;
@@ -198,10 +197,10 @@ impl Liveness {
 
     fn exited(&self) -> Result<bool, AuthError> {
         match self {
-            Liveness::Watched(fd) => {
-                let mut cx = Context::from_waker(Waker::noop());
-                Ok(fd.poll_read_ready(&mut cx).is_ready())
-            }
+            // The readiness the reactor recorded, read without registering
+            // for a wake-up (this runs for every message): `try_io` runs
+            // the closure only if the fd is known readable.
+            Liveness::Watched(fd) => Ok(fd.try_io(Interest::READABLE, |_| Ok(())).is_ok()),
             Liveness::Polled(fd) => {
                 sys::pidfd_exited(fd).map_err(|e| AuthError::Pin(e.to_string()))
             }
@@ -331,6 +330,12 @@ impl Peer {
             });
         }
         Ok(())
+    }
+
+    /// Whether the pinned process is known to have exited (or its pidfd
+    /// cannot tell).
+    pub fn has_exited(&self) -> bool {
+        self.pidfd.exited().unwrap_or(true)
     }
 
     /// Resolves when the pinned process has exited (inside the runtime;

@@ -137,11 +137,23 @@ async fn serve_connection(
     let exited = peer.exited();
     tokio::pin!(exited);
     loop {
-        let received = tokio::select! {
-            biased;
-            () = &mut stopped => break,
-            () = &mut exited => break,
-            r = recv_within(&session, &mut buf) => r,
+        // A message already queued is read at once, after the same checks
+        // the select below makes first, without waiting on (and so
+        // registering wake-ups for) all three: a client making calls back
+        // to back has its next request waiting by the time a reply is out.
+        let queued = if session.greeted && !closing.is_cancelled() && !peer.has_exited() {
+            session.conn.try_recv(&mut buf)
+        } else {
+            None
+        };
+        let received = match queued {
+            Some(r) => r.ok().filter(|r| !closed(r)),
+            None => tokio::select! {
+                biased;
+                () = &mut stopped => break,
+                () = &mut exited => break,
+                r = recv_within(&session, &mut buf) => r,
+            },
         };
         let Some(received) = received else { break };
         match session.handle(received, &buf).await {
@@ -197,11 +209,12 @@ async fn recv_within(session: &Session, buf: &mut [u8]) -> Option<crate::listene
             .ok()?
             .ok()?
     };
-    // recv of 0 bytes without credentials: the peer closed.
-    if received.len == 0 && received.creds.is_none() && !received.truncated {
-        return None;
-    }
-    Some(received)
+    (!closed(&received)).then_some(received)
+}
+
+/// Whether a receive saw the peer close: 0 bytes without credentials.
+fn closed(received: &Received) -> bool {
+    received.len == 0 && received.creds.is_none() && !received.truncated
 }
 
 struct Session {
@@ -262,8 +275,10 @@ impl Session {
                 .protocol_error(ErrorCode::Malformed, "unexpected file descriptors".into())
                 .await;
         }
-        if !matches!(request, Request::Hello(_) | Request::Channel) {
-            if let Err((refusal, first)) = self.broker.rate(self.peer.uid) {
+        // Every request but the Hello takes from the uid's budget, a
+        // Channel too (opening one is work, and refusing one a record).
+        if !matches!(request, Request::Hello(_)) {
+            if let Err((refusal, first)) = self.broker.rate(self.peer.uid, self.bound.is_some()) {
                 // A run of refusals is audited once, at its start.
                 if first {
                     self.audit_token(
@@ -271,7 +286,14 @@ impl Session {
                             .reason(&refusal.to_string()),
                     );
                 }
-                let next = self.reply_error(ErrorCode::Busy, refusal.to_string()).await;
+                let next = if matches!(request, Request::Channel) {
+                    // No reply on the shared connection; the passed socket
+                    // is closed, and its creator sees that on its end.
+                    drop(fds);
+                    Next::Continue
+                } else {
+                    self.reply_error(ErrorCode::Busy, refusal.to_string()).await
+                };
                 // Read nothing more from this connection until the budget
                 // has room again: a peer that ignores the refusal cannot
                 // keep the broker busy refusing it.
@@ -596,7 +618,7 @@ impl Session {
             (Some(_), _) => Some("channel refused: a Channel message carries exactly one socket"),
         };
         if let Some(reason) = reason {
-            self.audit_token(self.record(Event::Refused, Decision::Deny).reason(reason));
+            self.audit_channel_refusal(reason);
             return Next::Continue;
         }
         let (Some(fd), Some(bound)) = (fds.pop(), self.bound.clone()) else {
@@ -637,9 +659,27 @@ impl Session {
             },
         };
         if let Some(reason) = refused {
-            self.audit_token(self.record(Event::Refused, Decision::Deny).reason(&reason));
+            self.audit_channel_refusal(&reason);
         }
         Next::Continue
+    }
+
+    /// Record a refused channel, at most once a second per uid: a sandbox
+    /// that keeps passing bad channels must not flood the journal. The
+    /// next record says how many went unrecorded in between.
+    fn audit_channel_refusal(&self, reason: &str) {
+        match self.broker.record_refusal(self.peer.uid) {
+            Some(0) => {
+                self.audit_token(self.record(Event::Refused, Decision::Deny).reason(reason));
+            }
+            Some(unrecorded) => {
+                let reason = format!(
+                    "{reason} ({unrecorded} earlier channel refusals of this uid went unrecorded)"
+                );
+                self.audit_token(self.record(Event::Refused, Decision::Deny).reason(&reason));
+            }
+            None => {}
+        }
     }
 
     async fn mint(&mut self, mint: Mint) -> Next {
@@ -968,6 +1008,13 @@ async fn send_response(conn: &Connection, response: &Response) -> std::io::Resul
 }
 
 async fn send_bytes(conn: &Connection, bytes: &[u8]) -> std::io::Result<()> {
+    // The socket almost always takes a reply at once: no timer then.
+    match conn.try_send(bytes) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        Err(e) => return Err(e),
+    }
     match tokio::time::timeout(SEND_DEADLINE, conn.send(bytes)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),

@@ -4,12 +4,10 @@
 //! lives here.
 #![allow(unsafe_code)]
 
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{
-    accept4, recvmsg, ControlMessageOwned, MsgFlags, SockFlag, UnixCredentials,
-};
+use nix::sys::socket::{accept4, SockFlag, UnixCredentials};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::resource::{setrlimit, Resource};
@@ -188,38 +186,105 @@ pub struct Received {
     pub fds: Vec<OwnedFd>,
 }
 
+/// How many descriptors one message may pass (more is `MSG_CTRUNC`).
+const MAX_PASSED_FDS: usize = 8;
+
+/// Control space for one message: its credentials and up to
+/// [`MAX_PASSED_FDS`] descriptors.
+// SAFETY: CMSG_SPACE is arithmetic on its argument.
+const CONTROL_LEN: usize = unsafe {
+    libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32) as usize
+        + libc::CMSG_SPACE((MAX_PASSED_FDS * std::mem::size_of::<RawFd>()) as u32) as usize
+};
+
+/// The control buffer, aligned for `cmsghdr` (whose first field is a
+/// `size_t`).
+#[repr(C, align(8))]
+struct Control([u8; CONTROL_LEN]);
+
 /// Non-blocking `recvmsg` of one message with its credentials and any
-/// passed fds (received close-on-exec).
+/// passed fds (received close-on-exec). Every descriptor the kernel
+/// installed is owned by the result, even when the control data was
+/// truncated (then `control_truncated` is set): none is ever left open.
+///
+/// Called for every message, so it allocates nothing but the list of
+/// passed fds (when there are any).
 pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
-    let mut cmsg = nix::cmsg_space!(UnixCredentials, [RawFd; 8]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )?;
+    let mut control = Control([0; CONTROL_LEN]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid value (null pointers, zero
+    // lengths); the fields that matter are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = CONTROL_LEN as _;
+    // SAFETY: `msg` points at `iov`, which describes `buf` (buf.len()
+    // writable bytes), and at `control` (CONTROL_LEN writable bytes); all
+    // outlive the call, and the kernel writes within those lengths.
+    let n = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &mut msg,
+            libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+        )
+    };
+    let len = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
     let mut creds = None;
     let mut fds = Vec::new();
     let mut unexpected = false;
-    for c in msg.cmsgs()? {
-        match c {
-            ControlMessageOwned::ScmCredentials(c) => creds = Some(c),
-            ControlMessageOwned::ScmRights(raw) => {
-                for r in raw {
+    // SAFETY: `msg` describes `control`, which the kernel filled in and
+    // whose used length it set in msg_controllen; CMSG_FIRSTHDR and
+    // CMSG_NXTHDR return only headers that lie whole within it, else null.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null header from CMSG_FIRSTHDR/NXTHDR is within
+        // `control` and aligned (the buffer is, and headers are padded).
+        let (level, kind, cmsg_len) =
+            unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+        // SAFETY: as above; CMSG_DATA is the address just past the header.
+        let data = unsafe { libc::CMSG_DATA(cmsg) };
+        // SAFETY: CMSG_LEN is arithmetic on its argument.
+        let header = unsafe { libc::CMSG_LEN(0) } as usize;
+        // The data the kernel wrote, within what is left of the buffer.
+        // (The lengths are size_t with glibc, socklen_t with some libcs.)
+        #[allow(clippy::unnecessary_cast)]
+        let (used, cmsg_len) = (msg.msg_controllen as usize, cmsg_len as usize);
+        let room =
+            (control.0.as_ptr() as usize + used.min(CONTROL_LEN)).saturating_sub(data as usize);
+        let data_len = cmsg_len.saturating_sub(header).min(room);
+        match (level, kind) {
+            (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
+                if data_len >= std::mem::size_of::<libc::ucred>() =>
+            {
+                // SAFETY: data_len bytes at `data` are the kernel's ucred.
+                let ucred: libc::ucred = unsafe { std::ptr::read_unaligned(data.cast()) };
+                creds = Some(UnixCredentials::from(ucred));
+            }
+            (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                for i in 0..data_len / std::mem::size_of::<RawFd>() {
+                    // SAFETY: within the data_len bytes the kernel wrote,
+                    // the i-th descriptor number.
+                    let raw: RawFd =
+                        unsafe { std::ptr::read_unaligned(data.cast::<RawFd>().add(i)) };
                     // SAFETY: SCM_RIGHTS installed these fds in our table
                     // for this message alone; owning them makes sure they
                     // are closed.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
                 }
             }
             _ => unexpected = true,
         }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
     Ok(Received {
-        len: msg.bytes,
-        truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
-        control_truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC) || unexpected,
+        len,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        control_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 || unexpected,
         creds,
         fds,
     })

@@ -31,8 +31,8 @@ use nix::sys::socket::{
 use nix::sys::time::{TimeVal, TimeValLike};
 
 use keyward_proto::{
-    decode, encode, Bind, Bound, Call, DecodeError, EncodeError, Hello, Param, Request, Response,
-    Value, DEFAULT_SOCKET, MAX_MESSAGE, PROTOCOL_VERSION,
+    decode, encode, encode_into, Bind, Bound, Call, DecodeError, EncodeError, Hello, Param,
+    Request, Response, DEFAULT_SOCKET, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 
 /// Why talking to the broker failed (not a policy denial: those are
@@ -134,6 +134,8 @@ pub fn socket_path_or(default: PathBuf) -> PathBuf {
 pub struct Client {
     fd: OwnedFd,
     buf: Vec<u8>,
+    /// The request being sent, kept between requests.
+    out: Vec<u8>,
     reply_timeout: Duration,
 }
 
@@ -235,6 +237,7 @@ impl Client {
         let mut client = Client {
             fd,
             buf: vec![0; MAX_MESSAGE + 1],
+            out: Vec::new(),
             reply_timeout: timeout,
         };
         set_timeout(&client.fd, sockopt::SendTimeout, timeout)?;
@@ -294,17 +297,7 @@ impl Client {
         tool: &str,
         params: &[(String, String)],
     ) -> Result<Response, ClientError> {
-        let call = Call {
-            tool: tool.to_owned(),
-            params: params
-                .iter()
-                .map(|(name, value)| Param {
-                    name: name.clone(),
-                    value: Value::Str(value.clone()),
-                })
-                .collect(),
-        };
-        self.request(&Request::Call(call))
+        self.request_with(&CallRequest { tool, params })
     }
 
     /// Wait at most `timeout` for each reply (and for room to send).
@@ -317,8 +310,20 @@ impl Client {
 
     /// Send one request and read its response.
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
-        let bytes = encode(request)?;
-        if let Err(e) = self.send_raw(&bytes) {
+        self.request_with(request)
+    }
+
+    /// Send one request, encoded as [`Request`] is, and read its response.
+    fn request_with(&mut self, request: &impl serde::Serialize) -> Result<Response, ClientError> {
+        let mut bytes = std::mem::take(&mut self.out);
+        let sent = encode_into(request, &mut bytes)
+            .map_err(ClientError::from)
+            .and_then(|()| self.send_raw(&bytes));
+        self.out = bytes;
+        if let Err(e) = sent {
+            if matches!(e, ClientError::Encode(_)) {
+                return Err(e);
+            }
             // A broker that refuses a connection (e.g. at its session cap)
             // answers at once and closes: its reason may be waiting.
             if let Ok(reply @ Response::Error(_)) = self.recv_with(MsgFlags::MSG_DONTWAIT) {
@@ -401,6 +406,73 @@ impl Client {
     }
 }
 
+/// A `Request::Call` of string parameters, serialized from borrowed
+/// strings: the same bytes as the owned [`Request::Call`] (a test compares
+/// them), without copying every name and value into one first.
+struct CallRequest<'a> {
+    tool: &'a str,
+    params: &'a [(String, String)],
+}
+
+/// `Request::Call`'s variant index, `Value::Str`'s: the wire format's
+/// (pinned by the golden tests of `keyward_proto` and by this crate's).
+const REQUEST_CALL: u32 = 1;
+const VALUE_STR: u32 = 0;
+
+impl serde::Serialize for CallRequest<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_newtype_variant("Request", REQUEST_CALL, "Call", &CallBody(self))
+    }
+}
+
+struct CallBody<'r, 'a>(&'r CallRequest<'a>);
+
+impl serde::Serialize for CallBody<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut call = s.serialize_struct("Call", 2)?;
+        call.serialize_field("tool", self.0.tool)?;
+        call.serialize_field("params", &Params(self.0.params))?;
+        call.end()
+    }
+}
+
+struct Params<'a>(&'a [(String, String)]);
+
+impl serde::Serialize for Params<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            seq.serialize_element(&StrParam { name, value })?;
+        }
+        seq.end()
+    }
+}
+
+struct StrParam<'a> {
+    name: &'a str,
+    value: &'a str,
+}
+
+impl serde::Serialize for StrParam<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut param = s.serialize_struct("Param", 2)?;
+        param.serialize_field("name", self.name)?;
+        param.serialize_field("value", &StrValue(self.value))?;
+        param.end()
+    }
+}
+
+struct StrValue<'a>(&'a str);
+
+impl serde::Serialize for StrValue<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_newtype_variant("Value", VALUE_STR, "Str", self.0)
+    }
+}
+
 /// Set `SO_SNDTIMEO` or `SO_RCVTIMEO` (zero would mean "forever": at
 /// least a microsecond).
 fn set_timeout<O>(fd: &OwnedFd, option: O, timeout: Duration) -> Result<(), ClientError>
@@ -436,6 +508,40 @@ mod tests {
     use super::*;
     use keyward_proto::Hello as HelloMsg;
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    /// A call's request is the bytes of the owned `Request::Call`.
+    #[test]
+    fn a_call_is_encoded_as_request_call() {
+        let cases: [&[(&str, &str)]; 3] = [
+            &[],
+            &[("message", "ping")],
+            &[("a", ""), ("é😀", "x\u{0}y"), ("long", &"z".repeat(300))],
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            let params: Vec<(String, String)> = case
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect();
+            let tool = "t".repeat(i * 70);
+            let owned = Request::Call(Call {
+                tool: tool.clone(),
+                params: params
+                    .iter()
+                    .map(|(name, value)| Param {
+                        name: name.clone(),
+                        value: keyward_proto::Value::Str(value.clone()),
+                    })
+                    .collect(),
+            });
+            let borrowed = CallRequest {
+                tool: &tool,
+                params: &params,
+            };
+            let mut out = Vec::new();
+            encode_into(&borrowed, &mut out).unwrap();
+            assert_eq!(out, encode(&owned).unwrap());
+        }
+    }
 
     /// A broker that answers late must not have its late answer taken for
     /// the reply to the next request.

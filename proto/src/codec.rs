@@ -49,6 +49,26 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
     Ok(bytes)
 }
 
+/// Encode one message into `out`, replacing what it held and reusing its
+/// allocation (for a connection's outgoing buffer); refuses anything
+/// larger than [`MAX_MESSAGE`], leaving `out` empty.
+pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let mut buf = std::mem::take(out);
+    buf.clear();
+    if buf.capacity() < ENCODE_CAPACITY {
+        buf.reserve(ENCODE_CAPACITY);
+    }
+    let mut bytes = postcard::to_extend(msg, buf).map_err(|_| EncodeError::Serialize)?;
+    if bytes.len() > MAX_MESSAGE {
+        bytes.clear();
+        bytes.shrink_to(ENCODE_CAPACITY);
+        *out = bytes;
+        return Err(EncodeError::TooLarge);
+    }
+    *out = bytes;
+    Ok(())
+}
+
 /// Decode exactly one message from untrusted bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.is_empty() {
@@ -103,6 +123,23 @@ mod tests {
                 },
             ],
         })
+    }
+
+    #[test]
+    fn encode_into_reuses_the_buffer_and_matches_encode() {
+        let mut out = Vec::new();
+        encode_into(&sample_call(), &mut out).unwrap();
+        assert_eq!(out, encode(&sample_call()).unwrap());
+        let hello = Request::Hello(Hello { version: 1 });
+        let at = out.as_ptr();
+        encode_into(&hello, &mut out).unwrap();
+        assert_eq!(out, [0x00, 0x01]);
+        assert_eq!(out.as_ptr(), at, "the allocation was not reused");
+        let huge = Request::Bind(Bind {
+            token: "x".repeat(MAX_MESSAGE),
+        });
+        assert_eq!(encode_into(&huge, &mut out), Err(EncodeError::TooLarge));
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod message;
 pub mod token;
 mod value;
 
-pub use codec::{decode, encode, DecodeError, EncodeError, MAX_MESSAGE};
+pub use codec::{decode, encode, encode_into, DecodeError, EncodeError, MAX_MESSAGE};
 pub use message::{
     Attenuate, Bind, Bound, Call, CallResult, Check, CredentialStatus, Denial, ErrorCode,
     ErrorReply, Header, Hello, Inspect, Mint, Minted, Param, ParamInfo, Request, Response, Revoke,

@@ -128,7 +128,13 @@ fn pingpong_peer(dir: &std::path::Path) -> (std::process::Child, std::os::fd::Ow
 
 fn figures() -> Figures {
     use nix::sys::socket::{recv, send, MsgFlags};
-    let broker = Broker::start(ECHO_CONFIG, &[]);
+    // The bound kind is root's token-bound session, which is rate-limited
+    // like anyone's: lift the limit, to measure the call and not it.
+    let config = ECHO_CONFIG.replace(
+        "[broker]\n",
+        "[broker]\nrequests_per_second = 1000000000\nrequest_burst = 1000000000\n",
+    );
+    let broker = Broker::start(&config, &[]);
     let (mut server, raw_fd) = pingpong_peer(broker.dir.path());
     let mut client = Client::connect(&broker.socket).unwrap();
     let mint = Request::Mint(Mint {

@@ -391,3 +391,247 @@ fn a_flooding_principal_causes_no_errors_for_another() {
     let flooded = flood.line();
     assert!(flooded.starts_with("connections "), "{flooded}");
 }
+
+/// Refused channels (here `Channel` messages carrying no socket) in a
+/// flood: each takes from the uid's request budget like any request, no
+/// reply goes out on the shared connection, and the refusals are recorded
+/// at most once a second, not once each.
+#[test]
+fn a_flood_of_refused_channels_is_rate_limited_and_not_recorded_each() {
+    // A budget the flood runs through quickly.
+    let broker = start("requests_per_second = 100000\nrequest_burst = 100");
+    let (token, _) = token_for_stranger(&broker);
+    let started = Instant::now();
+    let mut flood = Peer::start(&[
+        "channel-flood",
+        broker.socket.to_str().unwrap(),
+        &STRANGER_UID.to_string(),
+        token.to_str().unwrap(),
+        "2000",
+    ]);
+    let line = flood.line();
+    let took = started.elapsed();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words.len(), 6, "{line}");
+    // Only replies to calls came back, and the call went through.
+    assert!(["ok", "rate"].contains(&words[1]), "{line}");
+    assert_eq!(words[5], "0", "replies on the shared connection: {line}");
+    let records = broker.audit_records();
+    let reason = |r: &serde_json::Value, what: &str| {
+        r["reason"].as_str().is_some_and(|s| s.starts_with(what))
+    };
+    // The flood took from the stranger's budget...
+    assert!(
+        records.iter().any(|r| reason(r, "rate limited: uid 61001")),
+        "Channel messages are not rate-limited"
+    );
+    // ...and its 2 000 refusals made a record a second at most.
+    let refused = records
+        .iter()
+        .filter(|r| reason(r, "channel refused"))
+        .count();
+    let most = 2 + took.as_secs() as usize;
+    assert!(
+        (1..=most).contains(&refused),
+        "{refused} channel refusals recorded in {took:?}"
+    );
+    // The stranger's channels still work.
+    let mut burst = Peer::start(&[
+        "channel-burst",
+        broker.socket.to_str().unwrap(),
+        &STRANGER_UID.to_string(),
+        token.to_str().unwrap(),
+        "2",
+    ]);
+    assert_eq!(burst.line(), "ok ok");
+}
+
+/// A channel takes from the uid's request budget: past it, the passed
+/// socket is closed unanswered.
+#[test]
+fn channels_take_from_the_request_budget() {
+    let broker = start("requests_per_second = 1\nrequest_burst = 5");
+    let (token, _) = token_for_stranger(&broker);
+    let mut burst = Peer::start(&[
+        "channel-burst",
+        broker.socket.to_str().unwrap(),
+        &STRANGER_UID.to_string(),
+        token.to_str().unwrap(),
+        "8",
+    ]);
+    let line = burst.line();
+    let outcomes: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(outcomes.len(), 8, "{line}");
+    // The Bind took one of the 5; then 4 channels, then a refusal (after
+    // which the broker reads the connection again once the budget has
+    // room, a second later).
+    assert_eq!(outcomes[..5], ["ok", "ok", "ok", "ok", "closed"], "{line}");
+}
+
+const ROOT_CONFIG: &str = r#"
+[broker]
+socket = "{socket}"
+socket_mode = "0666"
+state_dir = "{dir}/state"
+{extra}
+
+[[principal]]
+name = "root"
+uids = [0]
+may_call = ["echo"]
+may_delegate = ["echo"]
+
+[[tool]]
+name = "echo"
+kind = "echo"
+params.message = { type = "string", max_len = 100 }
+"#;
+
+/// A broker where root is the principal, a token root minted for itself
+/// (as an admin would for a sandboxed agent it runs), and root's
+/// connection that minted it, kept open.
+fn root_broker(extra: &str) -> (Broker, String, agent_shim::client::Client) {
+    use agent_shim::client::Client;
+    limit_fds();
+    let config = ROOT_CONFIG.replace("{extra}", extra);
+    let broker = Broker::start_with(BrokerSetup {
+        config: &config,
+        ..BrokerSetup::default()
+    });
+    let mut client = Client::connect(&broker.socket).unwrap();
+    let mint = keyward_proto::Request::Mint(keyward_proto::Mint {
+        tools: vec!["echo".into()],
+        params: vec![],
+        ttl_secs: None,
+        max_uses: None,
+        task: "sandbox".into(),
+        audience: None,
+        exact_call: false,
+    });
+    let token = match client.request(&mint).unwrap() {
+        keyward_proto::Response::Minted(m) => m.token,
+        other => panic!("{other:?}"),
+    };
+    (broker, token, client)
+}
+
+fn bound_as_root(broker: &Broker, token: &str) -> agent_shim::client::Client {
+    let mut client = agent_shim::client::Client::connect(&broker.socket).unwrap();
+    let bound = client.bind(token).unwrap();
+    assert!(bound.is_ok(), "{bound:?}");
+    client
+}
+
+/// Root's token-bound sessions are no root sessions: the reserve is for
+/// root's own connections, and a sandbox root (or an admin) runs cannot
+/// take it with channels, nor bind a connection that sits in it.
+#[test]
+fn a_session_bound_to_roots_token_takes_no_reserved_slot() {
+    use agent_shim::client::Client;
+    let (broker, token, _minted_on) = root_broker("max_sessions = 6\nreserved_sessions = 3");
+    // Root's connection and one bound session, then channels over it: all
+    // but the reserve of 3 is 3 sessions, so one channel fits and no more.
+    let shared = bound_as_root(&broker, &token).into_fd();
+    let mut channels = Vec::new();
+    for _ in 0..5 {
+        if let Ok(channel) = Client::open_channel(&shared) {
+            channels.push(channel);
+        }
+    }
+    assert_eq!(channels.len(), 1, "channels took the reserve");
+    // Root's own connection takes the reserve...
+    let mut own = Client::connect(&broker.socket).unwrap();
+    assert!(matches!(
+        own.call("echo", &[("message".into(), "hi".into())]),
+        Ok(keyward_proto::Response::Done(_))
+    ));
+    // ...but a connection in the reserve cannot be bound to a token.
+    let mut in_reserve = Client::connect(&broker.socket).unwrap();
+    match in_reserve.bind(&token).unwrap() {
+        Err(keyward_proto::Response::Denied(d)) => {
+            assert!(d.reason.contains("maximum of 6 sessions"), "{d:?}")
+        }
+        other => panic!("bound in the reserve: {other:?}"),
+    }
+    // The reserve is there for root still: the sixth session.
+    let mut last = Client::connect(&broker.socket).unwrap();
+    assert!(matches!(
+        last.call("echo", &[("message".into(), "hi".into())]),
+        Ok(keyward_proto::Response::Done(_))
+    ));
+}
+
+/// Root's own requests are not rate-limited; its token-bound ones are.
+#[test]
+fn a_session_bound_to_roots_token_is_rate_limited() {
+    let (broker, token, mut own) = root_broker("requests_per_second = 1\nrequest_burst = 3");
+    let params = [("message".to_owned(), "hi".to_owned())];
+    let mut bound = bound_as_root(&broker, &token);
+    // (The Bind was root's own request.)
+    for _ in 0..3 {
+        let reply = bound.call("echo", &params).unwrap();
+        assert!(
+            matches!(reply, keyward_proto::Response::Done(_)),
+            "{reply:?}"
+        );
+    }
+    match bound.call("echo", &params).unwrap() {
+        keyward_proto::Response::Error(e) => {
+            assert!(e.message.starts_with("rate limited: uid 0"), "{e:?}")
+        }
+        other => panic!("not rate-limited: {other:?}"),
+    }
+    for _ in 0..20 {
+        let reply = own.call("echo", &params).unwrap();
+        assert!(
+            matches!(reply, keyward_proto::Response::Done(_)),
+            "{reply:?}"
+        );
+    }
+}
+
+/// A message passing more descriptors than the broker takes (8): the
+/// kernel installs those that fit and truncates the rest; every one
+/// installed is closed again, and the peer is told and disconnected. (The
+/// broker used to drop the message without looking at the ones installed:
+/// 8 descriptors leaked per connection, until it had none left.)
+#[test]
+fn descriptors_beyond_what_a_message_may_pass_are_all_closed() {
+    use keyward_tests::RawConn;
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let broker = start("");
+    let idle = open_fds(broker.pid());
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let fds = [null.as_raw_fd(); 12];
+    let message = keyward_proto::encode(&keyward_proto::Request::Tools).unwrap();
+    for _ in 0..20 {
+        let conn = RawConn::connect(&broker.socket);
+        conn.hello();
+        sendmsg::<()>(
+            conn.fd.as_raw_fd(),
+            &[std::io::IoSlice::new(&message)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .unwrap();
+        match conn.recv() {
+            Some(keyward_proto::Response::Error(e)) => {
+                assert!(e.message.contains("unexpected control data"), "{e:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(conn.recv().is_none(), "the connection stayed open");
+    }
+    // Every session has ended (each closed its end first): back to idle.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds(broker.pid()) > idle {
+        assert!(
+            Instant::now() < deadline,
+            "the broker holds {} descriptors, {idle} when idle",
+            open_fds(broker.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -38,6 +38,16 @@
 //!   broker took and refused.
 //! - `kw-test-peer silent SOCKET`: listen on SOCKET and never accept:
 //!   a broker that never answers. Prints `ready`; exits when stdin closes.
+//! - `kw-test-peer channel-flood SOCKET UID TOKEN_FILE N`: as UID, bind a
+//!   connection, send N `Channel` messages on it that carry no socket, as
+//!   fast as it can, then call `echo` on it until one is answered `ok`
+//!   (at most 5 s); print `first F calls C extra E`: the outcome of the
+//!   first reply read, the calls made, and how many replies came beyond
+//!   one per call.
+//! - `kw-test-peer channel-burst SOCKET UID TOKEN_FILE N`: as UID, bind a
+//!   connection and open N channels over it, one after the other; print
+//!   each one's outcome (`ok` when its `Hello` was answered, else
+//!   `closed`) on one line.
 #![allow(clippy::unwrap_used)]
 #![allow(unsafe_code)]
 
@@ -95,6 +105,18 @@ fn main() {
             args[5].parse().unwrap(),
         ),
         "stress" => stress(
+            socket,
+            args[3].parse().unwrap(),
+            std::path::Path::new(&args[4]),
+            args[5].parse().unwrap(),
+        ),
+        "channel-flood" => channel_flood(
+            socket,
+            args[3].parse().unwrap(),
+            std::path::Path::new(&args[4]),
+            args[5].parse().unwrap(),
+        ),
+        "channel-burst" => channel_burst(
             socket,
             args[3].parse().unwrap(),
             std::path::Path::new(&args[4]),
@@ -464,4 +486,61 @@ fn stress(socket: &std::path::Path, uid: u32, token_file: &std::path::Path, seco
         "connections {}/{} channel-sets {}/{} mints {}/{} calls {}/{} (taken/refused)",
         c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
     );
+}
+
+fn channel_flood(socket: &std::path::Path, uid: u32, token_file: &std::path::Path, n: usize) {
+    use std::os::fd::AsRawFd;
+    let token = std::fs::read_to_string(token_file).unwrap();
+    drop_to(uid);
+    let fd = bind(socket, token.trim()).expect("bind refused");
+    let conn = RawConn { fd };
+    let channel = keyward_proto::encode(&keyward_proto::Request::Channel).unwrap();
+    for _ in 0..n {
+        conn.send(&channel).unwrap();
+    }
+    let call = keyward_proto::encode(&echo_request("after")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut first = None;
+    let mut calls = 0;
+    loop {
+        conn.send(&call).unwrap();
+        calls += 1;
+        let reply = outcome(conn.recv());
+        first.get_or_insert(reply);
+        if reply == "ok" || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Anything more waiting now was a reply to no call.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut buf = vec![0u8; keyward_proto::MAX_MESSAGE + 1];
+    let mut extra = 0;
+    while nix::sys::socket::recv(
+        conn.fd.as_raw_fd(),
+        &mut buf,
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    )
+    .is_ok_and(|n| n > 0)
+    {
+        extra += 1;
+    }
+    println!("first {} calls {calls} extra {extra}", first.unwrap());
+}
+
+fn channel_burst(socket: &std::path::Path, uid: u32, token_file: &std::path::Path, n: usize) {
+    let token = std::fs::read_to_string(token_file).unwrap();
+    drop_to(uid);
+    let fd = bind(socket, token.trim()).expect("bind refused");
+    let mut held = Vec::new();
+    let outcomes: Vec<&str> = (0..n)
+        .map(|_| match agent_shim::client::Client::open_channel(&fd) {
+            Ok(channel) => {
+                held.push(channel);
+                "ok"
+            }
+            Err(_) => "closed",
+        })
+        .collect();
+    println!("{}", outcomes.join(" "));
 }
