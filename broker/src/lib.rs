@@ -24,6 +24,7 @@ pub mod config;
 pub mod credential;
 pub mod daemon;
 pub mod executor;
+pub mod gateway;
 pub mod journal;
 pub mod keys;
 pub mod leak;

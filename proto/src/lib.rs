@@ -28,8 +28,9 @@ mod value;
 
 pub use codec::{decode, encode, DecodeError, EncodeError, MAX_MESSAGE};
 pub use message::{
-    Attenuate, Bind, Bound, Call, CallResult, Check, Denial, ErrorCode, ErrorReply, Header, Hello,
-    Mint, Minted, Param, ParamInfo, Request, Response, Revoke, Revoked, ToolInfo, ToolList,
+    Attenuate, Bind, Bound, Call, CallResult, Check, Denial, ErrorCode, ErrorReply, GatewayBody,
+    GatewayChunk, GatewayEnd, GatewayHead, GatewayInfo, GatewayInfoRequest, GatewayRequest, Header,
+    Hello, Mint, Minted, Param, ParamInfo, Request, Response, Revoke, Revoked, ToolInfo, ToolList,
 };
 pub use value::Value;
 

@@ -33,6 +33,9 @@ pub struct Policy {
     pub broker: BrokerSettings,
     principals: Vec<Principal>,
     tools: BTreeMap<String, Arc<Tool>>,
+    /// `[[gateway]]`s by name; each also has an entry in `tools` (its
+    /// grants are checked as a tool's, on `method` and `path`).
+    gateways: BTreeMap<String, Arc<crate::gateway::Gateway>>,
 }
 
 /// `[broker]` with defaults applied and values checked.
@@ -141,6 +144,11 @@ impl Policy {
     /// A tool by name.
     pub fn tool(&self, name: &str) -> Option<&Arc<Tool>> {
         self.tools.get(name)
+    }
+
+    /// A gateway by name.
+    pub fn gateway(&self, name: &str) -> Option<&Arc<crate::gateway::Gateway>> {
+        self.gateways.get(name)
     }
 
     /// A principal by name.

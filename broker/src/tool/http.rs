@@ -114,22 +114,22 @@ pub struct HttpTool {
     max_response_bytes: usize,
 }
 
-/// How the credential goes into the request.
+/// How the credential goes into the request (also a gateway's).
 #[derive(Debug)]
-struct Auth {
-    credential: String,
-    scheme: AuthScheme,
+pub(crate) struct Auth {
+    pub(crate) credential: String,
+    pub(crate) scheme: AuthScheme,
 }
 
 #[derive(Debug)]
-enum AuthScheme {
+pub(crate) enum AuthScheme {
     Bearer,
     Basic { user: String },
     Header(HeaderName),
 }
 
 impl AuthScheme {
-    fn header_name(&self) -> HeaderName {
+    pub(crate) fn header_name(&self) -> HeaderName {
         match self {
             AuthScheme::Bearer | AuthScheme::Basic { .. } => header::AUTHORIZATION,
             AuthScheme::Header(name) => name.clone(),
@@ -139,7 +139,7 @@ impl AuthScheme {
     /// The header value carrying `secret`, built in zeroizing buffers and
     /// marked sensitive. (The `HeaderValue` itself is not zeroized on drop:
     /// the HTTP stack owns it.)
-    fn header_value(&self, secret: &Secret) -> Option<HeaderValue> {
+    pub(crate) fn header_value(&self, secret: &Secret) -> Option<HeaderValue> {
         let bytes: Zeroizing<Vec<u8>> = match self {
             AuthScheme::Bearer => {
                 let mut v = Zeroizing::new(Vec::with_capacity(7 + secret.expose().len()));
@@ -284,7 +284,7 @@ impl HttpTool {
     }
 }
 
-fn compile_auth(
+pub(crate) fn compile_auth(
     tool: &HttpFields,
     credential: Option<&str>,
     errors: &mut Vec<String>,
