@@ -18,7 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd,
     RestrictionStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus,
     Scope, ABI,
 };
@@ -199,6 +199,10 @@ pub struct FsRules {
     pub read_write: Vec<PathBuf>,
     /// Read, write and truncate an existing file (devices).
     pub devices: Vec<PathBuf>,
+    /// TCP ports the sandbox may connect to (`--gateway`: the relay's port
+    /// on loopback); every other TCP connect, and every bind, is denied
+    /// where the kernel has network rules (ABI 4).
+    pub connect_tcp: Vec<u16>,
 }
 
 impl FsRules {
@@ -236,6 +240,7 @@ impl FsRules {
             read,
             read_write: checked(allow_write)?,
             devices: existing(SYSTEM_DEVICES),
+            connect_tcp: Vec::new(),
         })
     }
 
@@ -296,6 +301,9 @@ pub fn restrict(rules: &FsRules) -> Result<RestrictionStatus, LandlockError> {
                     source,
                 })?;
         }
+    }
+    for &port in &rules.connect_tcp {
+        ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
     }
     let status = ruleset.restrict_self()?;
     if status.ruleset == RulesetStatus::NotEnforced {

@@ -100,6 +100,8 @@ impl Plan {
             self.filter = Some(seccomp::compile(Profile {
                 fallback: true,
                 tty: self.tty,
+                // --gateway is refused in fallback mode.
+                gateway: false,
             })?);
         }
         self.nproc = uid_processes().saturating_add(self.limits.pids);
@@ -264,6 +266,7 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
     let profile = Profile {
         fallback: false,
         tty: options.tty,
+        gateway: !options.gateways.is_empty(),
     };
     let filter = match seccomp::compile(profile) {
         Ok(filter) => Some(filter),
