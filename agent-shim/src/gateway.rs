@@ -17,9 +17,11 @@
 //! its token already allows through the broker; the shim holds no
 //! credential, only the bound connection the program already has on fd 3.
 //! A denial is a 403, a broker or upstream failure a 502, both with a JSON
-//! body naming why; a response withheld mid-stream ends with an error
-//! event (for a server-sent event stream) and a broken body, so no SDK
-//! mistakes it for a complete answer.
+//! body naming why. A response that fails mid-stream (withheld for
+//! credential material, the upstream broke off) ends, for a server-sent
+//! event stream, with an `event: error` both SDKs raise on, and any other
+//! body breaks off (no terminating chunk), so no client takes it for a
+//! complete answer.
 
 use std::convert::Infallible;
 use std::os::fd::OwnedFd;
@@ -249,15 +251,20 @@ async fn handle(
                     }
                 }
                 Ok(Response::GatewayEnd(_)) => return,
+                Ok(Response::Error(e)) if event_stream => {
+                    // An event stream ends with an error event both SDKs
+                    // raise on (after a blank line, so that it is an
+                    // event of its own whatever came before).
+                    let event = serde_json::json!({
+                        "type": "error",
+                        "error": { "type": "keyward_error", "message": e.message },
+                    });
+                    let frame = format!("\n\nevent: error\ndata: {event}\n\n");
+                    let _ = sender.send_data(Bytes::from(frame)).await;
+                    return;
+                }
                 Ok(Response::Error(e)) => {
-                    if event_stream {
-                        let event = serde_json::json!({
-                            "type": "error",
-                            "error": { "type": "keyward_error", "message": e.message },
-                        });
-                        let frame = format!("event: error\ndata: {event}\n\n");
-                        let _ = sender.send_data(Bytes::from(frame)).await;
-                    }
+                    // Any other body breaks off: never taken for complete.
                     sender.abort(std::io::Error::other(e.message));
                     return;
                 }
