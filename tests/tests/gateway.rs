@@ -423,6 +423,7 @@ fn the_gateway_endpoint_is_the_only_way_out() {
     );
     assert_eq!(ran.code, Some(0), "{ran:?}");
     let results: Value = serde_json::from_str(ran.stdout.trim()).unwrap();
+    eprintln!("{results:#}");
     assert_eq!(results["gateway"], "connected", "{results}");
     for attempt in [
         "host loopback listener",
