@@ -50,6 +50,11 @@ const BODY_PART: usize = 48 * 1024;
 /// Broker responses queued between the blocking reader and the HTTP side.
 const QUEUE: usize = 8;
 
+/// Requests the relay serves at once (each holds its body, a thread and a
+/// broker channel); more wait for a slot. The broker caps a session's
+/// channels as well.
+const MAX_IN_FLIGHT: usize = 32;
+
 /// The body type of every answer.
 type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
@@ -77,7 +82,7 @@ pub enum GatewayError {
 /// gateway (and whether the token grants it).
 pub fn describe(shared: &OwnedFd, names: &[String]) -> Result<Vec<GatewayInfo>, GatewayError> {
     let mut client =
-        Client::open_channel(shared).map_err(|e| GatewayError::Broker(String::new(), e))?;
+        Client::open_channel(shared).map_err(|e| GatewayError::Broker(names.join(", "), e))?;
     let mut infos = Vec::new();
     for name in names {
         let request = Request::GatewayInfo(GatewayInfoRequest {
@@ -106,7 +111,11 @@ pub fn spawn(listener: OwnedFd, shared: OwnedFd, names: Vec<String>) -> Result<(
         .enable_all()
         .build()
         .map_err(GatewayError::Start)?;
-    let relay = Arc::new(Relay { shared, names });
+    let relay = Arc::new(Relay {
+        shared,
+        names,
+        slots: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+    });
     std::thread::Builder::new()
         .name("gateway-relay".to_owned())
         .spawn(move || runtime.block_on(serve(listener, relay)))
@@ -118,6 +127,7 @@ pub fn spawn(listener: OwnedFd, shared: OwnedFd, names: Vec<String>) -> Result<(
 struct Relay {
     shared: OwnedFd,
     names: Vec<String>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 async fn serve(listener: std::net::TcpListener, relay: Arc<Relay>) {
@@ -147,6 +157,14 @@ async fn handle(
     request: HttpRequest<Incoming>,
     relay: Arc<Relay>,
 ) -> Result<HttpResponse<Body>, Infallible> {
+    // Held until the answer has streamed to its end.
+    let Ok(slot) = Arc::clone(&relay.slots).acquire_owned().await else {
+        return Ok(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "keyward: the relay is shutting down",
+        ));
+    };
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     let (name, rest) = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
@@ -198,7 +216,8 @@ async fn handle(
         body: Vec::new(),
     };
     let (tx, mut rx) = mpsc::channel(QUEUE);
-    tokio::task::spawn_blocking(move || exchange(&relay.shared, head, &body, &tx));
+    let exchanging = Arc::clone(&relay);
+    tokio::task::spawn_blocking(move || exchange(&exchanging.shared, head, &body, &tx));
     let first = match rx.recv().await {
         Some(Ok(response)) => response,
         Some(Err(e)) => {
@@ -246,6 +265,7 @@ async fn handle(
     });
     let (mut sender, channel) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
     tokio::spawn(async move {
+        let _slot = slot;
         while let Some(next) = rx.recv().await {
             match next {
                 Ok(Response::GatewayChunk(chunk)) => {

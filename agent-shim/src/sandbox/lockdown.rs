@@ -50,6 +50,13 @@ pub(super) fn enter(
     }
     if plan.verbose {
         report(plan, landlock.is_some());
+        if let Some(net) = net {
+            eprintln!(
+                "agent-shim: sandbox: network: own namespace, loopback only; TCP connect to \
+                 127.0.0.1:{} (the gateway relay) only",
+                net.port
+            );
+        }
     }
     restore_signals(old_mask)?;
     exec_program(plan, net)

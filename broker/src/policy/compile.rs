@@ -861,6 +861,53 @@ params.n = { type = "int", pattern = "x" }
     }
 
     #[test]
+    fn gateways_compile_as_tools_and_their_errors_are_located() {
+        const GW: &str = "[credential.k]\nfile = \"k\"\n[[gateway]]\nname = \"g\"\n\
+                          upstream = \"https://api.example.com\"\ncredential = \"k\"\n\
+                          auth = { bearer = true }\n\
+                          allow = [ { method = \"POST\", path = \"/v1/x\" } ]\n";
+        let text = format!(
+            "{BROKER}{GW}[[principal]]\nname = \"p\"\nuids = [1]\nmay_delegate = [\"g\"]\n"
+        );
+        let p = Policy::compile(&source(&text)).unwrap_or_else(|e| panic!("{e:#?}"));
+        let tool = p.tool("g").unwrap();
+        assert_eq!(tool.action.kind(), "gateway");
+        assert_eq!(
+            tool.params.keys().collect::<Vec<_>>(),
+            ["method", "path"],
+            "granted on method and path"
+        );
+        assert!(p.gateway("g").is_some());
+
+        for (extra, entry, needle) in [
+            (
+                "[[tool]]\nname = \"g\"\nkind = \"echo\"\n",
+                "gateway \"g\"",
+                "a tool or gateway named \"g\" is already defined",
+            ),
+            (
+                "[[gateway]]\nname = \"h\"\nupstream = \"https://x\"\ncredential = \"nope\"\n\
+                 auth = { bearer = true }\nallow = [ { method = \"GET\", path = \"/a\" } ]\n",
+                "gateway \"h\"",
+                "credential: \"nope\" is not defined",
+            ),
+            (
+                "[[gateway]]\nname = \"h\"\nupstream = \"https://x\"\n\
+                 allow = [ { method = \"GET\", path = \"/a/../b\" } ]\n",
+                "gateway \"h\"",
+                "allow[0].path",
+            ),
+        ] {
+            let text = format!("{BROKER}{GW}{extra}");
+            let e = one_error(&text);
+            assert!(
+                e.entry == entry && e.message.contains(needle),
+                "for config:\n{text}\ngot: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn example_compiles() {
         let src = source(crate::config::EXAMPLE);
         let p = Policy::compile(&src).unwrap_or_else(|e| panic!("{e:#?}"));
