@@ -188,6 +188,17 @@ enum Command {
         /// window size). Typing into it (TIOCSTI) stays denied.
         #[arg(long)]
         tty: bool,
+        /// Give CMD the broker's HTTP gateway NAME (a `[[gateway]]` the
+        /// token grants; repeatable). CMD gets a private network namespace
+        /// with only loopback, where an endpoint on 127.0.0.1 relays each
+        /// HTTP request to the broker (which checks it, adds the real
+        /// credential and streams the answer back); the gateway's variables
+        /// (e.g. OPENAI_BASE_URL) point at it and its key variables (e.g.
+        /// OPENAI_API_KEY) hold a placeholder that is not a secret. CMD may
+        /// open TCP connections to that endpoint and nowhere else. Needs
+        /// user namespaces: refused in fallback mode.
+        #[arg(long, value_name = "NAME")]
+        gateway: Vec<String>,
         /// Data (heap, private mappings) per process, e.g. 512M, 4G
         /// (RLIMIT_DATA).
         #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "16G")]
@@ -410,6 +421,7 @@ pub fn main() -> ExitCode {
             allow_unsandboxed,
             require_namespaces,
             tty,
+            gateway,
             memory,
             pids,
             cpu_time,
@@ -435,6 +447,7 @@ pub fn main() -> ExitCode {
                 allow_unsandboxed,
                 require_namespaces,
                 tty,
+                gateways: gateway,
                 limits: crate::sandbox::Limits {
                     memory,
                     pids,

@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::os::fd::OwnedFd;
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, RestrictionStatus,
-    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath,
+    RestrictionStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus,
+    Scope, ABI,
 };
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
@@ -226,6 +227,10 @@ pub struct FsRules {
     pub read_write: Vec<PathBuf>,
     /// Read, write and truncate an existing file (devices).
     pub devices: Vec<PathBuf>,
+    /// TCP ports the sandbox may connect to (`--gateway`: the relay's port
+    /// on loopback); every other TCP connect, and every bind, is denied
+    /// where the kernel has network rules (ABI 4).
+    pub connect_tcp: Vec<u16>,
 }
 
 impl FsRules {
@@ -263,6 +268,7 @@ impl FsRules {
             read,
             read_write: checked(allow_write)?,
             devices: existing(SYSTEM_DEVICES),
+            connect_tcp: Vec::new(),
         })
     }
 
@@ -329,6 +335,9 @@ pub fn restrict(rules: &FsRules) -> Result<RestrictionStatus, LandlockError> {
                     source,
                 })?;
         }
+    }
+    for &port in &rules.connect_tcp {
+        ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
     }
     let status = ruleset.restrict_self()?;
     if status.ruleset == RulesetStatus::NotEnforced {

@@ -22,6 +22,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod gateway;
 pub mod grant;
 pub mod landlock;
 pub mod manual;

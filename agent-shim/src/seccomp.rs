@@ -78,6 +78,12 @@ pub struct Profile {
     pub fallback: bool,
     /// The terminal is shared (`--tty`): its settings may be changed.
     pub tty: bool,
+    /// `--gateway`: `socket(AF_INET or AF_INET6, SOCK_STREAM)` and
+    /// `connect` are allowed (Landlock then allows TCP connect to the
+    /// gateway's port only, and the network namespace holds nothing but
+    /// loopback). Every other socket, `bind`, `listen` and `accept` stay
+    /// denied.
+    pub gateway: bool,
 }
 
 /// Every system call the filter refuses with `EPERM`, and when.
@@ -351,6 +357,24 @@ pub fn compile(profile: Profile) -> Result<Filter, SeccompError> {
         &[]
     };
     for &(_, nr, how) in DENIED.iter().chain(extra) {
+        if profile.gateway && nr == libc::SYS_connect {
+            continue;
+        }
+        if profile.gateway && nr == libc::SYS_socket {
+            // socket(domain, type, protocol): refuse a domain other than
+            // the two Internet ones, and every type but stream.
+            let mut chain = vec![rule(vec![
+                cond(0, Len::Dword, Op::Ne, libc::AF_INET as u64)?,
+                cond(0, Len::Dword, Op::Ne, libc::AF_INET6 as u64)?,
+            ])?];
+            for ty in 0..16u64 {
+                if ty != libc::SOCK_STREAM as u64 {
+                    chain.push(rule(vec![cond(1, Len::Dword, Op::MaskedEq(0xf), ty)?])?);
+                }
+            }
+            rules.insert(nr, chain);
+            continue;
+        }
         let chain = match how {
             Match::Always => vec![],
             // sendto(fd, buf, len, flags, dest_addr, addrlen)
@@ -456,6 +480,13 @@ pub fn install(filter: &Filter) -> Result<(), SeccompError> {
     Ok(())
 }
 
+impl Filter {
+    /// The profile it was compiled for.
+    pub fn profile(&self) -> Profile {
+        self.profile
+    }
+}
+
 /// One line for `--verbose`.
 pub fn describe(filter: &Filter) -> String {
     let extra = if filter.profile.fallback {
@@ -466,7 +497,7 @@ pub fn describe(filter: &Filter) -> String {
     format!(
         "seccomp: {} system calls denied with EPERM (some by argument{}), terminal {}, \
          clone3 answers ENOSYS, foreign architectures and x32 numbers kill the process \
-         ({} BPF instructions)",
+         ({} BPF instructions){}",
         DENIED.len() + extra,
         if filter.profile.fallback {
             "; fallback rules for path-based chmod/chown/xattr/utimes/inotify"
@@ -478,7 +509,12 @@ pub fn describe(filter: &Filter) -> String {
         } else {
             "ioctls that change or type into it denied"
         },
-        filter.instructions()
+        filter.instructions(),
+        if filter.profile.gateway {
+            "; --gateway: TCP sockets and connect allowed (Landlock: the gateway port only)"
+        } else {
+            ""
+        }
     )
 }
 
@@ -614,6 +650,38 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_allows_tcp_stream_sockets_and_nothing_else() {
+        let socket =
+            |domain: i32, ty: i32| raw(libc::SYS_socket, [domain as u64, ty as u64, 0, 0, 0]);
+        let profile = Profile {
+            gateway: true,
+            ..Profile::default()
+        };
+        let results = in_filtered_thread(profile, move || {
+            vec![
+                socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC),
+                socket(libc::AF_INET6, libc::SOCK_STREAM),
+                socket(libc::AF_UNIX, libc::SOCK_STREAM),
+                socket(libc::AF_INET, libc::SOCK_DGRAM),
+                socket(libc::AF_INET, libc::SOCK_RAW),
+                socket(libc::AF_NETLINK, libc::SOCK_RAW),
+                socket(libc::AF_PACKET, libc::SOCK_STREAM),
+                raw(libc::SYS_bind, [0, 0, 0, 0, 0]),
+                raw(libc::SYS_listen, [0, 0, 0, 0, 0]),
+            ]
+        });
+        let eperm = Some(libc::EPERM);
+        assert_eq!(results[0], None);
+        assert!(results[1].is_none() || results[1] == Some(libc::EAFNOSUPPORT));
+        assert_eq!(&results[2..], &[eperm; 7]);
+        // Without --gateway every socket is denied.
+        let plain = in_filtered_thread(Profile::default(), move || {
+            socket(libc::AF_INET, libc::SOCK_STREAM)
+        });
+        assert_eq!(plain, eperm);
+    }
+
+    #[test]
     fn reaching_other_processes_and_ipc_is_denied_by_pid_and_profile() {
         let ppid = nix::unistd::getppid().as_raw() as u64;
         let checks = move || {
@@ -646,14 +714,14 @@ mod tests {
         let fallback = in_filtered_thread(
             Profile {
                 fallback: true,
-                tty: false,
+                ..Profile::default()
             },
             checks,
         );
         let tty = in_filtered_thread(
             Profile {
-                fallback: false,
                 tty: true,
+                ..Profile::default()
             },
             checks,
         );

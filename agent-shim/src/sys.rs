@@ -164,6 +164,51 @@ pub fn install_channel(channel: OwnedFd, target: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Bring the loopback interface of the calling process's network
+/// namespace up (`SIOCSIFFLAGS` on `lo`), so that 127.0.0.1 exists in a
+/// new one. Needs `CAP_NET_ADMIN` over the namespace (the init of a new
+/// user namespace has it).
+pub fn loopback_up() -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: `ifreq` is a plain C struct of integers and byte arrays, for
+    // which all-zero bytes are a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes the
+    // flags into the `ifreq` we own, which lives across the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags (a c_short).
+    unsafe {
+        request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads the `ifreq` we own for the call's length.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Take ownership of a descriptor the kernel just installed in this
+/// process from an `SCM_RIGHTS` message.
+pub fn own_received_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: the kernel installed `fd` for this receive, and nothing else
+    // in the process knows its number yet: it is ours alone to own.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// Mark every descriptor from `first` up close-on-exec, so that the
 /// program the shim executes inherits none of them.
 ///

@@ -31,6 +31,63 @@ pub struct Config {
     pub credentials: BTreeMap<String, Spanned<CredentialConfig>>,
     #[serde(default, rename = "tool")]
     pub tools: Vec<Spanned<ToolConfig>>,
+    #[serde(default, rename = "gateway")]
+    pub gateways: Vec<Spanned<GatewayConfig>>,
+}
+
+/// `[[gateway]]`: an HTTP API that sandboxed programs reach through
+/// `agent-shim run --gateway NAME` (see [`crate::gateway`]). Granted to
+/// principals and tokens by name, like a tool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub name: String,
+    pub description: Option<String>,
+    /// Base URL of the API: `https://api.openai.com` (a path here is a
+    /// prefix of every request path).
+    pub upstream: String,
+    /// Name of a `[credential.NAME]` entry.
+    pub credential: Option<String>,
+    /// How the credential is sent, as for an http tool (`{ bearer = true }`,
+    /// `{ header = "x-api-key" }`, `{ basic = "USER" }`); parsed by
+    /// [`crate::gateway`].
+    pub auth: Option<toml::Value>,
+    /// The requests allowed: exact method and path.
+    #[serde(default)]
+    pub allow: Vec<GatewayAllowConfig>,
+    /// Largest request body.
+    pub max_request_bytes: Option<usize>,
+    /// Largest response body (it streams; this bounds the whole).
+    pub max_response_bytes: Option<u64>,
+    /// Longest wait for the response head.
+    #[serde(default, with = "duration_opt")]
+    pub timeout: Option<Duration>,
+    /// Longest wait for the next bytes of a streaming response.
+    #[serde(default, with = "duration_opt")]
+    pub idle_timeout: Option<Duration>,
+    /// Variables the sandboxed program finds set to the local endpoint
+    /// (`OPENAI_BASE_URL`), followed by `base_path`.
+    #[serde(default)]
+    pub base_url_env: Vec<String>,
+    /// Appended to the local endpoint's URL in `base_url_env` (`/v1`).
+    #[serde(default)]
+    pub base_path: String,
+    /// Variables the program finds set to a placeholder that is not a
+    /// secret (`OPENAI_API_KEY`).
+    #[serde(default)]
+    pub api_key_env: Vec<String>,
+}
+
+/// One `allow` entry of a `[[gateway]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayAllowConfig {
+    pub method: String,
+    /// The exact path (`/v1/chat/completions`).
+    pub path: String,
+    /// Whether a query string may follow the path.
+    #[serde(default)]
+    pub query: bool,
 }
 
 /// `[broker]`: daemon-wide settings.

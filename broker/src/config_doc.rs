@@ -103,6 +103,25 @@ pub const SECTIONS: &[Section] = &[
         ],
     },
     Section {
+        header: "[[gateway]]",
+        doc: "An HTTP API a sandboxed program reaches through agent-shim run --gateway NAME: the broker checks each request's method, path and size and the token, sends it with the real credential and streams the answer back, judged for credential material. Granted to tokens like a tool of the same name (one use per request).",
+        keys: &[
+            key("name", "string", None, "Like a tool's name, and no tool may have it. Required."),
+            key("description", "string", None, "Shown by agent-shim tools."),
+            key("upstream", "string", None, "Base URL of the API (https://api.openai.com); a path here prefixes every request path. Required."),
+            key("credential", "string", None, "The [credential.NAME] sent with each request."),
+            key("auth", "table", None, "How the credential is sent, as for an http tool: { bearer = true }, { header = \"x-api-key\" }, { basic = \"USER\" }."),
+            key("allow", "[{ method, path, query }]", Some("[]"), "The requests allowed: exact method and path; query = true lets that path take a query string."),
+            key("max_request_bytes", "integer", None, "Largest request body."),
+            key("max_response_bytes", "integer", None, "Largest response body (it streams; this bounds the whole)."),
+            key("timeout", "duration", None, "Longest wait for the response head."),
+            key("idle_timeout", "duration", None, "Longest wait for the next bytes of a streaming response."),
+            key("base_url_env", "[string]", Some("[]"), "Variables the program finds set to the local endpoint (OPENAI_BASE_URL), followed by base_path."),
+            key("base_path", "string", Some("\"\""), "Appended to the endpoint's URL in base_url_env (/v1)."),
+            key("api_key_env", "[string]", Some("[]"), "Variables the program finds set to a placeholder that is not a secret (OPENAI_API_KEY)."),
+        ],
+    },
+    Section {
         header: "[[tool]]",
         doc: "One action the broker performs. The keys below are common to every kind; the rest belong to the kind (echo, http, exec, sql): see the installed example configuration and the README's table of tool kinds.",
         keys: &[
@@ -226,6 +245,10 @@ mod tests {
             (
                 "[[principal]]",
                 "[broker]\nsocket = \"/s\"\n[[principal]]\nzz_unknown = 1\n",
+            ),
+            (
+                "[[gateway]]",
+                "[broker]\nsocket = \"/s\"\n[[gateway]]\nzz_unknown = 1\n",
             ),
             (
                 "params.NAME",

@@ -26,6 +26,7 @@ pub mod config_doc;
 pub mod credential;
 pub mod daemon;
 pub mod executor;
+pub mod gateway;
 pub mod journal;
 pub mod keys;
 pub mod leak;

@@ -40,6 +40,8 @@ use crate::peer::{Peer, OVERFLOW_ID};
 use crate::policy::{self, AuthorizedCall, Denied};
 use crate::token::{self, BindRefused, BoundToken, ChannelSlot, Tokens};
 
+mod gateway;
+
 /// What every session of the broker shares for spawning channel sessions
 /// and stopping.
 #[derive(Debug, Clone)]
@@ -319,6 +321,16 @@ impl Session {
             Request::Status => self.status().await,
             Request::Tokens => self.token_list().await,
             Request::Inspect(inspect) => self.inspect(inspect).await,
+
+            Request::Gateway(request) => self.gateway(request).await,
+            Request::GatewayBody(_) => {
+                self.protocol_error(
+                    ErrorCode::Malformed,
+                    "a gateway body came without a gateway request".into(),
+                )
+                .await
+            }
+            Request::GatewayInfo(request) => self.gateway_info(request).await,
         }
     }
 
@@ -346,12 +358,17 @@ impl Session {
         .await
     }
 
-    async fn call(&mut self, call: Call) -> Next {
-        let policy = self.broker.policy();
-        let decided = match (&self.bound, self.tokens()) {
+    /// Decide one call: by the bound token (consuming a use), or by the
+    /// peer's principal on an unbound connection.
+    fn decide(
+        &self,
+        policy: &policy::Policy,
+        call: &Call,
+    ) -> Result<AuthorizedCall, policy::Denial> {
+        match (&self.bound, self.tokens()) {
             (Some(bound), Ok(tokens)) => {
                 let authorize =
-                    || tokens.authorize(&policy, &self.peer.caller(), bound, &call, token::now());
+                    || tokens.authorize(policy, &self.peer.caller(), bound, call, token::now());
                 if bound.counts_uses() {
                     off_reactor(authorize)
                 } else {
@@ -359,8 +376,13 @@ impl Session {
                 }
             }
             (Some(_), Err(denial)) => Err(denial),
-            (None, _) => policy.authorize(&self.peer.caller(), &call),
-        };
+            (None, _) => policy.authorize(&self.peer.caller(), call),
+        }
+    }
+
+    async fn call(&mut self, call: Call) -> Next {
+        let policy = self.broker.policy();
+        let decided = self.decide(&policy, &call);
         let authorized: AuthorizedCall = match decided {
             Ok(authorized) => authorized,
             Err(denial) => {

@@ -334,6 +334,13 @@ impl Client {
         self.recv_response()
     }
 
+    /// Send one request without reading a reply: a message that is part
+    /// of a request already sent (a `GatewayBody`).
+    pub fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        let bytes = encode(request)?;
+        self.send_raw(&bytes)
+    }
+
     /// Send raw bytes as one message.
     fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
         loop {

@@ -29,8 +29,10 @@ mod value;
 pub use codec::{decode, encode, encode_into, DecodeError, EncodeError, MAX_MESSAGE};
 pub use message::{
     Attenuate, Bind, Bound, Call, CallResult, Check, CredentialStatus, Denial, ErrorCode,
-    ErrorReply, Header, Hello, Inspect, Mint, Minted, Param, ParamInfo, Request, Response, Revoke,
-    Revoked, StatusReport, TokenInfo, TokenList, TokenSummary, ToolInfo, ToolList, UidSessions,
+    ErrorReply, GatewayBody, GatewayChunk, GatewayEnd, GatewayHead, GatewayInfo,
+    GatewayInfoRequest, GatewayRequest, Header, Hello, Inspect, Mint, Minted, Param, ParamInfo,
+    Request, Response, Revoke, Revoked, StatusReport, TokenInfo, TokenList, TokenSummary, ToolInfo,
+    ToolList, UidSessions,
 };
 pub use value::Value;
 

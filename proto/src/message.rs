@@ -42,6 +42,21 @@ pub enum Request {
     /// What a token allows and how much of it is left: the given token, or
     /// on a bound connection (with `None`) the bound one.
     Inspect(Inspect),
+
+    /// One HTTP request through a `[[gateway]]`: its head and the first
+    /// part of its body. The rest of the body follows in
+    /// [`Request::GatewayBody`] messages; the broker answers with a
+    /// stream ([`Response::GatewayHead`], [`Response::GatewayChunk`]s,
+    /// [`Response::GatewayEnd`]), or one `Denied`/`Error`. A connection
+    /// carries one gateway request at a time (the shim opens a channel per
+    /// request).
+    Gateway(GatewayRequest),
+    /// More of the body of the [`Request::Gateway`] in progress.
+    GatewayBody(GatewayBody),
+    /// What a program needs to reach a gateway: its environment variables
+    /// (answered with [`Response::GatewayInfo`] if the connection may use
+    /// the gateway).
+    GatewayInfo(GatewayInfoRequest),
 }
 
 /// What the broker answers; exactly one per request.
@@ -69,6 +84,17 @@ pub enum Response {
     TokenList(TokenList),
     /// The answer to `Inspect`.
     TokenInfo(TokenInfo),
+
+    /// A gateway request's upstream answered: status and headers (already
+    /// judged for credential material).
+    GatewayHead(GatewayHead),
+    /// The next bytes of the response body, as they arrived (each judged
+    /// for credential material with the bytes before it).
+    GatewayChunk(GatewayChunk),
+    /// The response body is complete.
+    GatewayEnd(GatewayEnd),
+    /// The answer to [`Request::GatewayInfo`].
+    GatewayInfo(GatewayInfo),
 }
 
 /// Version exchange.
@@ -445,6 +471,103 @@ pub enum Check {
     /// A `path` starting with these whole segments (`reports/` admits
     /// `reports` and `reports/a`, not `reports-evil`).
     PathPrefix(String),
+}
+
+/// `Gateway`: one HTTP request for the gateway `gateway`. `Debug` shows
+/// no header value and no body.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRequest {
+    pub gateway: String,
+    pub method: String,
+    /// Path and query, as the program sent them (`/v1/models?limit=2`).
+    pub path: String,
+    /// The program's request headers (the broker drops the ones about the
+    /// connection and every credential header, and sets its own).
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub headers: Vec<Header>,
+    /// Length of the whole body.
+    pub body_len: u64,
+    /// The first bytes of the body; the rest follow in `GatewayBody`.
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub body: Vec<u8>,
+}
+
+impl fmt::Debug for GatewayRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayRequest")
+            .field("gateway", &self.gateway)
+            .field("method", &self.method)
+            .field("headers", &self.headers.len())
+            .field("body_len", &self.body_len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `GatewayBody`: more request body.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayBody {
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for GatewayBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayBody")
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// `GatewayInfo`: which gateway.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct GatewayInfoRequest {
+    pub gateway: String,
+}
+
+/// `GatewayHead`: the upstream's status and response headers.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct GatewayHead {
+    pub status: u16,
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub headers: Vec<Header>,
+}
+
+/// `GatewayChunk`: response body bytes.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayChunk {
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for GatewayChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayChunk")
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// `GatewayEnd`: the body is complete; its length.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct GatewayEnd {
+    pub bytes: u64,
+}
+
+/// `GatewayInfo`: how a program finds a gateway. Nothing in it is secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct GatewayInfo {
+    pub gateway: String,
+    /// Variables to set to the local endpoint's URL followed by
+    /// `base_path` (`OPENAI_BASE_URL`).
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub base_url_env: Vec<String>,
+    /// Appended to the local URL (`/v1`).
+    pub base_path: String,
+    /// Variables to set to `placeholder` (`OPENAI_API_KEY`).
+    #[serde(deserialize_with = "crate::bounded::vec")]
+    pub api_key_env: Vec<String>,
+    /// A value that is not a secret, for SDKs that insist on a key.
+    pub placeholder: String,
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, missing_debug_implementations)]
 
 pub mod bench;
+pub mod llm;
 pub mod postgres;
 pub mod upstream;
 

@@ -12,6 +12,7 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{execve, getppid, setsid, Pid};
 
+use super::namespace::Network;
 use super::plan::Plan;
 use super::{Mode, SandboxError, EXIT_CANNOT_EXEC, EXIT_SANDBOX};
 use crate::client::{CHANNEL_FD, KEYWARD_FD_ENV};
@@ -27,6 +28,7 @@ pub(super) fn enter(
     channel: Option<OwnedFd>,
     parent: Option<Pid>,
     old_mask: &SigSet,
+    net: Option<&Network>,
 ) -> Result<Infallible, SandboxError> {
     start_session()?;
     if let Some(parent) = parent {
@@ -41,16 +43,23 @@ pub(super) fn enter(
     let landlock = plan
         .fs
         .as_ref()
-        .map(|rules| restrict_filesystem(&with_private_dirs(rules, &plan.mode)))
+        .map(|rules| restrict_filesystem(&with_gateway(with_private_dirs(rules, &plan.mode), net)))
         .transpose()?;
     if let Some(filter) = &plan.filter {
         restrict_syscalls(filter)?;
     }
     if plan.verbose {
         report(plan, landlock.is_some());
+        if let Some(net) = net {
+            eprintln!(
+                "agent-shim: sandbox: network: own namespace, loopback only; TCP connect to \
+                 127.0.0.1:{} (the gateway relay) only",
+                net.port
+            );
+        }
     }
     restore_signals(old_mask)?;
-    exec_program(plan)
+    exec_program(plan, net)
 }
 
 /// End the child after a failed [`enter`]: the reason on stderr, and 126
@@ -148,6 +157,14 @@ fn with_private_dirs(rules: &FsRules, mode: &Mode) -> FsRules {
     rules
 }
 
+/// `--gateway`: TCP connect to the relay's port, and nothing else.
+fn with_gateway(mut rules: FsRules, net: Option<&Network>) -> FsRules {
+    if let Some(net) = net {
+        rules.connect_tcp.push(net.port);
+    }
+    rules
+}
+
 /// Landlock: the file, network and scope rules.
 fn restrict_filesystem(rules: &FsRules) -> Result<(), SandboxError> {
     landlock::restrict(rules)?;
@@ -228,10 +245,27 @@ fn restore_signals(old_mask: &SigSet) -> Result<(), SandboxError> {
     sys::reset_sigpipe().map_err(SandboxError::Signals)
 }
 
-/// Become the program.
-fn exec_program(plan: &Plan) -> Result<Infallible, SandboxError> {
+/// Become the program, with the gateways' variables (`--gateway`) in
+/// place of any of the same name.
+fn exec_program(plan: &Plan, net: Option<&Network>) -> Result<Infallible, SandboxError> {
     let path = super::plan::cstring(plan.program.as_os_str())?;
-    let Err(err) = execve(&path, &plan.argv, &plan.env);
+    let env: Vec<std::ffi::CString> = match net {
+        None => plan.env.clone(),
+        Some(net) => {
+            let name = |kv: &std::ffi::CString| {
+                let bytes = kv.as_bytes();
+                bytes[..bytes.iter().position(|&b| b == b'=').unwrap_or(bytes.len())].to_vec()
+            };
+            let set: Vec<Vec<u8>> = net.env.iter().map(name).collect();
+            plan.env
+                .iter()
+                .filter(|kv| !set.contains(&name(kv)))
+                .chain(&net.env)
+                .cloned()
+                .collect()
+        }
+    };
+    let Err(err) = execve(&path, &plan.argv, &env);
     Err(SandboxError::Exec {
         path: plan.program.clone(),
         source: err.into(),

@@ -32,6 +32,7 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use zeroize::Zeroizing;
 
 use crate::client::{ClientError, CHANNEL_FD};
+use crate::gateway::{self, GatewayError};
 use crate::landlock::LandlockError;
 use crate::seccomp::SeccompError;
 use crate::sys;
@@ -110,6 +111,8 @@ pub struct RunOptions {
     pub require_namespaces: bool,
     /// Share the terminal: the program may change its settings.
     pub tty: bool,
+    /// `--gateway NAME`s: HTTP gateways the program reaches on loopback.
+    pub gateways: Vec<String>,
     pub limits: Limits,
     pub verbose: bool,
     /// The program and its arguments.
@@ -240,6 +243,8 @@ pub enum SandboxError {
     Capabilities(#[source] io::Error),
     #[error("cannot create the sandbox's private temporary directory: {0}")]
     TempDir(#[source] io::Error),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
 }
 
 impl SandboxError {
@@ -248,7 +253,9 @@ impl SandboxError {
         match self {
             SandboxError::NotFound(_) => EXIT_NOT_FOUND,
             SandboxError::Exec { .. } => EXIT_CANNOT_EXEC,
-            SandboxError::BindDenied(_) | SandboxError::DeriveDenied(..) => EXIT_DENIED,
+            SandboxError::BindDenied(_)
+            | SandboxError::DeriveDenied(..)
+            | SandboxError::Gateway(GatewayError::Denied(..)) => EXIT_DENIED,
             _ => EXIT_ERROR,
         }
     }
@@ -274,20 +281,35 @@ pub fn run(options: &RunOptions) -> Result<u8, SandboxError> {
         None => None,
     };
     drop(token);
+    let gateways = match (&channel, options.gateways.is_empty()) {
+        (_, true) => Vec::new(),
+        (None, false) => return Err(GatewayError::NoToken.into()),
+        (Some(shared), false) => gateway::describe(shared, &options.gateways)?,
+    };
     sys::default_sigchld().map_err(SandboxError::DefaultSigchld)?;
     let old_mask = block_forwarded_signals()?;
 
     let unavailable = match std::env::var_os(NO_USERNS_ENV) {
         Some(v) if v == "1" => Some(format!("{NO_USERNS_ENV}=1")),
-        _ => match namespace::start(&plan, &mut channel, &old_mask)? {
-            Ok(init) => {
-                drop(channel);
+        _ => match namespace::start(&plan, &mut channel, &old_mask, &gateways)? {
+            Ok((init, endpoint)) => {
+                // After the fork: the relay is the shim's only thread
+                // besides this one.
+                match (endpoint, channel.take()) {
+                    (Some(endpoint), Some(shared)) => {
+                        gateway::spawn(endpoint, shared, options.gateways.clone())?
+                    }
+                    (_, shared) => drop(shared),
+                }
                 return supervise::supervise(init, None);
             }
             Err(reason) => Some(reason),
         },
     };
     let reason = unavailable.unwrap_or_default();
+    if !gateways.is_empty() {
+        return Err(GatewayError::NoNamespaces(reason).into());
+    }
     if options.require_namespaces {
         return Err(SandboxError::NamespacesRequired(reason));
     }

@@ -13,8 +13,14 @@
 //! init says why on the pipe and exits; nothing has run, and the shim falls
 //! back (or, with `--require-namespaces`, refuses).
 
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use keyward_proto::GatewayInfo;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::waitpid;
@@ -24,9 +30,10 @@ use super::plan::Plan;
 use super::{lockdown, supervise, SandboxError, EXIT_SANDBOX};
 use crate::sys::{self, Forked};
 
-/// The namespaces of the sandbox. No network namespace: see
-/// docs/THREAT_MODEL.md, "Namespaces" (the seccomp filter already forbids
-/// every new socket, and one costs more than the rest together).
+/// The namespaces of the sandbox. No network namespace unless `--gateway`
+/// asks for one: see docs/THREAT_MODEL.md, "Namespaces" (the seccomp
+/// filter already forbids every new socket, and one costs more than the
+/// rest together).
 const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
     | libc::CLONE_NEWNS
     | libc::CLONE_NEWPID
@@ -51,20 +58,47 @@ pub(super) enum NamespaceError {
     },
     #[error(transparent)]
     Mount(#[from] super::mount::MountError),
+    #[error("cannot bring up the loopback interface: {0}")]
+    Loopback(#[source] std::io::Error),
+    #[error("cannot open the gateway endpoint on 127.0.0.1: {0}")]
+    Endpoint(#[source] std::io::Error),
 }
 
-/// Start the init in new namespaces. `Ok(Ok(pid))`: it is ready and runs
-/// the program; `Ok(Err(why))`: namespaces are unavailable and nothing
-/// ran; `Err`: the shim itself failed.
+/// `--gateway`: the relay's port on the sandbox's loopback, and the
+/// variables that point the program at it.
+#[derive(Debug)]
+pub(super) struct Network {
+    pub port: u16,
+    pub env: Vec<std::ffi::CString>,
+}
+
+/// Start the init in new namespaces. `Ok(Ok((pid, endpoint)))`: it is
+/// ready and runs the program (`endpoint`: with `gateways`, the listening
+/// socket of the gateway relay, in the sandbox's network namespace, for
+/// the shim to accept on); `Ok(Err(why))`: namespaces are unavailable and
+/// nothing ran; `Err`: the shim itself failed.
 pub(super) fn start(
     plan: &Plan,
     channel: &mut Option<OwnedFd>,
     old_mask: &SigSet,
-) -> Result<Result<Pid, String>, SandboxError> {
+    gateways: &[GatewayInfo],
+) -> Result<Result<(Pid, Option<OwnedFd>), String>, SandboxError> {
     let (ids_uid, ids_gid) = (getuid(), getgid());
     let (ready_read, ready_write) =
         pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SandboxError::Namespace(e.to_string()))?;
-    let init = match sys::clone_namespaces(NAMESPACES) {
+    let (relay, namespaces) = if gateways.is_empty() {
+        (None, NAMESPACES)
+    } else {
+        let pair = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| SandboxError::Namespace(e.to_string()))?;
+        (Some(pair), NAMESPACES | libc::CLONE_NEWNET)
+    };
+    let init = match sys::clone_namespaces(namespaces) {
         Ok(Forked::Child) => {
             drop(ready_read);
             init(
@@ -72,20 +106,26 @@ pub(super) fn start(
                 channel.take(),
                 ready_write,
                 old_mask,
-                ids_uid,
-                ids_gid,
+                (ids_uid, ids_gid),
+                gateways,
+                relay.map(|(_, theirs)| theirs),
             )
         }
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return Ok(Err(format!("cannot create a user namespace: {e}"))),
     };
     drop(ready_write);
+    let relay = relay.map(|(ours, _)| ours);
     let mut said = Vec::new();
     std::fs::File::from(ready_read)
         .read_to_end(&mut said)
         .map_err(|e| SandboxError::Namespace(e.to_string()))?;
     if said.first() == Some(&b'R') {
-        return Ok(Ok(init));
+        let endpoint = match relay {
+            Some(relay) => Some(receive_endpoint(&relay)?),
+            None => None,
+        };
+        return Ok(Ok((init, endpoint)));
     }
     // Nothing ran: collect the init and say why.
     let _ = waitpid(init, None);
@@ -102,14 +142,18 @@ fn init(
     channel: Option<OwnedFd>,
     ready: OwnedFd,
     old_mask: &SigSet,
-    uid: Uid,
-    gid: Gid,
+    (uid, gid): (Uid, Gid),
+    gateways: &[GatewayInfo],
+    relay: Option<OwnedFd>,
 ) -> ! {
     let mut ready = std::fs::File::from(ready);
-    if let Err(e) = set_up(plan, uid, gid) {
-        let _ = ready.write_all(format!("N{e}").as_bytes());
-        sys::exit_child(EXIT_SANDBOX);
-    }
+    let net = match set_up(plan, uid, gid, gateways, relay) {
+        Ok(net) => net,
+        Err(e) => {
+            let _ = ready.write_all(format!("N{e}").as_bytes());
+            sys::exit_child(EXIT_SANDBOX);
+        }
+    };
     // If the shim is gone, the pipe is broken: stop here.
     if ready.write_all(b"R").is_err() {
         sys::exit_child(EXIT_SANDBOX);
@@ -117,7 +161,7 @@ fn init(
     drop(ready);
     match sys::fork() {
         Ok(Forked::Child) => {
-            let Err(err) = lockdown::enter(plan, channel, None, old_mask);
+            let Err(err) = lockdown::enter(plan, channel, None, old_mask, net.as_ref());
             lockdown::fail(err)
         }
         Ok(Forked::Parent(program)) => {
@@ -138,7 +182,13 @@ fn init(
 }
 
 /// The init's steps before the program starts.
-fn set_up(plan: &Plan, uid: Uid, gid: Gid) -> Result<(), NamespaceError> {
+fn set_up(
+    plan: &Plan,
+    uid: Uid,
+    gid: Gid,
+    gateways: &[GatewayInfo],
+    relay: Option<OwnedFd>,
+) -> Result<Option<Network>, NamespaceError> {
     // Die with the shim; the kernel then kills the whole pid namespace.
     // (If the shim died before this, the "ready" write fails.)
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(NamespaceError::DeathSignal)?;
@@ -146,7 +196,87 @@ fn set_up(plan: &Plan, uid: Uid, gid: Gid) -> Result<(), NamespaceError> {
     setsid().map_err(NamespaceError::Session)?;
     map_ids(uid, gid)?;
     super::mount::build_root(plan)?;
-    Ok(())
+    relay
+        .map(|relay| open_gateway_endpoint(&relay, gateways))
+        .transpose()
+}
+
+/// `--gateway`: bring up loopback in the new network namespace, listen on
+/// 127.0.0.1 (a port the kernel picks), pass the listening socket to the
+/// shim outside (which accepts and relays, [`crate::gateway`]), and keep
+/// no copy of it: the program cannot accept on it (seccomp denies
+/// `accept` too). The gateways' variables point at the endpoint, one
+/// path prefix per gateway: `http://127.0.0.1:PORT/NAME` + its base path.
+fn open_gateway_endpoint(
+    relay: &OwnedFd,
+    gateways: &[GatewayInfo],
+) -> Result<Network, NamespaceError> {
+    sys::loopback_up().map_err(NamespaceError::Loopback)?;
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .map_err(NamespaceError::Endpoint)?;
+    let port = listener
+        .local_addr()
+        .map_err(NamespaceError::Endpoint)?
+        .port();
+    let endpoint = OwnedFd::from(listener);
+    let fds = [endpoint.as_raw_fd()];
+    sendmsg::<()>(
+        relay.as_raw_fd(),
+        &[IoSlice::new(b"E")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(|e| NamespaceError::Endpoint(e.into()))?;
+    drop(endpoint);
+    let mut env = Vec::new();
+    for info in gateways {
+        let url = format!("http://127.0.0.1:{port}/{}{}", info.gateway, info.base_path);
+        let values = info
+            .base_url_env
+            .iter()
+            .map(|name| (name, url.as_str()))
+            .chain(
+                info.api_key_env
+                    .iter()
+                    .map(|name| (name, info.placeholder.as_str())),
+            );
+        for (name, value) in values {
+            // Names and values come from the broker's checked policy; one
+            // with a NUL is left out rather than fail the sandbox.
+            if let Ok(kv) = std::ffi::CString::new(format!("{name}={value}")) {
+                env.push(kv);
+            }
+        }
+    }
+    Ok(Network { port, env })
+}
+
+/// The shim's side: the listening socket the init passed.
+fn receive_endpoint(relay: &OwnedFd) -> Result<OwnedFd, SandboxError> {
+    let fail = |why: String| SandboxError::Namespace(format!("gateway endpoint: {why}"));
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let message = recvmsg::<()>(
+        relay.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    for cmsg in message.cmsgs().map_err(|e| fail(e.to_string()))? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            let mut owned: Vec<OwnedFd> = fds
+                .into_iter()
+                .filter_map(|fd| sys::own_received_fd(fd).ok())
+                .collect();
+            if let Some(fd) = owned.pop() {
+                return Ok(fd);
+            }
+        }
+    }
+    Err(fail("the sandbox init sent no socket".to_owned()))
 }
 
 /// Map the uid and gid to themselves, and refuse `setgroups` (the kernel

@@ -108,6 +108,8 @@ impl Plan {
             self.filter = Some(seccomp::compile(Profile {
                 fallback: true,
                 tty: self.tty,
+                // --gateway is refused in fallback mode.
+                gateway: false,
             })?);
         }
         self.nproc = uid_processes().saturating_add(self.limits.pids);
@@ -343,6 +345,7 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
     let profile = Profile {
         fallback: false,
         tty: options.tty,
+        gateway: !options.gateways.is_empty(),
     };
     let filter = match seccomp::compile(profile) {
         Ok(filter) => Some(filter),

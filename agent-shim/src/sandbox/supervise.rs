@@ -137,7 +137,7 @@ fn reaper(
     match sys::fork().map_err(SandboxError::Fork)? {
         Forked::Child => {
             drop(spare);
-            let Err(err) = lockdown::enter(plan, channel, Some(me), old_mask);
+            let Err(err) = lockdown::enter(plan, channel, Some(me), old_mask, None);
             lockdown::fail(err)
         }
         Forked::Parent(program) => {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{IdRef, Located, ParamConfig, ParamType, Source};
+use crate::gateway::{Gateway, GatewayTool};
 use crate::tool::{self, Defaults, Definition};
 
 use super::{
@@ -32,7 +33,8 @@ pub(super) fn compile(src: &Source) -> Result<Policy, Vec<Located>> {
     let broker = compile_broker(src, &mut errors);
     check_credentials(src, &mut errors);
     let principals = compile_principals(src, &mut errors);
-    let tools = compile_tools(src, &broker, &mut errors);
+    let mut tools = compile_tools(src, &broker, &mut errors);
+    let gateways = compile_gateways(src, &mut tools, &mut errors);
     if errors.is_empty() {
         Ok(Policy {
             broker,
@@ -42,6 +44,7 @@ pub(super) fn compile(src: &Source) -> Result<Policy, Vec<Located>> {
             loaded_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            gateways,
         })
     } else {
         // Stable: errors of one line keep the order they were found in.
@@ -351,6 +354,12 @@ fn compile_principals(src: &Source, errors: &mut Vec<Located>) -> Vec<Principal>
         .tools
         .iter()
         .map(|t| t.get_ref().name.as_str())
+        .chain(
+            src.config
+                .gateways
+                .iter()
+                .map(|g| g.get_ref().name.as_str()),
+        )
         .collect();
     let mut first_line: BTreeMap<&str, usize> = BTreeMap::new();
     let mut principals = Vec::new();
@@ -561,6 +570,67 @@ fn compile_tools(
         }
     }
     tools
+}
+
+/// Each `[[gateway]]`: compiled, and entered in `tools` under its name (a
+/// name no tool has) so that principals and tokens grant it like a tool.
+fn compile_gateways(
+    src: &Source,
+    tools: &mut BTreeMap<String, Arc<Tool>>,
+    errors: &mut Vec<Located>,
+) -> BTreeMap<String, Arc<Gateway>> {
+    let mut gateways = BTreeMap::new();
+    for (index, entry) in src.config.gateways.iter().enumerate() {
+        let cfg = entry.get_ref();
+        let label = entry_label("gateway", &cfg.name, index);
+        let mut messages = Vec::new();
+        if !valid_tool_name(&cfg.name) {
+            messages.push(format!(
+                "name: {:?} is not a valid gateway name (1 to 64 of a-z 0-9 _ . -)",
+                cfg.name
+            ));
+        } else if tools.contains_key(&cfg.name) || gateways.contains_key(&cfg.name) {
+            messages.push(format!(
+                "name: a tool or gateway named {:?} is already defined",
+                cfg.name
+            ));
+        }
+        if let Some(credential) = &cfg.credential {
+            if !src.config.credentials.contains_key(credential) {
+                messages.push(format!(
+                    "credential: {credential:?} is not defined by any [credential.NAME] entry"
+                ));
+            }
+        }
+        match Gateway::compile(cfg) {
+            Ok(gateway) if messages.is_empty() => {
+                let tool = Tool {
+                    name: cfg.name.clone(),
+                    description: Some(cfg.description.clone().unwrap_or_else(|| {
+                        format!(
+                            "HTTP gateway to {} (agent-shim run --gateway)",
+                            cfg.upstream
+                        )
+                    })),
+                    credential: cfg.credential.clone(),
+                    params: Gateway::params(),
+                    action: Box::new(GatewayTool::new(&gateway)),
+                };
+                tools.insert(cfg.name.clone(), Arc::new(tool));
+                gateways.insert(cfg.name.clone(), Arc::new(gateway));
+            }
+            result => {
+                if let Err(gateway_messages) = result {
+                    messages.extend(gateway_messages);
+                }
+                for message in messages {
+                    let span = locate(src, entry.span(), &message);
+                    errors.push(src.error_at(span, label.clone(), message));
+                }
+            }
+        }
+    }
+    gateways
 }
 
 /// `^[a-z0-9_.-]{1,64}$`
@@ -982,6 +1052,53 @@ params.n = { type = "int", pattern = "x" }
             assert!(
                 e.line == Some(*line) && e.entry == *entry && e.message.contains(needle),
                 "for config:\n{text}\ngot: {e}\nwant: line {line}, {entry}, containing {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn gateways_compile_as_tools_and_their_errors_are_located() {
+        const GW: &str = "[credential.k]\nfile = \"k\"\n[[gateway]]\nname = \"g\"\n\
+                          upstream = \"https://api.example.com\"\ncredential = \"k\"\n\
+                          auth = { bearer = true }\n\
+                          allow = [ { method = \"POST\", path = \"/v1/x\" } ]\n";
+        let text = format!(
+            "{BROKER}{GW}[[principal]]\nname = \"p\"\nuids = [1]\nmay_delegate = [\"g\"]\n"
+        );
+        let p = Policy::compile(&source(&text)).unwrap_or_else(|e| panic!("{e:#?}"));
+        let tool = p.tool("g").unwrap();
+        assert_eq!(tool.action.kind(), "gateway");
+        assert_eq!(
+            tool.params.keys().collect::<Vec<_>>(),
+            ["method", "path"],
+            "granted on method and path"
+        );
+        assert!(p.gateway("g").is_some());
+
+        for (extra, entry, needle) in [
+            (
+                "[[tool]]\nname = \"g\"\nkind = \"echo\"\n",
+                "gateway \"g\"",
+                "a tool or gateway named \"g\" is already defined",
+            ),
+            (
+                "[[gateway]]\nname = \"h\"\nupstream = \"https://x\"\ncredential = \"nope\"\n\
+                 auth = { bearer = true }\nallow = [ { method = \"GET\", path = \"/a\" } ]\n",
+                "gateway \"h\"",
+                "credential: \"nope\" is not defined",
+            ),
+            (
+                "[[gateway]]\nname = \"h\"\nupstream = \"https://x\"\n\
+                 allow = [ { method = \"GET\", path = \"/a/../b\" } ]\n",
+                "gateway \"h\"",
+                "allow[0].path",
+            ),
+        ] {
+            let text = format!("{BROKER}{GW}{extra}");
+            let e = one_error(&text);
+            assert!(
+                e.entry == entry && e.message.contains(needle),
+                "for config:\n{text}\ngot: {e}"
             );
         }
     }

@@ -37,6 +37,10 @@ pub struct Policy {
     pub source_hash: [u8; 32],
     /// When it was compiled (loaded), in unix seconds.
     pub loaded_at: u64,
+
+    /// `[[gateway]]`s by name; each also has an entry in `tools` (its
+    /// grants are checked as a tool's, on `method` and `path`).
+    gateways: BTreeMap<String, Arc<crate::gateway::Gateway>>,
 }
 
 /// `[broker]` with defaults applied and values checked.
@@ -169,6 +173,11 @@ impl Policy {
     /// A tool by name.
     pub fn tool(&self, name: &str) -> Option<&Arc<Tool>> {
         self.tools.get(name)
+    }
+
+    /// A gateway by name.
+    pub fn gateway(&self, name: &str) -> Option<&Arc<crate::gateway::Gateway>> {
+        self.gateways.get(name)
     }
 
     /// A principal by name.

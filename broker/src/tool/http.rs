@@ -125,15 +125,15 @@ pub struct HttpTool {
     max_response_bytes: usize,
 }
 
-/// How the credential goes into the request.
+/// How the credential goes into the request (also a gateway's).
 #[derive(Debug)]
-struct Auth {
-    credential: String,
-    scheme: AuthScheme,
+pub(crate) struct Auth {
+    pub(crate) credential: String,
+    pub(crate) scheme: AuthScheme,
 }
 
 #[derive(Debug)]
-enum AuthScheme {
+pub(crate) enum AuthScheme {
     Bearer,
     Basic {
         user: String,
@@ -148,7 +148,7 @@ enum AuthScheme {
 }
 
 impl AuthScheme {
-    fn header_name(&self) -> HeaderName {
+    pub(crate) fn header_name(&self) -> HeaderName {
         match self {
             AuthScheme::Bearer | AuthScheme::Basic { .. } | AuthScheme::AwsSigV4 { .. } => {
                 header::AUTHORIZATION
@@ -160,7 +160,7 @@ impl AuthScheme {
     /// The header value carrying `secret`, built in zeroizing buffers and
     /// marked sensitive. (The `HeaderValue` itself is not zeroized on drop:
     /// the HTTP stack owns it.)
-    fn header_value(&self, secret: &Secret) -> Option<HeaderValue> {
+    pub(crate) fn header_value(&self, secret: &Secret) -> Option<HeaderValue> {
         let bytes: Zeroizing<Vec<u8>> = match self {
             AuthScheme::Bearer => {
                 let mut v = Zeroizing::new(Vec::with_capacity(7 + secret.expose().len()));
@@ -306,7 +306,7 @@ impl HttpTool {
     }
 }
 
-fn compile_auth(
+pub(crate) fn compile_auth(
     tool: &HttpFields,
     credential: Option<&str>,
     errors: &mut Vec<String>,
