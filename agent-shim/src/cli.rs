@@ -199,6 +199,14 @@ enum Command {
         /// user namespaces: refused in fallback mode.
         #[arg(long, value_name = "NAME")]
         gateway: Vec<String>,
+        /// Let CMD open TCP connections to PORT on any address (repeatable),
+        /// e.g. 443 for the S3 endpoint a `--derive`d credential is for.
+        /// Landlock restricts connect by port only, so CMD can reach every
+        /// host on that port: data it can read can leave by it (no
+        /// credential of the broker can). Not with --gateway (whose network
+        /// holds only loopback). Needs Landlock network rules (ABI 4).
+        #[arg(long, value_name = "PORT")]
+        allow_connect: Vec<u16>,
         /// Data (heap, private mappings) per process, e.g. 512M, 4G
         /// (RLIMIT_DATA).
         #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "16G")]
@@ -422,6 +430,7 @@ pub fn main() -> ExitCode {
             require_namespaces,
             tty,
             gateway,
+            allow_connect,
             memory,
             pids,
             cpu_time,
@@ -448,6 +457,7 @@ pub fn main() -> ExitCode {
                 require_namespaces,
                 tty,
                 gateways: gateway,
+                allow_connect,
                 limits: crate::sandbox::Limits {
                     memory,
                     pids,

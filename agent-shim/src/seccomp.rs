@@ -511,7 +511,7 @@ pub fn describe(filter: &Filter) -> String {
         },
         filter.instructions(),
         if filter.profile.gateway {
-            "; --gateway: TCP sockets and connect allowed (Landlock: the gateway port only)"
+            "; --gateway or --allow-connect: TCP sockets and connect allowed (Landlock: those ports only)"
         } else {
             ""
         }

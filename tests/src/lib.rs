@@ -73,6 +73,49 @@ pub fn test_venv() -> Option<PathBuf> {
     }
 }
 
+/// A Python of the test venv that `uid` can run: the venv's own if `uid`
+/// can run it and import what `import` imports, else the system's python3
+/// on the venv's site-packages (a venv made from a Python under `/root`, as
+/// pyenv makes them, is not reachable to another uid). A sandboxed run
+/// needs `--allow-read venv` and, with `pythonpath`, `--keep-env
+/// PYTHONPATH`.
+#[derive(Debug)]
+pub struct VenvPython {
+    pub exe: PathBuf,
+    pub venv: PathBuf,
+    pub pythonpath: Option<String>,
+}
+
+/// See [`VenvPython`]; `None`: no venv (skipped loudly outside CI).
+pub fn venv_python(import: &str, uid: u32) -> Option<VenvPython> {
+    let venv = test_venv()?;
+    let own = venv.join("bin/python");
+    let usable = Command::new(&own)
+        .args(["-c", import])
+        .env_clear()
+        .uid(uid)
+        .gid(uid)
+        .status()
+        .is_ok_and(|s| s.success());
+    if usable {
+        return Some(VenvPython {
+            exe: own,
+            venv,
+            pythonpath: None,
+        });
+    }
+    let site = std::fs::read_dir(venv.join("lib"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.exists())?;
+    Some(VenvPython {
+        exe: PathBuf::from("/usr/bin/python3"),
+        venv,
+        pythonpath: Some(site.display().to_string()),
+    })
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),

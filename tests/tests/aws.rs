@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use keyward_tests::{leaked_forms, shim_command, test_venv, Broker, Ran, PRINCIPAL_UID};
+use keyward_tests::{
+    leaked_forms, shim_command, test_venv, venv_python, Broker, Ran, PRINCIPAL_UID,
+};
 
 /// moto on a loopback port, set up, with IAM enforcement on.
 struct Moto {
@@ -389,6 +391,83 @@ fn derived_credentials_reach_the_program_read_the_object_and_nothing_else() {
         &["s3", "cp", "s3://project-bucket/analysis/file.txt", "-"],
     );
     assert_eq!(after.stdout, "the one object\n", "{after:?}");
+
+    // The real aws CLI as the sandboxed program: `--derive` puts the
+    // credentials in its environment and `--allow-connect` lets it reach
+    // the endpoint's port, and no other.
+    let python = venv_python("import awscli", PRINCIPAL_UID).unwrap();
+    let port = moto
+        .endpoint
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/');
+    let sandboxed = |program: &[&str]| -> Ran {
+        let venv = python.venv.display().to_string();
+        let exe = python.exe.display().to_string();
+        let mut args = vec![
+            "run",
+            "--allow-read",
+            venv.as_str(),
+            "--allow-connect",
+            port,
+            "--keep-env",
+            "HOME",
+            "--derive",
+            "s3_read_credentials",
+            "key=file.txt",
+        ];
+        if python.pythonpath.is_some() {
+            args.extend(["--keep-env", "PYTHONPATH"]);
+        }
+        args.push("--");
+        args.push(exe.as_str());
+        args.extend(program);
+        let mut cmd = shim_command(&broker.socket, PRINCIPAL_UID, &args);
+        cmd.env("KEYWARD_TOKEN", &token).env("HOME", "/tmp");
+        if let Some(path) = &python.pythonpath {
+            cmd.env("PYTHONPATH", path);
+        }
+        Ran::from(cmd.output().unwrap())
+    };
+    let inside = sandboxed(&[
+        "-m",
+        "awscli",
+        "s3",
+        "cp",
+        "s3://project-bucket/analysis/file.txt",
+        "-",
+    ]);
+    assert_eq!(inside.code, Some(0), "{inside:?}");
+    assert_eq!(inside.stdout, "the one object\n", "{inside:?}");
+    let inside_sibling = sandboxed(&[
+        "-m",
+        "awscli",
+        "s3",
+        "cp",
+        "s3://project-bucket/analysis/sibling.txt",
+        "-",
+    ]);
+    assert_ne!(inside_sibling.code, Some(0), "{inside_sibling:?}");
+    assert!(
+        !inside_sibling.stdout.contains("the sibling"),
+        "{inside_sibling:?}"
+    );
+    // Another port (a listener of this test's) is out of reach, the
+    // endpoint's is not.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = other.local_addr().unwrap().port().to_string();
+    let probe = "import socket, sys\nfor port in sys.argv[1:]:\n    s = socket.socket()\n    try:\n        s.connect(('127.0.0.1', int(port)))\n        print(port, 'open')\n    except OSError as e:\n        print(port, 'refused', e.errno)\n";
+    let reach = sandboxed(&["-c", probe, port, other_port.as_str()]);
+    assert_eq!(reach.code, Some(0), "{reach:?}");
+    assert!(reach.stdout.contains(&format!("{port} open")), "{reach:?}");
+    assert!(
+        reach.stdout.contains(&format!("{other_port} refused 13")),
+        "{reach:?}"
+    );
+    for ran in [&inside, &inside_sibling, &reach] {
+        assert_no_admin_secret(&moto, "the sandboxed aws CLI", &format!("{ran:?}"));
+    }
 
     // CloudTrail's view: the session is named after the token.
     let who = aws(&moto, &derived, &["sts", "get-caller-identity"]);

@@ -12,15 +12,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
 use keyward_tests::llm::Llm;
 use keyward_tests::{
-    assert_no_secret, leaked_forms, shim_command, test_venv, Broker, Ran, PRINCIPAL_UID, SECRET,
+    assert_no_secret, leaked_forms, shim_command, venv_python, Broker, Ran, VenvPython,
+    PRINCIPAL_UID, SECRET,
 };
 
 const PLACEHOLDER: &str = "keyward-gateway-placeholder-not-a-secret";
@@ -130,47 +129,20 @@ fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway")
 }
 
-/// How to run the SDKs as the test uid: the venv's python if that uid can
-/// run it, else the system's python3 on the venv's site-packages (a venv
-/// made from a Python under `/root`, as pyenv makes them, is not reachable
-/// to another uid). `None`: no venv (skipped loudly outside CI).
-struct Python {
-    exe: PathBuf,
-    venv: PathBuf,
-    pythonpath: Option<String>,
-}
+/// How to run the SDKs as the test uid (`None`: no venv, skipped loudly
+/// outside CI).
+type Python = VenvPython;
 
 fn python() -> Option<Python> {
-    let venv = test_venv()?;
-    let own = venv.join("bin/python");
-    let usable = Command::new(&own)
-        .args(["-c", "import openai, anthropic"])
-        .env_clear()
-        .uid(PRINCIPAL_UID)
-        .gid(PRINCIPAL_UID)
-        .status()
-        .is_ok_and(|s| s.success());
-    if usable {
-        return Some(Python {
-            exe: own,
-            venv,
-            pythonpath: None,
-        });
-    }
-    let site = std::fs::read_dir(venv.join("lib"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("site-packages"))
-        .find(|p| p.exists())
-        .unwrap();
-    Some(Python {
-        exe: PathBuf::from("/usr/bin/python3"),
-        venv,
-        pythonpath: Some(site.display().to_string()),
-    })
+    venv_python("import openai, anthropic", PRINCIPAL_UID)
 }
 
-impl Python {
+trait RunPython {
+    fn run(&self, fx: &Fixture, token: &str, script: &str, args: &[&str]) -> Ran;
+    fn sdk(&self, fx: &Fixture, token: &str, mode: &str) -> (Ran, Value);
+}
+
+impl RunPython for Python {
     fn run(&self, fx: &Fixture, token: &str, script: &str, args: &[&str]) -> Ran {
         let venv = self.venv.display().to_string();
         let exe = self.exe.display().to_string();

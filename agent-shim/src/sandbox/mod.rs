@@ -113,6 +113,9 @@ pub struct RunOptions {
     pub tty: bool,
     /// `--gateway NAME`s: HTTP gateways the program reaches on loopback.
     pub gateways: Vec<String>,
+    /// `--allow-connect PORT`s: TCP ports the program may connect to, on
+    /// the host's network (Landlock's port rule; no network namespace).
+    pub allow_connect: Vec<u16>,
     pub limits: Limits,
     pub verbose: bool,
     /// The program and its arguments.
@@ -241,6 +244,8 @@ pub enum SandboxError {
     Subreaper(#[source] io::Error),
     #[error("cannot drop capabilities: {0}")]
     Capabilities(#[source] io::Error),
+    #[error("--allow-connect: {0}")]
+    AllowConnect(String),
     #[error("cannot create the sandbox's private temporary directory: {0}")]
     TempDir(#[source] io::Error),
     #[error(transparent)]

@@ -95,7 +95,12 @@ pub(super) struct Plan {
     pub generated: Vec<(PathBuf, Vec<u8>)>,
     /// Fallback mode's private temporary directory (the reaper removes it).
     pub private_tmp: Option<PathBuf>,
+    /// `--allow-connect`: TCP ports the program may connect to.
+    pub connect_tcp: Vec<u16>,
 }
+
+/// Landlock's first ABI with network rules (TCP bind and connect by port).
+const NET_RULES_ABI: i32 = 4;
 
 impl Plan {
     /// Switch to fallback mode: the filter gains the fallback rules,
@@ -108,8 +113,9 @@ impl Plan {
             self.filter = Some(seccomp::compile(Profile {
                 fallback: true,
                 tty: self.tty,
-                // --gateway is refused in fallback mode.
-                gateway: false,
+                // --gateway is refused in fallback mode; --allow-connect
+                // needs no namespace.
+                gateway: !self.connect_tcp.is_empty(),
             })?);
         }
         self.nproc = uid_processes().saturating_add(self.limits.pids);
@@ -334,6 +340,21 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
         mounts.allow_terminal();
     }
     let support = Support::probe();
+    if !options.allow_connect.is_empty() {
+        if !options.gateways.is_empty() {
+            return Err(SandboxError::AllowConnect(
+                "not with --gateway, whose network namespace holds only loopback".to_owned(),
+            ));
+        }
+        if support.abi < NET_RULES_ABI {
+            return Err(SandboxError::AllowConnect(format!(
+                "Landlock ABI {} cannot restrict connect(2) to a port (needs ABI \
+                 {NET_RULES_ABI}, Linux 6.7)",
+                support.abi
+            )));
+        }
+        mounts.connect_tcp.extend(&options.allow_connect);
+    }
     let fs = match support.require_files() {
         Ok(()) => Some(mounts.clone()),
         Err(e) if options.allow_unsandboxed => {
@@ -345,7 +366,7 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
     let profile = Profile {
         fallback: false,
         tty: options.tty,
-        gateway: !options.gateways.is_empty(),
+        gateway: !options.gateways.is_empty() || !options.allow_connect.is_empty(),
     };
     let filter = match seccomp::compile(profile) {
         Ok(filter) => Some(filter),
@@ -371,6 +392,7 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
         verbose: options.verbose,
         generated: identity_files(),
         private_tmp: None,
+        connect_tcp: options.allow_connect.clone(),
     };
     // The namespace root's own tmpfs; the caller's TMPDIR does not exist
     // there. (Fallback mode replaces it with its private directory.)
