@@ -25,6 +25,7 @@ pub mod config;
 pub mod config_doc;
 pub mod credential;
 pub mod daemon;
+pub mod error_chain;
 pub mod executor;
 pub mod gateway;
 pub mod journal;

@@ -45,6 +45,7 @@ use zeroize::Zeroizing;
 
 use super::{read_secret, Coverage, CredentialError, CredentialState, Secret};
 use crate::config::CredentialConfig;
+use crate::error_chain::error_chain;
 
 mod config;
 
@@ -888,22 +889,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     written?;
     crate::state::sync_dir(path)
-}
-
-/// An error and its causes, `: `-separated (reqwest's carry no body and,
-/// `without_url`, no URL).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 /// The client for token endpoints: no redirects (a redirect would carry

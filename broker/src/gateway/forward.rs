@@ -20,8 +20,9 @@ use zeroize::Zeroizing;
 
 use super::Checked;
 use crate::credential::Credentials;
+use crate::error_chain::error_chain;
 use crate::leak::Leak;
-use crate::tool::http::error_chain;
+use crate::tool::http::HOP_BY_HOP;
 
 /// Bytes of the stream judged again with the next piece: a window is at
 /// most 32 bytes, and no decoder the scanner knows spreads one byte over
@@ -56,20 +57,6 @@ const DROPPED_REQUEST: &[&str] = &[
     "x-forwarded-host",
     "x-forwarded-proto",
     "x-real-ip",
-];
-
-/// Response headers not returned: about the connection, or the length
-/// (the shim frames the body itself).
-const DROPPED_RESPONSE: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
 ];
 
 /// Most request headers forwarded.
@@ -193,7 +180,9 @@ pub async fn open(
     let mut returned = Vec::new();
     let mut header_bytes = 0;
     for (name, value) in response.headers() {
-        if DROPPED_RESPONSE.contains(&name.as_str()) {
+        // About the connection, or the length (the shim frames the body
+        // itself): not returned.
+        if HOP_BY_HOP.contains(&name.as_str()) || name == header::CONTENT_LENGTH {
             continue;
         }
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();

@@ -245,7 +245,7 @@ impl StsTool {
         let client = super::http::client()?;
         let exchange = async {
             let upstream = |e: reqwest::Error| {
-                ExecError::Upstream(redact(&super::http::error_chain(&e.without_url())))
+                ExecError::Upstream(redact(&crate::error_chain::error_chain(&e.without_url())))
             };
             let mut response = client.execute(http).await.map_err(upstream)?;
             let status = response.status().as_u16();

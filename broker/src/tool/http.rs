@@ -30,6 +30,7 @@ use serde::Deserialize;
 use super::{off_reactor, Action, Context, Definition, ExecError, Invocation, Kind, Running};
 use crate::config::{duration_opt, ParamType};
 use crate::credential::{basic_pair, CredentialError, Credentials, Secret};
+use crate::error_chain::error_chain;
 use crate::param::TypedValue;
 use crate::redact::Redactor;
 use crate::template::{BodyTemplate, HeaderTemplate, Rejection, UrlTemplate, RESERVED_HEADERS};
@@ -47,7 +48,7 @@ const MAX_RESPONSE_HEADER_BYTES: usize = 3 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Response headers about the connection, not the content.
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -675,21 +676,6 @@ async fn fetch(
     let status = response.status().as_u16();
     let headers = std::mem::take(response.headers_mut());
     Ok((status, headers, body))
-}
-
-/// An error and its causes, `: `-separated. (Not yet redacted.)
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]

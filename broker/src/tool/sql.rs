@@ -37,8 +37,8 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 
 use super::{off_reactor, Action, Context, Definition, ExecError, Invocation, Kind, Running};
 use crate::credential::{Credentials, Secret};
+use crate::error_chain::error_chain;
 use crate::param::TypedValue;
-use crate::tool::http::error_chain;
 
 pub const KIND: Kind = Kind {
     name: "sql",
