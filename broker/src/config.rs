@@ -186,6 +186,11 @@ impl From<u32> for IdRef {
     }
 }
 
+/// `kind` of an AWS key credential ([`crate::credential::aws`]).
+pub const AWS_KIND: &str = "aws";
+/// `kind` of an OAuth 2.0 credential ([`crate::credential::oauth`]).
+pub const OAUTH2_KIND: &str = "oauth2";
+
 /// `[credential.NAME]`: where a secret comes from. Without `kind`, a
 /// static secret read from `file`; with one, the rest of the entry belongs
 /// to that kind (`kind = "oauth2"`: [`crate::credential::oauth`]), checked
@@ -218,7 +223,7 @@ impl CredentialConfig {
     /// kinds whose files belong to the kind ([`Self::secret_files`]).
     pub fn secret_file(&self) -> Option<&Path> {
         match self.kind.as_deref() {
-            Some(crate::credential::aws::KIND) => self.secret_access_key_file.as_deref(),
+            Some(AWS_KIND) => self.secret_access_key_file.as_deref(),
             _ => self.file.as_deref(),
         }
     }
@@ -231,7 +236,7 @@ impl CredentialConfig {
             .map(Path::to_path_buf)
             .into_iter()
             .collect();
-        if self.kind.as_deref() == Some(crate::credential::oauth::KIND) {
+        if self.kind.as_deref() == Some(OAUTH2_KIND) {
             for key in ["client_secret_file", "refresh_token_file"] {
                 if let Some(toml::Value::String(file)) = self.fields.get(key) {
                     files.push(PathBuf::from(file));

@@ -12,13 +12,20 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{execve, getppid, setsid, Pid};
 
-use super::namespace::Network;
 use super::plan::Plan;
 use super::{Mode, SandboxError, EXIT_CANNOT_EXEC, EXIT_SANDBOX};
 use crate::client::{CHANNEL_FD, KEYWARD_FD_ENV};
 use crate::landlock::{self, FsRules};
 use crate::seccomp;
 use crate::sys;
+
+/// `--gateway`: the relay's port on the sandbox's loopback, and the
+/// variables that point the program at it.
+#[derive(Debug)]
+pub(super) struct Network {
+    pub port: u16,
+    pub env: Vec<std::ffi::CString>,
+}
 
 /// The child's recipe, in order. Returns only on failure. `parent` is the
 /// shim to die with (fallback mode); in namespace mode the init of the pid

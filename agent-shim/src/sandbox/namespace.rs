@@ -26,6 +26,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::{getgid, getuid, pipe2, setsid, Gid, Pid, Uid};
 
+use super::lockdown::Network;
 use super::plan::Plan;
 use super::{lockdown, supervise, SandboxError, EXIT_SANDBOX};
 use crate::sys::{self, Forked};
@@ -62,14 +63,6 @@ pub(super) enum NamespaceError {
     Loopback(#[source] std::io::Error),
     #[error("cannot open the gateway endpoint on 127.0.0.1: {0}")]
     Endpoint(#[source] std::io::Error),
-}
-
-/// `--gateway`: the relay's port on the sandbox's loopback, and the
-/// variables that point the program at it.
-#[derive(Debug)]
-pub(super) struct Network {
-    pub port: u16,
-    pub env: Vec<std::ffi::CString>,
 }
 
 /// Start the init in new namespaces. `Ok(Ok((pid, endpoint)))`: it is

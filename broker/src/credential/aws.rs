@@ -36,7 +36,7 @@ use super::Secret;
 use crate::config::CredentialConfig;
 
 /// The `kind` of an AWS credential.
-pub const KIND: &str = "aws";
+pub const KIND: &str = crate::config::AWS_KIND;
 
 /// Region when the credential names none.
 pub const DEFAULT_REGION: &str = "us-east-1";

@@ -53,7 +53,7 @@ use config::parse_config;
 pub use config::{check_config, ClientAuth, Grant, OAuth2Config};
 
 /// The `kind` of these credentials in the configuration.
-pub const KIND: &str = "oauth2";
+pub const KIND: &str = crate::config::OAUTH2_KIND;
 
 /// Refresh this long before the access token expires (or a quarter of
 /// its lifetime before, if that is shorter).
