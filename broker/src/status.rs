@@ -10,6 +10,7 @@ use keyward_proto::token::Verified;
 use keyward_proto::{CredentialStatus, StatusReport, TokenList, TokenSummary, UidSessions};
 
 use crate::broker::Broker;
+use crate::credential::CredentialState;
 use crate::policy::{Caller, Policy};
 use crate::token::Tokens;
 
@@ -86,10 +87,14 @@ pub fn credential_states(broker: &Broker, policy: &Policy) -> Vec<CredentialStat
         .into_iter()
         .map(|name| CredentialStatus {
             name: name.to_owned(),
-            state: match credentials.get(name) {
-                Some(secret) if secret.is_locked() => "loaded".to_owned(),
-                Some(_) => "loaded (not locked in memory: it may be swapped out)".to_owned(),
-                None => {
+            state: match (credentials.get(name), credentials.state(name)) {
+                (Some(secret), _) if secret.is_locked() => "loaded".to_owned(),
+                (Some(_), _) => "loaded (not locked in memory: it may be swapped out)".to_owned(),
+                // A token credential (oauth2): what its refreshes came to.
+                (None, Some(CredentialState::Loaded)) => "loaded".to_owned(),
+                (None, Some(CredentialState::Refreshing)) => "refreshing".to_owned(),
+                (None, Some(CredentialState::Broken(reason))) => format!("broken: {reason}"),
+                (None, None) => {
                     "not loaded (the policy names it; restart the broker to load it)".to_owned()
                 }
             },

@@ -390,6 +390,21 @@ fn invalid_grant_breaks_the_credential_without_a_retry_storm() {
         1
     );
     f.assert_clean(&runs.iter().collect::<Vec<_>>(), &[]);
+    // `keyward-broker status` (as root, an admin) names the state, never a
+    // value.
+    let status = Ran::from(
+        Command::new(keyward_tests::binary("keyward-broker"))
+            .args(["status", "--config"])
+            .arg(&f.broker.config_path)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(status.code, Some(0), "{status:?}");
+    assert!(
+        status.stdout.contains("broken: ") && status.stdout.contains("invalid_grant"),
+        "{status:?}"
+    );
+    f.assert_clean(&[&status], &[]);
 
     // Re-authorize: a new refresh token in the file, then SIGHUP.
     let issued = f.server.control("POST", "/control/issue", &json!({}));
