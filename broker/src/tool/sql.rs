@@ -176,8 +176,10 @@ pub enum SqlError {
 /// Whether the connection uses TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
-    /// `sslmode=disable` or none: plaintext (SCRAM still never sends the
-    /// password).
+    /// `sslmode=disable` or none: plaintext. SCRAM never sends the
+    /// password, but a server impersonator may ask for it in clear, so
+    /// `check` and every start warn for a host that is not loopback
+    /// ([`plaintext_remote_hosts`]).
     Disable,
     /// `sslmode=verify-full`: TLS, certificate and host name verified
     /// against the system roots.
@@ -443,6 +445,34 @@ impl SqlTool {
         }
         SqlError::Database(error_chain(error))
     }
+}
+
+/// The hosts of a `database` URL reached over plain TCP that are not
+/// loopback: there the rows cross the network unencrypted, and an active
+/// attacker posing as the server can ask for the password in clear (the
+/// protocol lets a server choose cleartext password authentication). Empty
+/// for TLS, Unix sockets, loopback, or a URL that does not parse (the
+/// policy reports that).
+pub fn plaintext_remote_hosts(url: &str) -> Vec<String> {
+    let Ok((config, TlsMode::Disable)) = parse_database(url) else {
+        return Vec::new();
+    };
+    config
+        .get_hosts()
+        .iter()
+        .filter_map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => Some(name),
+            _ => None,
+        })
+        .filter(|name| {
+            let bare = name.trim_start_matches('[').trim_end_matches(']');
+            !(bare.eq_ignore_ascii_case("localhost")
+                || bare
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()))
+        })
+        .cloned()
+        .collect()
 }
 
 /// Parse the admin's URL into a configuration without a password, and the
