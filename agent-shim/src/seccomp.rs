@@ -362,11 +362,19 @@ pub fn compile(profile: Profile) -> Result<Filter, SeccompError> {
         }
         if profile.gateway && nr == libc::SYS_socket {
             // socket(domain, type, protocol): refuse a domain other than
-            // the two Internet ones, and every type but stream.
-            let mut chain = vec![rule(vec![
-                cond(0, Len::Dword, Op::Ne, libc::AF_INET as u64)?,
-                cond(0, Len::Dword, Op::Ne, libc::AF_INET6 as u64)?,
-            ])?];
+            // the two Internet ones, every type but stream, and every
+            // protocol but TCP: Landlock's port rules judge TCP only, and
+            // an MPTCP (or SCTP) stream socket would connect anywhere.
+            let mut chain = vec![
+                rule(vec![
+                    cond(0, Len::Dword, Op::Ne, libc::AF_INET as u64)?,
+                    cond(0, Len::Dword, Op::Ne, libc::AF_INET6 as u64)?,
+                ])?,
+                rule(vec![
+                    cond(2, Len::Dword, Op::Ne, 0)?,
+                    cond(2, Len::Dword, Op::Ne, libc::IPPROTO_TCP as u64)?,
+                ])?,
+            ];
             for ty in 0..16u64 {
                 if ty != libc::SOCK_STREAM as u64 {
                     chain.push(rule(vec![cond(1, Len::Dword, Op::MaskedEq(0xf), ty)?])?);
@@ -651,8 +659,13 @@ mod tests {
 
     #[test]
     fn a_gateway_allows_tcp_stream_sockets_and_nothing_else() {
-        let socket =
-            |domain: i32, ty: i32| raw(libc::SYS_socket, [domain as u64, ty as u64, 0, 0, 0]);
+        let socket_with = |domain: i32, ty: i32, protocol: i32| {
+            raw(
+                libc::SYS_socket,
+                [domain as u64, ty as u64, protocol as u64, 0, 0],
+            )
+        };
+        let socket = move |domain: i32, ty: i32| socket_with(domain, ty, 0);
         let profile = Profile {
             gateway: true,
             ..Profile::default()
@@ -668,12 +681,17 @@ mod tests {
                 socket(libc::AF_PACKET, libc::SOCK_STREAM),
                 raw(libc::SYS_bind, [0, 0, 0, 0, 0]),
                 raw(libc::SYS_listen, [0, 0, 0, 0, 0]),
+                // Stream protocols Landlock's TCP rules do not judge.
+                socket_with(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP),
+                socket_with(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+                socket_with(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP),
             ]
         });
         let eperm = Some(libc::EPERM);
         assert_eq!(results[0], None);
         assert!(results[1].is_none() || results[1] == Some(libc::EAFNOSUPPORT));
-        assert_eq!(&results[2..], &[eperm; 7]);
+        assert_eq!(&results[2..11], &[eperm; 9]);
+        assert_eq!(results[11], None);
         // Without --gateway every socket is denied.
         let plain = in_filtered_thread(Profile::default(), move || {
             socket(libc::AF_INET, libc::SOCK_STREAM)
