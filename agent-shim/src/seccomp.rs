@@ -69,6 +69,8 @@ pub enum Match {
     /// A path argument at this index that is not NULL (`utimensat` with a
     /// path; with NULL it is `futimens`, the fd-based form).
     WithPath(u8),
+    /// `MSG_FASTOPEN` in the flags argument at this index.
+    FastOpen(u8),
 }
 
 /// Which filter to build.
@@ -162,6 +164,10 @@ pub const DENIED: &[(&str, i64, Match)] = &[
     ("accept", libc::SYS_accept, Match::Always),
     ("accept4", libc::SYS_accept4, Match::Always),
     ("sendto", libc::SYS_sendto, Match::WithAddress),
+    // TCP Fast Open connects inside sendmsg, where Landlock's connect rule
+    // does not look (sendto would need an address, denied above).
+    ("sendmsg", libc::SYS_sendmsg, Match::FastOpen(2)),
+    ("sendmmsg", libc::SYS_sendmmsg, Match::FastOpen(3)),
     ("socketpair", libc::SYS_socketpair, Match::NotUnixStream),
     // io_uring performs socket, connect and open where no filter sees them.
     ("io_uring_setup", libc::SYS_io_uring_setup, Match::Always),
@@ -387,6 +393,15 @@ pub fn compile(profile: Profile) -> Result<Filter, SeccompError> {
             Match::Always => vec![],
             // sendto(fd, buf, len, flags, dest_addr, addrlen)
             Match::WithAddress => vec![rule(vec![cond(4, Len::Qword, Op::Ne, 0)?])?],
+            Match::FastOpen(arg) => {
+                let flag = libc::MSG_FASTOPEN as u64;
+                vec![rule(vec![cond(
+                    arg,
+                    Len::Dword,
+                    Op::MaskedEq(flag),
+                    flag,
+                )?])?]
+            }
             // socketpair(domain, type, protocol, sv): refuse another domain,
             // and every type but stream and seqpacket (the low four bits;
             // the rest are SOCK_CLOEXEC and SOCK_NONBLOCK).
@@ -685,6 +700,9 @@ mod tests {
                 socket_with(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP),
                 socket_with(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
                 socket_with(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP),
+                // TCP Fast Open: a connect inside sendmsg.
+                raw(libc::SYS_sendmsg, [0, 0, libc::MSG_FASTOPEN as u64, 0, 0]),
+                raw(libc::SYS_sendmmsg, [0, 0, 0, libc::MSG_FASTOPEN as u64, 0]),
             ]
         });
         let eperm = Some(libc::EPERM);
@@ -692,6 +710,7 @@ mod tests {
         assert!(results[1].is_none() || results[1] == Some(libc::EAFNOSUPPORT));
         assert_eq!(&results[2..11], &[eperm; 9]);
         assert_eq!(results[11], None);
+        assert_eq!(&results[12..], &[eperm; 2]);
         // Without --gateway every socket is denied.
         let plain = in_filtered_thread(Profile::default(), move || {
             socket(libc::AF_INET, libc::SOCK_STREAM)

@@ -457,8 +457,9 @@ fn derived_credentials_reach_the_program_read_the_object_and_nothing_else() {
     // endpoint's is not.
     let other = TcpListener::bind("127.0.0.1:0").unwrap();
     let other_port = other.local_addr().unwrap().port().to_string();
-    // Also as MPTCP, a stream protocol Landlock's TCP rules do not judge.
-    let probe = "import socket, sys\nfor port in sys.argv[1:]:\n    for proto in (0, 262):\n        try:\n            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)\n            s.connect(('127.0.0.1', int(port)))\n            print(f'{port}/{proto}', 'open')\n        except OSError as e:\n            print(f'{port}/{proto}', 'refused', e.errno)\n";
+    // Also as MPTCP, a stream protocol Landlock's TCP rules do not judge,
+    // and by TCP Fast Open, a connect inside sendmsg.
+    let probe = "import socket, sys\nfor port in sys.argv[1:]:\n    for proto in (0, 262):\n        try:\n            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)\n            s.connect(('127.0.0.1', int(port)))\n            print(f'{port}/{proto}', 'open')\n        except OSError as e:\n            print(f'{port}/{proto}', 'refused', e.errno)\n    try:\n        s = socket.socket()\n        s.sendmsg([b'x'], [], socket.MSG_FASTOPEN, ('127.0.0.1', int(port)))\n        print(f'{port}/tfo', 'open')\n    except OSError as e:\n        print(f'{port}/tfo', 'refused', e.errno)\n";
     let reach = sandboxed(&["-c", probe, port, other_port.as_str()]);
     assert_eq!(reach.code, Some(0), "{reach:?}");
     assert!(
@@ -471,6 +472,10 @@ fn derived_credentials_reach_the_program_read_the_object_and_nothing_else() {
     );
     assert!(
         reach.stdout.contains(&format!("{other_port}/262 refused")),
+        "{reach:?}"
+    );
+    assert!(
+        reach.stdout.contains(&format!("{other_port}/tfo refused")),
         "{reach:?}"
     );
     for ran in [&inside, &inside_sibling, &reach] {
