@@ -3,6 +3,10 @@
 //!
 //! Records are written synchronously, before the decision takes effect: if
 //! the record of an allowed call cannot be written, the call is not made.
+//! The one exception is not a decision: the outcome record of a call that
+//! went well is deferred ([`Audit::defer`]) to go out in the same write as
+//! the next record -- in a peer's back-to-back calls, the next call's
+//! decision -- or before the session next waits for its peer.
 //! They go to journald as native entries (sent by [`crate::journal`]), or
 //! as JSON lines on stderr where no journald runs
 //! (`--audit journald|stderr|auto`). A journal entry has a human-readable
@@ -254,25 +258,36 @@ impl<'a> Record<'a> {
     }
 }
 
-/// The id of one performed call (`call_id`): 128 random bits as 32 hex
-/// digits, on the stack (no allocation per call).
+/// The id of one performed call (`call_id`): 128 bits as 32 hex digits,
+/// on the stack (no allocation per call). The first 64 bits are drawn
+/// from the kernel once per broker process, the last 64 count the calls
+/// it has made: ids are unique within a run and, with overwhelming
+/// probability, across runs, without a `getrandom` system call per call.
+/// Nothing depends on an id being unguessable: it only joins a call's
+/// records, and no caller is ever told it.
 #[derive(Clone, Copy)]
 pub struct CallId([u8; 32]);
 
 impl CallId {
-    /// A fresh id. Should the kernel have no randomness to give, a
-    /// process-wide counter and the clock keep ids distinct.
     pub fn new() -> CallId {
+        static RUN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let run = *RUN.get_or_init(|| {
+            let mut raw = [0u8; 8];
+            if getrandom::fill(&mut raw).is_ok() {
+                u64::from_ne_bytes(raw)
+            } else {
+                // No randomness from the kernel: the start time in
+                // nanoseconds keeps runs apart.
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            }
+        });
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
         let mut raw = [0u8; 16];
-        if getrandom::fill(&mut raw).is_err() {
-            static FALLBACK: AtomicU64 = AtomicU64::new(0);
-            let n = FALLBACK.fetch_add(1, Ordering::Relaxed);
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            raw[..8].copy_from_slice(&n.to_be_bytes());
-            raw[8..].copy_from_slice(&t.to_be_bytes());
-        }
+        raw[..8].copy_from_slice(&run.to_be_bytes());
+        raw[8..].copy_from_slice(&n.to_be_bytes());
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut text = [0u8; 32];
         for (i, byte) in raw.iter().enumerate() {
@@ -685,13 +700,19 @@ pub struct Audit {
     counters: Counters,
 }
 
+/// Deferred records held back at most this many bytes: beyond, the queue
+/// is written at once.
+const DEFERRED_KEPT: usize = 16 * 1024;
+
 #[derive(Debug)]
 enum Sink {
     /// JSON lines on stderr, each encoded into the buffer held with the
-    /// lock (reused: no allocation per record).
+    /// lock (reused: no allocation per record). Deferred lines wait at its
+    /// start, and go out in the same `write` as the next line.
     Stderr(Mutex<Vec<u8>>),
-    /// Native journald entries.
-    Journal(Journal),
+    /// Native journald entries; deferred ones wait, encoded, and go out
+    /// in the same `sendmmsg` as the next entry.
+    Journal(Journal, Mutex<Vec<Vec<u8>>>),
     /// Collected in memory (tests).
     #[cfg(test)]
     Memory(Mutex<Vec<String>>),
@@ -719,7 +740,10 @@ impl Audit {
             path: path.to_owned(),
             source,
         })?;
-        Ok(Audit::with_sink(Sink::Journal(journal)))
+        Ok(Audit::with_sink(Sink::Journal(
+            journal,
+            Mutex::new(Vec::new()),
+        )))
     }
 
     /// The sink `target` names. `Auto` falls back to stderr only when no
@@ -744,24 +768,22 @@ impl Audit {
 
     /// Whether records go to journald.
     pub fn is_journal(&self) -> bool {
-        matches!(self.sink, Sink::Journal(_))
+        matches!(self.sink, Sink::Journal(..))
     }
 
-    /// Write one record. A stderr line goes out in one `write` so records
-    /// from concurrent sessions never interleave; a journal entry is one
-    /// datagram (or one memfd).
+    /// Write one record, and every deferred one before it. A stderr line
+    /// goes out in one `write` with the deferred lines, so records from
+    /// concurrent sessions never interleave; a journal entry is one
+    /// datagram (or one memfd), sent in one `sendmmsg` with the deferred
+    /// ones.
     pub fn record(&self, record: &Record<'_>) -> Result<(), AuditError> {
         let result = match &self.sink {
-            Sink::Stderr(lock) => write_line(lock, record).map_err(|source| AuditError::Write {
-                sink: "stderr".into(),
-                source,
-            }),
-            Sink::Journal(journal) => journal_entry(record)
-                .and_then(|fields| journal.send(&fields))
-                .map_err(|source| AuditError::Write {
-                    sink: format!("the journal ({})", journal.path().display()),
-                    source,
-                }),
+            Sink::Stderr(lock) => write_line(lock, Some(record)).map_err(stderr_error),
+            Sink::Journal(journal, deferred) => journal_entry(record)
+                .and_then(|fields| {
+                    send_deferred(journal, deferred, Some(&journal::encode(&fields)))
+                })
+                .map_err(|source| journal_error(journal, source)),
             #[cfg(test)]
             Sink::Memory(lines) => json_line(record)
                 .map(|line| {
@@ -782,6 +804,64 @@ impl Audit {
             }
         }
         result
+    }
+
+    /// Queue a record that is not a decision (the outcome of a call that
+    /// went well) to go out in the same write as the next record, instead
+    /// of a write of its own. Whoever defers must [`Audit::flush`] before
+    /// it waits for anything: a session flushes before it waits for its
+    /// peer's next message, so a record waits only while the broker is
+    /// busy with a message already there (a peer making calls back to
+    /// back), and a queue past 16 KiB is written at once. A decision is
+    /// never deferred: it is written before what it allows happens.
+    pub fn defer(&self, record: &Record<'_>) {
+        let queued = match &self.sink {
+            Sink::Stderr(lock) => {
+                let mut line = lock.lock().unwrap_or_else(|p| p.into_inner());
+                write_json_line(&mut line, now(), record).is_ok() && line.len() <= DEFERRED_KEPT
+            }
+            Sink::Journal(_, deferred) => {
+                let mut deferred = deferred.lock().unwrap_or_else(|p| p.into_inner());
+                match journal_entry(record) {
+                    Ok(fields) => {
+                        deferred.push(journal::encode(&fields));
+                        deferred.iter().map(Vec::len).sum::<usize>() <= DEFERRED_KEPT
+                            && deferred.len() < journal::BATCH
+                    }
+                    Err(_) => false,
+                }
+            }
+            #[cfg(test)]
+            Sink::Memory(_) => {
+                let _ = self.record(record);
+                return;
+            }
+        };
+        if !queued {
+            // Too much waiting, or the record could not be encoded: write
+            // now, and report a failure like any record's.
+            self.flush();
+        }
+    }
+
+    /// Write the deferred records now. A failure is reported on stderr,
+    /// with the records, like [`Audit::must_record`]'s.
+    pub fn flush(&self) {
+        let result = match &self.sink {
+            Sink::Stderr(lock) => write_line(lock, None).map_err(stderr_error),
+            Sink::Journal(journal, deferred) => {
+                send_deferred(journal, deferred, None).map_err(|e| journal_error(journal, e))
+            }
+            #[cfg(test)]
+            Sink::Memory(_) => Ok(()),
+        };
+        if let Err(e) = result {
+            self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+            let _ = writeln!(
+                io::stderr().lock(),
+                "keyward-broker: {e} (writing deferred records)"
+            );
+        }
     }
 
     /// Record, and if that fails report it and write the record to stderr
@@ -840,14 +920,64 @@ fn now() -> f64 {
 /// not one that an unusually long record grew beyond this.
 const LINE_BUFFER_KEPT: usize = 16 * 1024;
 
-fn write_line(buffer: &Mutex<Vec<u8>>, record: &Record<'_>) -> io::Result<()> {
+/// Write the deferred lines in `buffer` and then `record`'s, in one
+/// `write`; the buffer is left empty either way.
+fn write_line(buffer: &Mutex<Vec<u8>>, record: Option<&Record<'_>>) -> io::Result<()> {
     let mut line = buffer.lock().unwrap_or_else(|p| p.into_inner());
+    let written = match record {
+        Some(record) => write_json_line(&mut line, now(), record),
+        None => Ok(()),
+    }
+    .and_then(|()| match line.is_empty() {
+        true => Ok(()),
+        false => io::stderr().lock().write_all(&line),
+    });
     line.clear();
     if line.capacity() > LINE_BUFFER_KEPT {
         line.shrink_to(LINE_BUFFER_KEPT);
     }
-    write_json_line(&mut line, now(), record)?;
-    io::stderr().lock().write_all(&line)
+    written
+}
+
+/// Send the deferred journal entries, then `entry`, in one `sendmmsg`.
+/// The queue is taken first and sent without the lock held: a slow
+/// journal stalls only the sessions that write, not every one that
+/// queues. Deferred entries the journal did not take go to stderr, one
+/// field a line (JSON lines cannot be rebuilt from them); the caller
+/// reports the error, and `entry` itself, as for any record.
+fn send_deferred(
+    journal: &Journal,
+    deferred: &Mutex<Vec<Vec<u8>>>,
+    entry: Option<&[u8]>,
+) -> io::Result<()> {
+    let before = std::mem::take(&mut *deferred.lock().unwrap_or_else(|p| p.into_inner()));
+    let sent = match (entry, before.split_last()) {
+        (Some(entry), _) => journal.send_all(&before, entry),
+        (None, Some((last, rest))) => journal.send_all(rest, last),
+        (None, None) => return Ok(()),
+    };
+    if sent.is_err() {
+        let mut stderr = io::stderr().lock();
+        for entry in &before {
+            let _ = stderr.write_all(entry);
+            let _ = stderr.write_all(b"\n");
+        }
+    }
+    sent
+}
+
+fn stderr_error(source: io::Error) -> AuditError {
+    AuditError::Write {
+        sink: "stderr".into(),
+        source,
+    }
+}
+
+fn journal_error(journal: &Journal, source: io::Error) -> AuditError {
+    AuditError::Write {
+        sink: format!("the journal ({})", journal.path().display()),
+        source,
+    }
 }
 
 /// Append the JSON line of `record` to `out`: `{"ts":...,` then the
@@ -858,32 +988,121 @@ fn write_line(buffer: &Mutex<Vec<u8>>, record: &Record<'_>) -> io::Result<()> {
 /// Strings and numbers are written by serde_json (its escaping), into
 /// `out` directly.
 fn write_json_line(out: &mut Vec<u8>, ts: f64, record: &Record<'_>) -> io::Result<()> {
+    // Every field by name, so a field added to `Record` does not compile
+    // until it is written here too; the keys are constants, so copying
+    // them compiles to a few moves (this runs twice per call).
+    let &Record {
+        event,
+        decision,
+        tool,
+        principal,
+        peer_pid,
+        peer_uid,
+        peer_gid,
+        reason,
+        status,
+        token_id,
+        task,
+        call_hash,
+        call_id,
+        parent_token_id,
+        bytes,
+        duration_ms,
+        withheld,
+        version,
+        config,
+        socket,
+    } = record;
+    // Room for a typical record, so the pushes below do not grow it.
+    out.reserve(512);
     out.extend_from_slice(b"{\"ts\":");
     serde_json::to_writer(&mut *out, &ts).map_err(io::Error::other)?;
-    for (name, _, value) in fields(record) {
-        let Some(value) = value else { continue };
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\":");
-        match value {
-            // A string with nothing to escape (no control character,
-            // quote or backslash: what serde_json escapes) is copied as
-            // it is.
-            Field::Text(text) if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') => {
-                out.push(b'"');
-                out.extend_from_slice(text.as_bytes());
-                out.push(b'"');
-            }
-            Field::Text(text) => {
-                serde_json::to_writer(&mut *out, text).map_err(io::Error::other)?
-            }
-            Field::Number(n) => serde_json::to_writer(&mut *out, &n).map_err(io::Error::other)?,
-            Field::Unsigned(n) => serde_json::to_writer(&mut *out, &n).map_err(io::Error::other)?,
-            Field::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+    let mut line = JsonLine {
+        out,
+        digits: itoa::Buffer::new(),
+    };
+    line.text(b",\"event\":", Some(event_name(event)))?;
+    line.text(b",\"decision\":", Some(decision_name(decision)))?;
+    line.text(b",\"tool\":", tool)?;
+    line.text(b",\"principal\":", principal)?;
+    line.number(b",\"peer_pid\":", peer_pid);
+    line.number(b",\"peer_uid\":", peer_uid);
+    line.number(b",\"peer_gid\":", peer_gid);
+    line.text(b",\"reason\":", reason)?;
+    line.number(b",\"status\":", status);
+    line.text(b",\"token_id\":", token_id)?;
+    line.text(b",\"task\":", task)?;
+    line.text(b",\"call_hash\":", call_hash)?;
+    line.text(b",\"call_id\":", call_id)?;
+    line.text(b",\"parent_token_id\":", parent_token_id)?;
+    line.number(b",\"bytes\":", bytes);
+    line.number(b",\"duration_ms\":", duration_ms);
+    if let Some(withheld) = withheld {
+        line.out.extend_from_slice(b",\"withheld\":");
+        line.out
+            .extend_from_slice(if withheld { b"true" } else { b"false" });
+    }
+    line.text(b",\"version\":", version)?;
+    line.text(b",\"config\":", config)?;
+    line.text(b",\"socket\":", socket)?;
+    line.out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// A JSON line being written: `,"key":value` per present field.
+struct JsonLine<'o> {
+    out: &'o mut Vec<u8>,
+    digits: itoa::Buffer,
+}
+
+impl JsonLine<'_> {
+    #[inline(always)]
+    fn text(&mut self, key: &[u8], value: Option<&str>) -> io::Result<()> {
+        let Some(text) = value else { return Ok(()) };
+        self.out.extend_from_slice(key);
+        if needs_escape(text.as_bytes()) {
+            // serde_json's escaping, for the rare string that needs it.
+            serde_json::to_writer(&mut *self.out, text).map_err(io::Error::other)
+        } else {
+            self.out.push(b'"');
+            self.out.extend_from_slice(text.as_bytes());
+            self.out.push(b'"');
+            Ok(())
         }
     }
-    out.extend_from_slice(b"}\n");
-    Ok(())
+
+    #[inline(always)]
+    fn number(&mut self, key: &[u8], value: Option<impl itoa::Integer>) {
+        if let Some(n) = value {
+            self.out.extend_from_slice(key);
+            self.out.extend_from_slice(self.digits.format(n).as_bytes());
+        }
+    }
+}
+
+/// Whether JSON needs any byte of `text` escaped: a control character
+/// (below 0x20), `"` or `\\`. Eight bytes at a time (the classic
+/// "has a byte less than / equal to" word tricks, exact as a yes/no).
+fn needs_escape(text: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH != 0;
+    let mut words = text.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_ne_bytes(word);
+        if w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0
+            || has_zero(w ^ (ONES * u64::from(b'"')))
+            || has_zero(w ^ (ONES * u64::from(b'\\')))
+        {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 #[cfg(test)]
@@ -899,7 +1118,7 @@ pub(crate) mod test_util {
         pub(crate) fn lines(&self) -> Vec<String> {
             match &self.sink {
                 Sink::Memory(lines) => lines.lock().unwrap().clone(),
-                Sink::Stderr(_) | Sink::Journal(_) => Vec::new(),
+                Sink::Stderr(_) | Sink::Journal(..) => Vec::new(),
             }
         }
     }
@@ -1150,6 +1369,69 @@ pub(crate) mod test_util {
                 );
             }
         }
+    }
+
+    #[test]
+    fn needs_escape_answers_as_a_byte_by_byte_check_does() {
+        let naive = |t: &[u8]| t.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+        // Every byte value at every position of words and remainders,
+        // next to bytes that could carry a borrow (0x00, 0x7f, 0xff).
+        for len in 0..20 {
+            for at in 0..len {
+                for odd in 0..=255u8 {
+                    for around in [b'a', 0x20, 0x7f, 0x80, 0xff] {
+                        let mut text = vec![around; len];
+                        text[at] = odd;
+                        assert_eq!(needs_escape(&text), naive(&text), "{text:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_deferred_record_goes_out_before_the_next_one_and_on_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socket");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let audit = Audit::journald(&path).unwrap();
+        let mut buf = vec![0u8; 4096];
+        server.recv(&mut buf).unwrap();
+        let event_of = |entry: &[u8]| {
+            let text = String::from_utf8_lossy(entry).into_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix("KEYWARD_EVENT=").map(str::to_owned))
+                .unwrap()
+        };
+
+        audit.defer(&Record::new(Event::Outcome, Decision::Info).call_id("c1"));
+        assert!(server.recv(&mut buf).is_err(), "deferred: not sent yet");
+        audit
+            .record(&Record::new(Event::Call, Decision::Allow).call_id("c2"))
+            .unwrap();
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(event_of(&buf[..n]), "outcome", "the deferred one first");
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(event_of(&buf[..n]), "call");
+        assert!(server.recv(&mut buf).is_err());
+
+        audit.defer(&Record::new(Event::Outcome, Decision::Info).call_id("c3"));
+        audit.flush();
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(event_of(&buf[..n]), "outcome");
+        audit.flush();
+        assert!(
+            server.recv(&mut buf).is_err(),
+            "a flush with nothing queued sends nothing"
+        );
+
+        // A queue past its bound is written at once.
+        let reason = "r".repeat(DEFERRED_KEPT);
+        audit.defer(&Record::new(Event::Outcome, Decision::Info).reason(&reason));
+        let mut big = vec![0u8; 2 * DEFERRED_KEPT];
+        let n = server.recv(&mut big).unwrap();
+        assert_eq!(event_of(&big[..n]), "outcome");
     }
 
     #[test]

@@ -25,6 +25,9 @@ use nix::sys::socket::{
 /// Where journald listens for native-protocol entries.
 pub const SOCKET: &str = "/run/systemd/journal/socket";
 
+/// Entries sent in one `sendmmsg` at most.
+pub const BATCH: usize = 32;
+
 /// How long one entry may wait for room in journald's socket buffer
 /// before the write counts as failed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,13 +73,60 @@ impl Journal {
     /// Send one entry, through a sealed memfd if it is too large for a
     /// datagram.
     pub fn send(&self, fields: &[(String, Vec<u8>)]) -> io::Result<()> {
-        let payload = encode(fields);
-        match self.send_datagram(&payload) {
+        self.send_entry(&encode(fields))
+    }
+
+    /// Send one [`encode`]d entry: a datagram, or a memfd when it is too
+    /// large for one.
+    fn send_entry(&self, payload: &[u8]) -> io::Result<()> {
+        match self.send_datagram(payload) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMSGSIZE | libc::ENOBUFS)) => {
-                self.send_memfd(&payload)
+                self.send_memfd(payload)
             }
             other => other,
         }
+    }
+
+    /// Send the [`encode`]d entries `before` and then `entry`, in order,
+    /// in one `sendmmsg` (at most [`BATCH`] at a time); any the kernel did
+    /// not take that way (one too large for a datagram) go one by one.
+    pub fn send_all(&self, before: &[Vec<u8>], entry: &[u8]) -> io::Result<()> {
+        use nix::sys::socket::{sendmmsg, MultiHeaders};
+        if before.is_empty() {
+            return self.send_entry(entry);
+        }
+        let entries: Vec<&[u8]> = before
+            .iter()
+            .map(Vec::as_slice)
+            .chain(std::iter::once(entry))
+            .collect();
+        let mut done = 0;
+        for batch in entries.chunks(BATCH) {
+            let slices: Vec<[IoSlice<'_>; 1]> = batch.iter().map(|e| [IoSlice::new(e)]).collect();
+            let addrs: Vec<Option<UnixAddr>> = vec![Some(self.addr); batch.len()];
+            let mut headers = MultiHeaders::<UnixAddr>::preallocate(batch.len(), None);
+            let sent = loop {
+                match sendmmsg(
+                    self.fd.as_raw_fd(),
+                    &mut headers,
+                    &slices,
+                    &addrs,
+                    [],
+                    MsgFlags::MSG_NOSIGNAL,
+                ) {
+                    Ok(results) => break results.count(),
+                    Err(nix::Error::EINTR) => continue,
+                    // The first entry did not go: it goes on its own below.
+                    Err(_) => break 0,
+                }
+            };
+            for rest in batch.get(sent..).unwrap_or_default() {
+                self.send_entry(rest)?;
+            }
+            done += batch.len();
+        }
+        debug_assert_eq!(done, entries.len());
+        Ok(())
     }
 
     fn send_datagram(&self, payload: &[u8]) -> io::Result<()> {
@@ -198,6 +248,50 @@ mod tests {
         let content = recv_memfd(&server);
         assert_eq!(content.len(), big.len() + 9);
         assert!(content.starts_with(b"MESSAGE=xxx"));
+    }
+
+    #[test]
+    fn entries_sent_together_arrive_in_order_and_a_large_one_by_memfd() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socket");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let journal = Journal::open(&path).unwrap();
+        let mut buf = vec![0u8; 64];
+        server.recv(&mut buf).unwrap();
+
+        let entry = |m: &str| encode(&[("MESSAGE".to_owned(), m.as_bytes().to_vec())]);
+        let big = encode(&[("MESSAGE".to_owned(), vec![b'x'; 4 << 20])]);
+        // More than one sendmmsg batch, with a too-large entry in the middle.
+        let mut before: Vec<Vec<u8>> = (0..BATCH + 3).map(|i| entry(&format!("m{i}"))).collect();
+        before.insert(5, big.clone());
+        let want: Vec<Vec<u8>> = before.iter().cloned().chain([entry("last")]).collect();
+        // A reader, as journald is: a datagram socket's queue is short.
+        let reader = {
+            let server = server.try_clone().unwrap();
+            let count = want.len();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 64];
+                while got.len() < count {
+                    match got.len() {
+                        5 => got.push(recv_memfd(&server)),
+                        _ => {
+                            let n = server.recv(&mut buf).unwrap();
+                            got.push(buf[..n].to_vec());
+                        }
+                    }
+                }
+                got
+            })
+        };
+        journal.send_all(&before, &entry("last")).unwrap();
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+            assert!(got == want, "entry {i}");
+        }
+        server.set_nonblocking(true).unwrap();
+        assert!(server.recv(&mut buf).is_err(), "nothing more");
     }
 
     /// Receive an empty datagram carrying one fd; read what it holds.

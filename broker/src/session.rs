@@ -129,6 +129,7 @@ async fn serve_connection(
             stopping: closing.clone(),
         },
         sender_pid: 0,
+        deferred: false,
         slot,
         _channel_slot: channel_slot,
     };
@@ -150,12 +151,16 @@ async fn serve_connection(
         };
         let received = match queued {
             Some(r) => r.ok().filter(|r| !closed(r)),
-            None => tokio::select! {
-                biased;
-                () = &mut stopped => break,
-                () = &mut exited => break,
-                r = recv_within(&session, &mut buf) => r,
-            },
+            None => {
+                // Nothing of ours waits in the audit queue while we do.
+                session.flush_deferred();
+                tokio::select! {
+                    biased;
+                    () = &mut stopped => break,
+                    () = &mut exited => break,
+                    r = recv_within(&session, &mut buf) => r,
+                }
+            }
         };
         let Some(received) = received else { break };
         match session.handle(received, &buf).await {
@@ -163,6 +168,7 @@ async fn serve_connection(
             Next::Close => break,
         }
     }
+    session.flush_deferred();
 }
 
 /// Admit a new connection by its peer's uid (`SO_PEERCRED`), or refuse
@@ -230,6 +236,9 @@ struct Session {
     /// Pid of the current message's sender (on a bound connection, any
     /// process of the sandbox), for the audit records.
     sender_pid: i32,
+    /// Whether this session has deferred an audit record
+    /// ([`crate::audit::Audit::defer`]) that may not have been written.
+    deferred: bool,
     /// This session's admission slot (counted against its token once bound).
     slot: SessionSlot,
     /// A channel's slot in the session it was passed over.
@@ -441,13 +450,16 @@ impl Session {
                 let (status, body_len) = (result.status, result.body.len() as u64);
                 match encode(&Response::Done(result)) {
                     Ok(bytes) => {
-                        // Recorded before the reply goes out, like every
-                        // record of a decision.
-                        self.audit_token(
+                        // Not a decision: it goes out with the next record
+                        // written (see `Audit::defer`), not in a write of
+                        // its own before the reply.
+                        self.deferred = true;
+                        self.with_token(
                             outcome(Decision::Info)
                                 .status(status)
                                 .bytes(body_len)
                                 .withheld(false),
+                            crate::audit::Audit::defer,
                         );
                         self.send_encoded(&bytes).await
                     }
@@ -536,15 +548,32 @@ impl Session {
     }
 
     fn must_audit_token(&self, record: Record<'_>) -> Result<(), crate::audit::AuditError> {
+        self.with_token(record, crate::audit::Audit::must_record)
+    }
+
+    /// `write` the record, with the bound token's id, task and ancestors
+    /// when there is one.
+    fn with_token<T>(
+        &self,
+        record: Record<'_>,
+        write: impl FnOnce(&crate::audit::Audit, &Record<'_>) -> T,
+    ) -> T {
         match &self.bound {
             Some(bound) => {
                 let mut record = record.token(&bound.id_hex).task(&bound.task_hex);
                 if !bound.parents_hex.is_empty() {
                     record = record.parent_token(&bound.parents_hex);
                 }
-                self.broker.audit.must_record(&record)
+                write(&self.broker.audit, &record)
             }
-            None => self.broker.audit.must_record(&record),
+            None => write(&self.broker.audit, &record),
+        }
+    }
+
+    /// Write what this session deferred, if anything.
+    fn flush_deferred(&mut self) {
+        if std::mem::take(&mut self.deferred) {
+            self.broker.audit.flush();
         }
     }
 

@@ -101,12 +101,13 @@ impl Session {
                 return self.deny_gateway(&gateway.name, reason).await;
             }
         };
-        let call_id = new_call_id();
+        let call_id = crate::audit::CallId::new();
+        let call_id = call_id.as_str();
         let mut allowed = self
             .record(Event::Call, Decision::Allow)
             .tool(&gateway.name)
             .principal(&authorized.principal)
-            .call_id(&call_id);
+            .call_id(call_id);
         let call_hash = self
             .bound
             .as_ref()
@@ -132,7 +133,7 @@ impl Session {
                 let ms = elapsed_ms(started);
                 self.audit_token(
                     outcome(self, Decision::Error)
-                        .call_id(&call_id)
+                        .call_id(call_id)
                         .duration_ms(ms)
                         .reason(&reason),
                 );
@@ -150,7 +151,7 @@ impl Session {
                 let withheld = matches!(e, ForwardError::Withheld(_));
                 self.audit_token(
                     outcome(self, Decision::Error)
-                        .call_id(&call_id)
+                        .call_id(call_id)
                         .duration_ms(elapsed_ms(started))
                         .withheld(withheld)
                         .reason(&reason),
@@ -209,7 +210,7 @@ impl Session {
                 Decision::Info
             },
         )
-        .call_id(&call_id)
+        .call_id(call_id)
         .status(status)
         .bytes(opened.bytes)
         .duration_ms(elapsed_ms(started));
@@ -293,14 +294,6 @@ impl Session {
         self.send(&Response::Denied(keyward_proto::Denial { reason }))
             .await
     }
-}
-
-fn new_call_id() -> String {
-    let mut id = [0u8; 16];
-    // A failure leaves zeros: the id then only fails to be unique, and
-    // the record still joins by token and time.
-    let _ = getrandom::fill(&mut id);
-    hex(&id)
 }
 
 fn elapsed_ms(started: Instant) -> u64 {
