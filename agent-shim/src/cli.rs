@@ -86,9 +86,12 @@ enum Command {
         #[command(flatten)]
         constraints: ConstraintArgs,
     },
-    /// List the tools you (or the token) may call, with their constraints.
+    /// List the tools you (or the token) may call, with their constraints,
+    /// then the gateways you may reach (`gateway NAME: ...`; a program
+    /// reaches one over HTTP through `agent-shim run --gateway NAME`).
     Tools {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (each entry with its "kind":
+        /// "tool" or "gateway").
         #[arg(long, conflicts_with = "json_schema")]
         json: bool,
         /// Print each tool's name, description and input JSON Schema (as
@@ -112,7 +115,8 @@ enum Command {
     /// Protocol server on stdin/stdout, until stdin closes.
     ///
     /// `tools/list` gives each tool an input JSON Schema built from the
-    /// policy and narrowed by the token; `tools/call` has the broker
+    /// policy and narrowed by the token (gateways are not tools and are
+    /// not listed); `tools/call` has the broker
     /// perform the call and returns the body, or the denial as an error
     /// result. Inside `agent-shim run` it uses the bound session
     /// ($KEYWARD_FD); elsewhere it binds the token, or acts as the

@@ -256,6 +256,25 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Decoding in either version never panics on any bytes.
+        #[test]
+        fn arbitrary_bytes_never_panic_in_any_version(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)
+        ) {
+            let _ = decode_response(&bytes, 2);
+            let _ = decode_response(&bytes, 3);
+        }
+
+        /// Every truncation of a version-2 tool list fails cleanly.
+        #[test]
+        fn truncated_version_2_tool_lists_fail(cut in 0usize..6) {
+            let mut out = Vec::new();
+            encode_response(&tool_list(), 2, &mut out).unwrap();
+            proptest::prop_assert!(decode_response(&out[..cut], 2).is_err());
+        }
+    }
+
     #[test]
     fn newer_messages_have_no_older_encoding() {
         let mut out = vec![1, 2, 3];
