@@ -62,7 +62,8 @@ enum Command {
     /// Show the running broker's state: version, uptime, the policy in
     /// force (loaded at, blake3 of its file), open sessions per uid, live
     /// tokens, call counts, and each credential's name and state (never a
-    /// value). Root or admin_uids only; exits 3 if the broker refuses.
+    /// value). Root, admin_uids or the broker's own uid only; exits 3 if
+    /// the broker refuses.
     Status {
         /// Configuration file (names the socket; default: $KEYWARD_SOCKET
         /// or /run/keyward/broker.sock).
@@ -73,8 +74,8 @@ enum Command {
         json: bool,
     },
     /// List the live tokens the running broker issued: id, issuer,
-    /// audience, task hash, uses, expiry. Root or admin_uids only; exits 3
-    /// if the broker refuses.
+    /// audience, task hash, uses, expiry. Root, admin_uids or the broker's
+    /// own uid only; exits 3 if the broker refuses.
     Tokens {
         /// Configuration file (names the socket; default: $KEYWARD_SOCKET
         /// or /run/keyward/broker.sock).

@@ -215,6 +215,7 @@ auth = { bearer = true }
         let policy = broker.policy();
         assert!(is_admin(&policy, 0));
         assert!(is_admin(&policy, 900));
+        assert!(is_admin(&policy, nix::unistd::geteuid().as_raw()));
         assert!(!is_admin(&policy, 1000));
         assert!(!is_admin(&policy, 901));
     }
