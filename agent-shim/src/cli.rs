@@ -15,7 +15,7 @@ use zeroize::Zeroize as _;
 use crate::client::{socket_path, Client, ClientError, KEYWARD_FD_ENV};
 use crate::grant::{attenuate_request, mint_request, ConstraintArgs};
 use crate::sandbox::{read_token, Token, TokenSource};
-use keyward_proto::{CallResult, Request, Response, ToolInfo};
+use keyward_proto::{CallResult, Request, Response, ToolInfo, ToolKind};
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_DENIED: u8 = 3;
@@ -86,9 +86,12 @@ enum Command {
         #[command(flatten)]
         constraints: ConstraintArgs,
     },
-    /// List the tools you (or the token) may call, with their constraints.
+    /// List the tools you (or the token) may call, with their constraints,
+    /// then the gateways you may reach (`gateway NAME: ...`; a program
+    /// reaches one over HTTP through `agent-shim run --gateway NAME`).
     Tools {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (each entry with its "kind":
+        /// "tool" or "gateway").
         #[arg(long, conflicts_with = "json_schema")]
         json: bool,
         /// Print each tool's name, description and input JSON Schema (as
@@ -112,7 +115,8 @@ enum Command {
     /// Protocol server on stdin/stdout, until stdin closes.
     ///
     /// `tools/list` gives each tool an input JSON Schema built from the
-    /// policy and narrowed by the token; `tools/call` has the broker
+    /// policy and narrowed by the token (gateways are not tools and are
+    /// not listed); `tools/call` has the broker
     /// perform the call and returns the body, or the denial as an error
     /// result. Inside `agent-shim run` it uses the bound session
     /// ($KEYWARD_FD); elsewhere it binds the token, or acts as the
@@ -632,6 +636,7 @@ fn tools(token: Option<&Token>, json: bool, json_schema: bool) -> ExitCode {
 fn tool_json(tool: &ToolInfo) -> serde_json::Value {
     serde_json::json!({
         "name": tool.name,
+        "kind": kind_name(tool.kind),
         "description": tool.description,
         "params": tool.params.iter().map(|p| serde_json::json!({
             "name": p.name,
@@ -643,6 +648,14 @@ fn tool_json(tool: &ToolInfo) -> serde_json::Value {
     })
 }
 
+/// `tool` or `gateway`, as `tools --json` says it.
+fn kind_name(kind: ToolKind) -> &'static str {
+    match kind {
+        ToolKind::Tool => "tool",
+        ToolKind::Gateway => "gateway",
+    }
+}
+
 fn value_json(value: &keyward_proto::Value) -> serde_json::Value {
     match value {
         keyward_proto::Value::Str(s) => s.as_str().into(),
@@ -652,7 +665,9 @@ fn value_json(value: &keyward_proto::Value) -> serde_json::Value {
 }
 
 /// Each tool with its description, then one line per parameter: name,
-/// type, `required` or its default, and every rule.
+/// type, `required` or its default, and every rule; then each gateway
+/// (`gateway NAME: ...`, with how to reach it), its `method` and `path`
+/// the same way.
 fn print_tool_table(tools: &[ToolInfo]) {
     print!("{}", tool_table(tools));
 }
@@ -676,13 +691,22 @@ fn tool_table(tools: &[ToolInfo]) -> String {
     let ty_w = width(&|p| p.ty.len(), 4);
     let default_w = width(&|p| shown_default(p).len(), 8);
     let mut out = String::new();
-    for tool in tools {
+    let (callable, gateways): (Vec<&ToolInfo>, Vec<&ToolInfo>) =
+        tools.iter().partition(|t| t.kind == ToolKind::Tool);
+    for tool in callable.into_iter().chain(gateways) {
         let description = if tool.description.is_empty() {
             "(no description)"
         } else {
             tool.description.as_str()
         };
-        out.push_str(&format!("{}: {description}\n", tool.name));
+        match tool.kind {
+            ToolKind::Tool => out.push_str(&format!("{}: {description}\n", tool.name)),
+            ToolKind::Gateway => out.push_str(&format!(
+                "gateway {}: {description}\n    (not a tool: a program reaches it over HTTP \
+                 with agent-shim run --gateway {})\n",
+                tool.name, tool.name
+            )),
+        }
         if tool.params.is_empty() {
             out.push_str("    (no parameters)\n");
         }

@@ -5,7 +5,8 @@
 //!
 //! `tools/list` asks the broker what this connection may call, every time
 //! (a revoked token or a reloaded policy shows at once), with input
-//! schemas from [`crate::schema`]. `tools/call` sends the arguments as
+//! schemas from [`crate::schema`]; gateways the connection may use are not
+//! tools and are left out. `tools/call` sends the arguments as
 //! typed values (numbers stay numbers, so the broker's type checks judge
 //! what the model sent) and returns the body as text, a JSON object body
 //! also as structured content; a denial or an upstream status of 400 or
@@ -28,7 +29,7 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt as _};
 use keyward_proto::{CallResult, Param, Request, Response, ToolInfo, Value};
 
 use crate::client::{Client, ClientError};
-use crate::schema::input_schema;
+use crate::schema::{callable, input_schema};
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +109,7 @@ impl ServerHandler for Server {
     ) -> Result<ListToolsResult, McpError> {
         let tools = self.tools().await?;
         Ok(ListToolsResult::with_all_items(
-            tools.iter().map(mcp_tool).collect(),
+            callable(&tools).map(mcp_tool).collect(),
         ))
     }
 

@@ -17,7 +17,7 @@
 //! ECMA-262, Python and Rust all accept escaped.
 
 use keyward_proto::token::Constraint;
-use keyward_proto::{Check, ParamInfo, ToolInfo, Value};
+use keyward_proto::{Check, ParamInfo, ToolInfo, ToolKind, Value};
 use serde_json::{json, Map, Value as Json};
 
 /// A `path` value: one or more non-empty segments joined by `/`.
@@ -42,11 +42,10 @@ pub fn input_schema(tool: &ToolInfo) -> Map<String, Json> {
 }
 
 /// `tools --json-schema`: every tool with its name, description and
-/// input schema, as MCP lists them.
+/// input schema, as MCP lists them (gateways left out).
 pub fn tools_json(tools: &[ToolInfo]) -> Json {
     Json::Array(
-        tools
-            .iter()
+        callable(tools)
             .map(|tool| {
                 json!({
                     "name": tool.name,
@@ -56,6 +55,12 @@ pub fn tools_json(tools: &[ToolInfo]) -> Json {
             })
             .collect(),
     )
+}
+
+/// The entries a `Call` can perform: tools, not gateways (a program
+/// reaches those over HTTP through `agent-shim run --gateway`).
+pub fn callable(tools: &[ToolInfo]) -> impl Iterator<Item = &ToolInfo> {
+    tools.iter().filter(|t| t.kind == ToolKind::Tool)
 }
 
 /// A wire value as JSON.

@@ -120,7 +120,51 @@ pub enum UnitChoice {
     Skip,
 }
 
-pub fn run_check(path: &Path, with_credentials: bool, unit: &UnitChoice) -> Result<(), Error> {
+/// How long `check --reload` waits for the running broker's status.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The credentials the running broker at the configuration's socket (or
+/// `$KEYWARD_SOCKET`) holds, by its `Status`; or why it could not say.
+fn running_credentials(source: &Source) -> Result<Vec<unit::Running>, String> {
+    use keyward_proto::{Request, Response};
+    let socket = keyward_client::socket_path_or(source.config.broker.socket.clone());
+    let why = |reason: String| {
+        format!(
+            "cannot ask the running broker at {} which credentials it loaded (a reload \
+             cannot add one): {reason}",
+            socket.display()
+        )
+    };
+    let reply =
+        keyward_client::Client::connect_within(&socket, STATUS_TIMEOUT).and_then(|mut client| {
+            client.set_reply_timeout(STATUS_TIMEOUT)?;
+            client.request(&Request::Status)
+        });
+    match reply {
+        Ok(Response::Status(report)) => Ok(report
+            .credentials
+            .into_iter()
+            .map(|c| unit::Running {
+                loaded: !crate::status::is_not_loaded(&c.state),
+                name: c.name,
+            })
+            .collect()),
+        Ok(Response::Denied(d)) => Err(why(d.reason)),
+        Ok(Response::Error(e)) => Err(why(e.message)),
+        Ok(other) => Err(why(format!("unexpected reply {other:?}"))),
+        Err(e) => Err(why(e.to_string())),
+    }
+}
+
+/// `check`: the configuration and policy; the service unit per `unit`;
+/// with `with_credentials`, the credentials loaded; with `reload` (the
+/// unit's `ExecReload=`), what the running broker would refuse to reload.
+pub fn run_check(
+    path: &Path,
+    with_credentials: bool,
+    unit: &UnitChoice,
+    reload: bool,
+) -> Result<(), Error> {
     let source = Source::load(path)?;
     let policy = Policy::compile(&source).map_err(Error::Policy)?;
     for warning in warnings::config_warnings(&source) {
@@ -145,6 +189,26 @@ pub fn run_check(path: &Path, with_credentials: bool, unit: &UnitChoice) -> Resu
     // of /proc the broker makes at start.
     if let Err(e) = peer::check_pinning() {
         unit_errors.push(e.to_string());
+    }
+    if reload {
+        match running_credentials(&source) {
+            Ok(running) => {
+                // Where the next start reads the files, if this process
+                // is told (systemd 254 and later hand ExecReload= the
+                // service's $CREDENTIALS_DIRECTORY).
+                let dir = credential::Credentials::directory(
+                    source.config.broker.credentials_dir.as_deref(),
+                )
+                .ok();
+                unit_errors.extend(unit::compare_running(
+                    &source,
+                    &policy,
+                    &running,
+                    dir.as_deref(),
+                ));
+            }
+            Err(reason) => unit_errors.push(reason),
+        }
     }
     if !unit_errors.is_empty() {
         return Err(Error::Unit(unit_errors));

@@ -62,7 +62,8 @@ enum Command {
     /// Show the running broker's state: version, uptime, the policy in
     /// force (loaded at, blake3 of its file), open sessions per uid, live
     /// tokens, call counts, and each credential's name and state (never a
-    /// value). Root or admin_uids only; exits 3 if the broker refuses.
+    /// value). Root, admin_uids or the broker's own uid only; exits 3 if
+    /// the broker refuses.
     Status {
         /// Configuration file (names the socket; default: $KEYWARD_SOCKET
         /// or /run/keyward/broker.sock).
@@ -73,8 +74,8 @@ enum Command {
         json: bool,
     },
     /// List the live tokens the running broker issued: id, issuer,
-    /// audience, task hash, uses, expiry. Root or admin_uids only; exits 3
-    /// if the broker refuses.
+    /// audience, task hash, uses, expiry. Root, admin_uids or the broker's
+    /// own uid only; exits 3 if the broker refuses.
     Tokens {
         /// Configuration file (names the socket; default: $KEYWARD_SOCKET
         /// or /run/keyward/broker.sock).
@@ -109,6 +110,15 @@ enum Command {
         /// Do not compare with any unit.
         #[arg(long)]
         no_unit: bool,
+        /// Check as before a reload (the unit's ExecReload= runs this):
+        /// also ask the running broker (at the configuration's socket, or
+        /// $KEYWARD_SOCKET; as root, an admin_uids uid or the broker's own)
+        /// which credentials it loaded at start, and fail on each
+        /// credential a tool uses that it did not load (a reload never
+        /// loads one: restart instead), or whose file is no longer in the
+        /// credentials directory. Also fails if the broker cannot be asked.
+        #[arg(long)]
+        reload: bool,
     },
     /// Write the man pages (keyward-broker(8), one per subcommand,
     /// broker.toml(5)) and the bash, zsh and fish completions under DIR
@@ -152,13 +162,14 @@ fn main() -> ExitCode {
             credentials,
             unit,
             no_unit,
+            reload,
         } => {
             let unit = match (unit, no_unit) {
                 (Some(path), _) => UnitChoice::Path(path),
                 (None, true) => UnitChoice::Skip,
                 (None, false) => UnitChoice::Default,
             };
-            run_check(&config, credentials, &unit)
+            run_check(&config, credentials, &unit, reload)
         }
         Command::Pubkey { config } => run_pubkey(&config),
         Command::GenerateDocs { out } => generate_docs(&out),

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use keyward_proto::token::hex;
 use keyward_proto::{
     decode, encode, Attenuate, Bind, Bound, Call, Denial, ErrorCode, ErrorReply, Hello, Mint,
-    Request, Response, Revoke, Revoked, ToolList, PROTOCOL_VERSION,
+    Request, Response, Revoke, Revoked, ToolList, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::audit::{CallId, Decision, Event, Record};
@@ -123,6 +123,7 @@ async fn serve_connection(
         broker,
         peer: Arc::clone(&peer),
         greeted: false,
+        version: PROTOCOL_VERSION,
         bound,
         sessions: Sessions {
             tracker: sessions.tracker.clone(),
@@ -230,6 +231,8 @@ struct Session {
     broker: Arc<Broker>,
     peer: Arc<Peer>,
     greeted: bool,
+    /// The protocol version the `Hello` settled (this build's until then).
+    version: u16,
     /// The token this connection acts with, once bound.
     bound: Option<Arc<BoundToken>>,
     sessions: Sessions,
@@ -320,6 +323,16 @@ impl Session {
                 self.protocol_error(ErrorCode::HelloRequired, "send Hello first".into())
                     .await
             }
+            _ if request.since() > self.version => {
+                let message = format!(
+                    "{} needs protocol version {}; this connection speaks version {} \
+                     (the version its Hello offered)",
+                    request.name(),
+                    request.since(),
+                    self.version
+                );
+                self.reply_error(ErrorCode::VersionMismatch, message).await
+            }
             Request::Call(call) => self.call(call).await,
             Request::Bind(bind) => self.bind(bind).await,
             Request::Channel => self.channel(fds),
@@ -349,22 +362,22 @@ impl Session {
                 .protocol_error(ErrorCode::Malformed, "Hello sent twice".into())
                 .await;
         }
-        if hello.version != PROTOCOL_VERSION {
+        // The older of the two versions, if this broker still speaks it.
+        let Some(version) = keyward_proto::negotiate(hello.version) else {
             return self
                 .protocol_error(
                     ErrorCode::VersionMismatch,
                     format!(
-                        "protocol version {} is not supported (broker speaks {PROTOCOL_VERSION})",
+                        "protocol version {} is not supported (broker speaks \
+                         {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})",
                         hello.version
                     ),
                 )
                 .await;
-        }
+        };
         self.greeted = true;
-        self.send(&Response::Hello(Hello {
-            version: PROTOCOL_VERSION,
-        }))
-        .await
+        self.version = version;
+        self.send(&Response::Hello(Hello { version })).await
     }
 
     /// Decide one call: by the bound token (consuming a use), or by the
@@ -831,7 +844,16 @@ impl Session {
             (None, _) => Ok(token::principal_tools(&policy, &caller)),
         };
         match tools {
-            Ok(tools) => self.send(&Response::ToolList(ToolList { tools })).await,
+            Ok(tools) => {
+                // In the connection's version: before 3, without `kind`
+                // and without gateways.
+                let mut bytes = Vec::new();
+                let list = Response::ToolList(ToolList { tools });
+                match keyward_proto::encode_response(&list, self.version, &mut bytes) {
+                    Ok(()) => self.send_encoded(&bytes).await,
+                    Err(_) => Next::Close,
+                }
+            }
             Err(denial) => self.send(&Response::Denied(denial.into())).await,
         }
     }

@@ -14,11 +14,21 @@ use crate::credential::CredentialState;
 use crate::policy::{Caller, Policy};
 use crate::token::Tokens;
 
-/// Whether `uid` may see the broker's status and every token: root or an
-/// admin uid of the policy in force.
+/// Whether `uid` may see the broker's status and every token: root, an
+/// admin uid of the policy in force, or the broker's own uid (the unit's
+/// `ExecReload=` runs `check --reload` as it; a process of that uid can
+/// read the broker's state directory anyway).
 pub fn is_admin(policy: &Policy, uid: u32) -> bool {
-    uid == 0 || policy.broker.admin_uids.contains(&uid)
+    uid == 0 || uid == nix::unistd::geteuid().as_raw() || policy.broker.admin_uids.contains(&uid)
 }
+
+/// Whether a credential state from [`credential_states`] says the broker
+/// does not hold it.
+pub fn is_not_loaded(state: &str) -> bool {
+    state.starts_with(NOT_LOADED)
+}
+
+const NOT_LOADED: &str = "not loaded";
 
 /// The denial for a caller who is not an admin: it names the rule and
 /// nothing of the broker's state.
@@ -95,7 +105,7 @@ pub fn credential_states(broker: &Broker, policy: &Policy) -> Vec<CredentialStat
                 (None, Some(CredentialState::Refreshing)) => "refreshing".to_owned(),
                 (None, Some(CredentialState::Broken(reason))) => format!("broken: {reason}"),
                 (None, None) => {
-                    "not loaded (the policy names it; restart the broker to load it)".to_owned()
+                    format!("{NOT_LOADED} (the policy names it; restart the broker to load it)")
                 }
             },
         })
@@ -191,6 +201,7 @@ auth = { bearer = true }
         assert_eq!(names, ["api", "spare"]);
         assert!(states[0].state.starts_with("loaded"), "{states:?}");
         assert!(states[1].state.starts_with("not loaded"), "{states:?}");
+        assert!(!is_not_loaded(&states[0].state) && is_not_loaded(&states[1].state));
         let report = report(&broker);
         assert_eq!(report.credentials, states);
         assert_eq!(report.live_tokens, None, "no state directory");
@@ -204,6 +215,7 @@ auth = { bearer = true }
         let policy = broker.policy();
         assert!(is_admin(&policy, 0));
         assert!(is_admin(&policy, 900));
+        assert!(is_admin(&policy, nix::unistd::geteuid().as_raw()));
         assert!(!is_admin(&policy, 1000));
         assert!(!is_admin(&policy, 901));
     }

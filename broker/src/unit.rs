@@ -10,12 +10,21 @@
 //! (`UNIT.d/*.conf`, in name order), `[Service]` or `[Socket]` entries,
 //! comments and line continuations as systemd treats them, an empty
 //! assignment resetting a list.
+//!
+//! And what `check --reload` (the unit's `ExecReload=`) can tell before the
+//! broker is signalled ([`compare_running`]): a reload never loads a
+//! credential, so every credential a tool of the new configuration uses
+//! must be one the running broker loaded at start, and its file must still
+//! be where the next start reads it; otherwise the broker would keep the
+//! old policy (or fail at its next start) while `systemctl reload`
+//! reported success.
 
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::config::Source;
+use crate::policy::Policy;
 
 /// The service unit `check` compares with when it exists.
 pub const DEFAULT_SERVICE_UNIT: &str = "/etc/systemd/system/keyward-broker.service";
@@ -244,6 +253,80 @@ fn compare_socket(
     Ok(())
 }
 
+/// A credential as the running broker reports it (`Status`): its name and
+/// whether it holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub name: String,
+    pub loaded: bool,
+}
+
+/// What a reload of `source` (compiled as `policy`) would fail on, in a
+/// broker that holds the credentials `running`: each credential a tool
+/// uses that the broker did not load at start, and, where the credentials
+/// directory `dir` can be read, each file of such a credential that is
+/// not in it. One message per finding, naming the credential and the file.
+pub fn compare_running(
+    source: &Source,
+    policy: &Policy,
+    running: &[Running],
+    dir: Option<&Path>,
+) -> Vec<String> {
+    // Each credential a tool uses, with the first tool (by name) using it.
+    let mut used: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    let mut tools: Vec<_> = policy.tools().collect();
+    tools.sort_by(|a, b| a.name.cmp(&b.name));
+    for tool in tools {
+        if let Some(credential) = &tool.credential {
+            used.entry(credential.as_str())
+                .or_insert(tool.name.as_str());
+        }
+    }
+    let mut errors = Vec::new();
+    for (name, tool) in used {
+        let files: Vec<String> = source
+            .config
+            .credentials
+            .get(name)
+            .map(|entry| entry.get_ref().secret_files())
+            .unwrap_or_default()
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect();
+        let shown = files
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let loaded = running.iter().any(|r| r.name == name && r.loaded);
+        if !loaded {
+            errors.push(format!(
+                "credential {name:?} (file {shown}), used by tool {tool:?}, was not loaded when \
+                 the running broker started, and a reload does not load credentials: restart \
+                 the broker instead (systemctl restart keyward-broker.service), once the unit \
+                 has LoadCredential={}:...",
+                files.first().map_or(name, String::as_str)
+            ));
+            continue;
+        }
+        let Some(dir) = dir else { continue };
+        for file in &files {
+            let path = dir.join(file);
+            if let Err(e) = std::fs::symlink_metadata(&path) {
+                if e.kind() == io::ErrorKind::NotFound {
+                    errors.push(format!(
+                        "credential {name:?}: its file {file:?} is not in {} (the running broker \
+                         keeps the value it loaded, and its next start would fail): check the \
+                         LoadCredential= line and that the file exists",
+                        dir.display()
+                    ));
+                }
+            }
+        }
+    }
+    errors
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -342,6 +425,54 @@ file = "aws.key"
         .unwrap();
         let found = compare(&source(), &service).unwrap();
         assert!(found.errors[0].contains("ListenStream="), "{found:#?}");
+    }
+
+    #[test]
+    fn a_reload_needs_credentials_the_running_broker_loaded_and_their_files() {
+        let text = format!(
+            "{CONFIG}\n[[tool]]\nname = \"mail\"\nkind = \"http\"\ncredential = \"gmail\"\n\
+             method = \"GET\"\nurl = \"https://127.0.0.1:9/\"\nauth = {{ bearer = true }}\n\
+             [[tool]]\nname = \"s3\"\nkind = \"http\"\ncredential = \"aws\"\n\
+             method = \"GET\"\nurl = \"https://127.0.0.1:9/\"\nauth = {{ bearer = true }}\n"
+        );
+        let source = Source::parse("broker.toml", text).unwrap();
+        let policy = Policy::compile(&source).unwrap();
+        let running = |names: &[(&str, bool)]| -> Vec<Running> {
+            names
+                .iter()
+                .map(|(n, loaded)| Running {
+                    name: (*n).to_owned(),
+                    loaded: *loaded,
+                })
+                .collect()
+        };
+        // Both loaded at start; no directory to look in: nothing to say.
+        let both = running(&[("aws", true), ("gmail", true)]);
+        assert!(compare_running(&source, &policy, &both, None).is_empty());
+        // One named by the old policy but never loaded, one not known.
+        for held in [running(&[("aws", false)]), running(&[])] {
+            let errors = compare_running(&source, &policy, &held, None);
+            assert_eq!(errors.len(), 2, "{errors:#?}");
+            assert!(
+                errors[0].starts_with(
+                    "credential \"aws\" (file \"aws.key\"), used by tool \"s3\", was not loaded"
+                ),
+                "{errors:#?}"
+            );
+            assert!(errors[0].contains("LoadCredential=aws.key:"), "{errors:#?}");
+            assert!(errors[1].starts_with("credential \"gmail\" (file \"gmail.token\")"));
+        }
+        // Loaded, but the file the next start reads is gone.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("aws.key"), "x").unwrap();
+        let errors = compare_running(&source, &policy, &both, Some(dir.path()));
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("credential \"gmail\": its file \"gmail.token\" is not in"),
+            "{errors:#?}"
+        );
+        std::fs::write(dir.path().join("gmail.token"), "x").unwrap();
+        assert!(compare_running(&source, &policy, &both, Some(dir.path())).is_empty());
     }
 
     #[test]

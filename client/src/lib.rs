@@ -31,8 +31,9 @@ use nix::sys::socket::{
 use nix::sys::time::{TimeVal, TimeValLike};
 
 use keyward_proto::{
-    decode, encode, encode_into, Bind, Bound, Call, DecodeError, EncodeError, Hello, Param,
-    Request, Response, DEFAULT_SOCKET, MAX_MESSAGE, PROTOCOL_VERSION,
+    decode_response, encode, encode_into, Bind, Bound, Call, DecodeError, EncodeError, ErrorCode,
+    Hello, Param, Request, Response, DEFAULT_SOCKET, MAX_MESSAGE, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 /// Why talking to the broker failed (not a policy denial: those are
@@ -57,6 +58,15 @@ pub enum ClientError {
     Encode(#[from] EncodeError),
     #[error("broker refused the handshake: {0}")]
     Handshake(String),
+    #[error(
+        "the broker speaks protocol version {speaks}, and {request} needs version {needs} \
+         (this client speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}): upgrade keyward-broker"
+    )]
+    Version {
+        request: &'static str,
+        needs: u16,
+        speaks: u16,
+    },
     #[error("$KEYWARD_FD = {value:?}: {message}")]
     InheritedFd { value: String, message: String },
     #[error(
@@ -96,7 +106,8 @@ impl ClientError {
             ClientError::TooLarge
             | ClientError::Decode(_)
             | ClientError::Encode(_)
-            | ClientError::Handshake(_) => "protocol",
+            | ClientError::Handshake(_)
+            | ClientError::Version { .. } => "protocol",
             ClientError::InheritedFd { .. } => "usage",
         }
     }
@@ -137,6 +148,8 @@ pub struct Client {
     /// The request being sent, kept between requests.
     out: Vec<u8>,
     reply_timeout: Duration,
+    /// The protocol version the `Hello` exchange settled.
+    version: u16,
 }
 
 impl Client {
@@ -146,9 +159,8 @@ impl Client {
         Client::connect_within(path, CONNECT_TIMEOUT)
     }
 
-    /// Connect to the broker socket at `path` and exchange `Hello`, each
-    /// within `timeout`.
-    pub fn connect_within(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
+    /// A connected socket to `path`, within `timeout`.
+    fn connect_socket(path: &Path, timeout: Duration) -> Result<OwnedFd, ClientError> {
         let err = |source: io::Error| ClientError::Connect {
             path: path.to_owned(),
             source,
@@ -177,14 +189,48 @@ impl Client {
                 Err(e) => return Err(err(e.into())),
             }
         }
-        Client::over_within(fd, timeout)
+        Ok(fd)
+    }
+
+    /// Connect to the broker socket at `path` and exchange `Hello`, each
+    /// within `timeout`. A broker of version 2 refuses any other version
+    /// (and closes): it is asked again, on a new connection, for version 2.
+    pub fn connect_within(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
+        let fd = Client::connect_socket(path, timeout)?;
+        match Client::greet(fd, timeout, PROTOCOL_VERSION)? {
+            Ok(client) => Ok(client),
+            Err(refusal) if is_version_refusal(&refusal) => {
+                let fd = Client::connect_socket(path, timeout)?;
+                Client::greet(fd, timeout, MIN_PROTOCOL_VERSION)?
+                    .map_err(|e| ClientError::Handshake(e.message))
+            }
+            Err(refusal) => Err(ClientError::Handshake(refusal.message)),
+        }
     }
 
     /// Open a private channel over a bound broker connection `shared`:
     /// create a `SOCK_SEQPACKET` socketpair, send one end over `shared`
     /// (a `Channel` request carrying it with `SCM_RIGHTS`; the broker sends
     /// no reply on `shared`), and exchange `Hello` on the other.
+    ///
+    /// A broker of version 2 refuses any other version (and closes the
+    /// channel): it is asked again, on a new channel, for version 2.
     pub fn open_channel(shared: &impl AsFd) -> Result<Client, ClientError> {
+        let ours = Client::pass_channel(shared)?;
+        match Client::greet(ours, CONNECT_TIMEOUT, PROTOCOL_VERSION)? {
+            Ok(client) => Ok(client),
+            Err(refusal) if is_version_refusal(&refusal) => {
+                let ours = Client::pass_channel(shared)?;
+                Client::greet(ours, CONNECT_TIMEOUT, MIN_PROTOCOL_VERSION)?
+                    .map_err(|e| ClientError::Handshake(e.message))
+            }
+            Err(refusal) => Err(ClientError::Handshake(refusal.message)),
+        }
+    }
+
+    /// Create a socketpair, pass one end over `shared` as a `Channel`, and
+    /// return the other.
+    fn pass_channel(shared: &impl AsFd) -> Result<OwnedFd, ClientError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -219,7 +265,7 @@ impl Client {
         }
         // The broker holds its own reference now.
         drop(theirs);
-        Client::over(ours)
+        Ok(ours)
     }
 
     /// The connection, e.g. to pass it on to a sandboxed program.
@@ -234,17 +280,30 @@ impl Client {
     }
 
     fn over_within(fd: OwnedFd, timeout: Duration) -> Result<Client, ClientError> {
+        Client::greet(fd, timeout, PROTOCOL_VERSION)?
+            .map_err(|refusal| ClientError::Handshake(refusal.message))
+    }
+
+    /// Exchange `Hello` on `fd`, offering protocol `offered`: the client,
+    /// at the version the broker answers (`offered` or older, at least
+    /// [`MIN_PROTOCOL_VERSION`]), or the broker's `Error` reply.
+    fn greet(
+        fd: OwnedFd,
+        timeout: Duration,
+        offered: u16,
+    ) -> Result<Result<Client, keyward_proto::ErrorReply>, ClientError> {
         let mut client = Client {
             fd,
             buf: vec![0; MAX_MESSAGE + 1],
             out: Vec::new(),
             reply_timeout: timeout,
+            // The broker's Hello (and a refusal) read the same in every
+            // version.
+            version: MIN_PROTOCOL_VERSION,
         };
         set_timeout(&client.fd, sockopt::SendTimeout, timeout)?;
         set_timeout(&client.fd, sockopt::ReceiveTimeout, timeout)?;
-        let hello = client.request(&Request::Hello(Hello {
-            version: PROTOCOL_VERSION,
-        }));
+        let hello = client.request(&Request::Hello(Hello { version: offered }));
         let hello = match hello {
             Err(ClientError::Timeout { after, .. }) => {
                 return Err(ClientError::Timeout {
@@ -256,16 +315,40 @@ impl Client {
         };
         client.set_reply_timeout(REPLY_TIMEOUT)?;
         match hello {
-            Response::Hello(h) if h.version == PROTOCOL_VERSION => Ok(client),
+            Response::Hello(h) if (MIN_PROTOCOL_VERSION..=offered).contains(&h.version) => {
+                client.version = h.version;
+                Ok(Ok(client))
+            }
             Response::Hello(h) => Err(ClientError::Handshake(format!(
-                "broker speaks protocol version {}",
+                "the broker speaks protocol version {}, this client {MIN_PROTOCOL_VERSION} \
+                 to {offered}",
                 h.version
             ))),
-            Response::Error(e) => Err(ClientError::Handshake(e.message)),
+            Response::Error(e) => Ok(Err(e)),
             other => Err(ClientError::Handshake(format!(
                 "unexpected reply {other:?}"
             ))),
         }
+    }
+
+    /// The protocol version the `Hello` exchange settled: what this
+    /// connection may send and how its replies are read.
+    pub fn protocol_version(&self) -> u16 {
+        self.version
+    }
+
+    /// Refuse a request the connection's protocol version does not have,
+    /// naming both versions (an older broker would only say "malformed").
+    fn check_version(&self, request: &Request) -> Result<(), ClientError> {
+        let needs = request.since();
+        if needs > self.version {
+            return Err(ClientError::Version {
+                request: request.name(),
+                needs,
+                speaks: self.version,
+            });
+        }
+        Ok(())
     }
 
     /// Bind `token` to this connection: from now on it acts with that
@@ -310,6 +393,7 @@ impl Client {
 
     /// Send one request and read its response.
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
+        self.check_version(request)?;
         self.request_with(request)
     }
 
@@ -337,6 +421,7 @@ impl Client {
     /// Send one request without reading a reply: a message that is part
     /// of a request already sent (a `GatewayBody`).
     pub fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        self.check_version(request)?;
         let bytes = encode(request)?;
         self.send_raw(&bytes)
     }
@@ -409,8 +494,13 @@ impl Client {
             return Err(ClientError::TooLarge);
         }
         let bytes = self.buf.get(..n).ok_or(ClientError::TooLarge)?;
-        Ok(decode(bytes)?)
+        Ok(decode_response(bytes, self.version)?)
     }
+}
+
+/// Whether a broker refused a `Hello` for its version.
+fn is_version_refusal(reply: &keyward_proto::ErrorReply) -> bool {
+    reply.code == ErrorCode::VersionMismatch
 }
 
 /// A `Request::Call` of string parameters, serialized from borrowed
@@ -547,6 +637,134 @@ mod tests {
             let mut out = Vec::new();
             encode_into(&borrowed, &mut out).unwrap();
             assert_eq!(out, encode(&owned).unwrap());
+        }
+    }
+
+    /// A stand-in for a broker of protocol version 2 (as 81c7152 built
+    /// it): it refuses every other version at `Hello` and closes, answers
+    /// `Tools` with version 2's tool list (no `kind`), and cannot decode
+    /// any request appended since.
+    fn v2_broker(conn: OwnedFd) {
+        let mut buf = vec![0; MAX_MESSAGE + 1];
+        let send = |bytes: &[u8]| {
+            nix::unistd::write(&conn, bytes).unwrap();
+        };
+        loop {
+            let n = nix::unistd::read(&conn, &mut buf).unwrap();
+            if n == 0 {
+                return;
+            }
+            match buf[..n] {
+                // Hello { version: 2 }
+                [0x00, 0x02] => send(&encode(&Response::Hello(HelloMsg { version: 2 })).unwrap()),
+                [0x00, ..] => {
+                    let refusal = Response::Error(keyward_proto::ErrorReply {
+                        code: ErrorCode::VersionMismatch,
+                        message: "protocol version 3 is not supported (broker speaks 2)".into(),
+                    });
+                    send(&encode(&refusal).unwrap());
+                    return;
+                }
+                // Tools: one tool "e", no description, no parameters.
+                [0x06] => send(&[0x06, 0x01, 0x01, b'e', 0x00, 0x00]),
+                _ => {
+                    let malformed = Response::Error(keyward_proto::ErrorReply {
+                        code: ErrorCode::Malformed,
+                        message: "message has an unknown variant".into(),
+                    });
+                    send(&encode(&malformed).unwrap());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A client of this version against a version-2 broker: it falls back
+    /// to version 2 at `Hello`, reads version 2's tool list, and a request
+    /// version 2 does not have fails with both versions named, before
+    /// anything is sent (the broker would only say "malformed").
+    #[test]
+    #[allow(unsafe_code)]
+    fn an_older_broker_is_spoken_to_in_its_version() {
+        use nix::sys::socket::{accept, bind, listen, Backlog, UnixAddr};
+        let path = std::env::temp_dir().join(format!("kw-client-v2-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(listener.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&listener, Backlog::new(4).unwrap()).unwrap();
+        let broker = std::thread::spawn(move || {
+            use std::os::fd::FromRawFd;
+            for _ in 0..2 {
+                let fd = accept(listener.as_raw_fd()).unwrap();
+                // SAFETY: accept returned a new descriptor that nothing
+                // else owns.
+                v2_broker(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(client.protocol_version(), 2);
+        match client.request(&Request::Tools).unwrap() {
+            Response::ToolList(list) => {
+                assert_eq!(list.tools.len(), 1);
+                assert_eq!(list.tools[0].name, "e");
+                assert_eq!(list.tools[0].kind, keyward_proto::ToolKind::Tool);
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = client.request(&Request::Status).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(
+                err,
+                ClientError::Version {
+                    needs: 3,
+                    speaks: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            text.contains("protocol version 2") && text.contains("Status needs version 3"),
+            "{text}"
+        );
+        assert_eq!(err.kind(), "protocol");
+        // The connection is still good for what version 2 has.
+        assert!(matches!(
+            client.request(&Request::Tools).unwrap(),
+            Response::ToolList(_)
+        ));
+        drop(client);
+        broker.join().unwrap();
+    }
+
+    /// A broker answering with a version this client does not speak, or
+    /// a newer one than it offered, is refused at the handshake.
+    #[test]
+    fn a_hello_outside_the_offered_range_is_refused() {
+        for version in [1, PROTOCOL_VERSION + 1] {
+            let (ours, broker) = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .unwrap();
+            let hello = Response::Hello(HelloMsg { version });
+            nix::unistd::write(&broker, &encode(&hello).unwrap()).unwrap();
+            let err = Client::over(ours).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("broker speaks protocol version {version}")),
+                "{err}"
+            );
         }
     }
 

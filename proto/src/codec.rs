@@ -32,6 +32,8 @@ pub enum EncodeError {
     TooLarge,
     #[error("message could not be serialized")]
     Serialize,
+    #[error("message does not exist in the connection's protocol version")]
+    NotInVersion,
 }
 
 /// What [`encode`] allocates first.
@@ -170,7 +172,7 @@ mod tests {
             version: crate::PROTOCOL_VERSION,
         }))
         .unwrap();
-        assert_eq!(bytes, [0x00, 0x02]);
+        assert_eq!(bytes, [0x00, 0x03]);
     }
 
     #[test]
@@ -189,6 +191,7 @@ mod tests {
                     checks: vec![Check::Max(9), Check::Pattern("a".into())],
                     constraints: vec![Constraint::Range { min: 1, max: 2 }],
                 }],
+                kind: ToolKind::Gateway,
             }],
         });
         let expected: &[u8] = &[
@@ -199,6 +202,7 @@ mod tests {
             0x01, 0x01, 0x06, // default Some(Int(3))
             0x02, 0x04, 0x12, 0x00, 0x01, b'a', // checks: Max(9), Pattern("a")
             0x01, 0x04, 0x02, 0x04, // constraints: Range { 1, 2 }
+            0x01, // kind: Gateway (since version 3)
         ];
         assert_eq!(encode(&list).unwrap(), expected);
         assert_eq!(decode::<Response>(expected).unwrap(), list);

@@ -4,8 +4,10 @@
 //!
 //! Every message travels as one `SOCK_SEQPACKET` record of at most
 //! [`MAX_MESSAGE`] bytes, encoded with postcard. A connection starts with a
-//! [`Hello`] exchange that fixes the protocol version; after that the client
-//! sends one [`Request`] at a time and reads exactly one [`Response`].
+//! [`Hello`] exchange that fixes the protocol version (the older of the
+//! client's and the broker's, at least [`MIN_PROTOCOL_VERSION`]; see
+//! `docs/PROTOCOL.md`); after that the client sends one [`Request`] at a
+//! time and reads exactly one [`Response`], both of that version.
 //!
 //! Threat model: the broker decodes bytes written by an untrusted peer.
 //! Decoding must never panic, never allocate more than the frame could
@@ -25,6 +27,7 @@ mod codec;
 mod message;
 pub mod token;
 mod value;
+mod version;
 
 pub use codec::{decode, encode, encode_into, DecodeError, EncodeError, MAX_MESSAGE};
 pub use message::{
@@ -32,13 +35,12 @@ pub use message::{
     ErrorReply, GatewayBody, GatewayChunk, GatewayEnd, GatewayHead, GatewayInfo,
     GatewayInfoRequest, GatewayRequest, Header, Hello, Inspect, Mint, Minted, Param, ParamInfo,
     Request, Response, Revoke, Revoked, StatusReport, TokenInfo, TokenList, TokenSummary, ToolInfo,
-    ToolList, UidSessions,
+    ToolKind, ToolList, UidSessions,
 };
 pub use value::Value;
-
-/// The protocol version this build speaks; a `Hello` with any other version
-/// is refused. 2: `ParamInfo` carries its checks and constraints as data.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub use version::{
+    decode_response, encode_response, negotiate, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 
 /// The socket path used when `KEYWARD_SOCKET` is not set.
 pub const DEFAULT_SOCKET: &str = "/run/keyward/broker.sock";

@@ -97,7 +97,76 @@ pub enum Response {
     GatewayInfo(GatewayInfo),
 }
 
-/// Version exchange.
+impl Request {
+    /// The protocol version that introduced this request: a connection
+    /// that negotiated an older one may not send it.
+    pub fn since(&self) -> u16 {
+        match self {
+            Request::Hello(_)
+            | Request::Call(_)
+            | Request::Bind(_)
+            | Request::Channel
+            | Request::Mint(_)
+            | Request::Attenuate(_)
+            | Request::Tools
+            | Request::Revoke(_) => 2,
+            Request::Status
+            | Request::Tokens
+            | Request::Inspect(_)
+            | Request::Gateway(_)
+            | Request::GatewayBody(_)
+            | Request::GatewayInfo(_) => 3,
+        }
+    }
+
+    /// The request's name, for messages (`Status`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => "Hello",
+            Request::Call(_) => "Call",
+            Request::Bind(_) => "Bind",
+            Request::Channel => "Channel",
+            Request::Mint(_) => "Mint",
+            Request::Attenuate(_) => "Attenuate",
+            Request::Tools => "Tools",
+            Request::Revoke(_) => "Revoke",
+            Request::Status => "Status",
+            Request::Tokens => "Tokens",
+            Request::Inspect(_) => "Inspect",
+            Request::Gateway(_) => "Gateway",
+            Request::GatewayBody(_) => "GatewayBody",
+            Request::GatewayInfo(_) => "GatewayInfo",
+        }
+    }
+}
+
+impl Response {
+    /// The protocol version that introduced this response (it is only
+    /// ever the answer to a request of that version or later).
+    pub fn since(&self) -> u16 {
+        match self {
+            Response::Hello(_)
+            | Response::Done(_)
+            | Response::Denied(_)
+            | Response::Error(_)
+            | Response::Bound(_)
+            | Response::Minted(_)
+            | Response::ToolList(_)
+            | Response::Revoked(_) => 2,
+            Response::Status(_)
+            | Response::TokenList(_)
+            | Response::TokenInfo(_)
+            | Response::GatewayHead(_)
+            | Response::GatewayChunk(_)
+            | Response::GatewayEnd(_)
+            | Response::GatewayInfo(_) => 3,
+        }
+    }
+}
+
+/// Version exchange. The client offers the newest version it speaks; the
+/// broker answers with the version the connection then uses (see
+/// [`crate::negotiate`]), or refuses with `VersionMismatch`.
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Debug)]
 pub struct Hello {
     pub version: u16,
@@ -310,13 +379,30 @@ pub struct ToolList {
     pub tools: Vec<ToolInfo>,
 }
 
-/// One callable tool and what its parameters must satisfy.
+/// One entry of the policy a connection may use, and what its parameters
+/// must satisfy.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
 pub struct ToolInfo {
     pub name: String,
     pub description: String,
     #[serde(deserialize_with = "crate::bounded::vec")]
     pub params: Vec<ParamInfo>,
+    /// What it is: a tool to `Call`, or a gateway to reach over HTTP
+    /// (since protocol version 3; a version-2 peer gets neither the field
+    /// nor any gateway).
+    pub kind: ToolKind,
+}
+
+/// What a [`ToolInfo`] describes.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Debug, Default)]
+pub enum ToolKind {
+    /// A tool: performed by the broker on a `Call`.
+    #[default]
+    Tool,
+    /// A `[[gateway]]`: an HTTP API a program reaches through `agent-shim
+    /// run --gateway NAME` (its `method` and `path` are what a grant
+    /// constrains); a `Call` of it is refused.
+    Gateway,
 }
 
 /// One parameter: type, whether required, and every rule that applies

@@ -8,7 +8,9 @@
 //! with the reason; a tool outside the token is neither listed nor
 //! callable; every listed schema is valid JSON Schema and refuses what the
 //! broker refuses (a table of values); a malformed request gets a JSON-RPC
-//! error and the server keeps serving.
+//! error and the server keeps serving. A `[[gateway]]` the caller (or the
+//! token) may use is not an MCP tool: it is not listed, and `agent-shim
+//! tools` shows it as a gateway.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -33,8 +35,8 @@ call_timeout = "5s"
 [[principal]]
 name = "orchestrator"
 uids = [{PRINCIPAL_UID}]
-may_call = ["protected", "lookup"]
-may_delegate = ["protected", "lookup"]
+may_call = ["protected", "lookup", "models"]
+may_delegate = ["protected", "lookup", "models"]
 
 [credential.api]
 file = "api.token"
@@ -59,6 +61,13 @@ body_json = {{ user = "{{user}}", n = "{{n}}", color = "{{color}}" }}
 params.user = {{ type = "string", pattern = '[a-z]+', max_len = 8 }}
 params.n = {{ type = "int", min = 1, max = 5, default = 1 }}
 params.color = {{ type = "string", one_of = ["red", "green", "blue"] }}
+
+[[gateway]]
+name = "models"
+upstream = "http://127.0.0.1:{port}"
+credential = "api"
+auth = {{ bearer = true }}
+allow = [ {{ method = "GET", path = "/v1/models" }} ]
 "#
     )
 }
@@ -153,7 +162,7 @@ fn calls() -> Value {
 }
 
 /// A sub-agent's token: `lookup` only, color pinned to red, user prefixed
-/// `ab`, n within 1..=2.
+/// `ab`, n within 1..=2; and the gateway `models`.
 fn token(broker: &Broker) -> String {
     let ran = Ran::from(broker.shim(
         PRINCIPAL_UID,
@@ -161,6 +170,8 @@ fn token(broker: &Broker) -> String {
             "mint",
             "--tool",
             "lookup",
+            "--tool",
+            "models",
             "--param",
             "color=red",
             "--prefix",
@@ -289,6 +300,14 @@ fn official_clients_as_principal_and_with_a_token() {
                 "{client}: {name}"
             );
         }
+        assert!(
+            printed
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["name"] != "models"),
+            "a gateway in --json-schema: {printed}"
+        );
         if client == "python" {
             let version = report["protocol"].as_str().unwrap();
             assert!(version.starts_with("20"), "{client}: negotiated {version}");
@@ -303,6 +322,47 @@ fn official_clients_as_principal_and_with_a_token() {
         );
         check_report(client, &report, true);
     }
+}
+
+/// `agent-shim tools` shows the gateway as a gateway (after the tools),
+/// and `--json` says which is which; the token's listing too.
+#[test]
+fn tools_shows_gateways_as_gateways() {
+    let upstream = Upstream::start();
+    let broker = Broker::start(&config(upstream.port), &[("api.token", SECRET)]);
+    let ran = Ran::from(broker.shim(PRINCIPAL_UID, &["tools"]));
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let heads: Vec<&str> = ran.stdout.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(heads.len(), 3, "{ran:?}");
+    assert!(heads[0].starts_with("lookup: ") && heads[1].starts_with("protected: "));
+    assert!(heads[2].starts_with("gateway models: "), "{ran:?}");
+    assert!(
+        ran.stdout.contains(
+            "not a tool: a program reaches it over HTTP with agent-shim run --gateway models"
+        ),
+        "{ran:?}"
+    );
+    let ran = Ran::from(broker.shim(PRINCIPAL_UID, &["tools", "--json"]));
+    let listed: Value = serde_json::from_str(&ran.stdout).unwrap();
+    let kinds: Vec<(&str, &str)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("lookup", "tool"),
+            ("models", "gateway"),
+            ("protected", "tool")
+        ]
+    );
+    let token = token(&broker);
+    let ran = Ran::from(broker.shim(STRANGER_UID, &["tools", "--token", &token]));
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(ran.stdout.starts_with("lookup: "), "{ran:?}");
+    assert!(ran.stdout.contains("\ngateway models: "), "{ran:?}");
 }
 
 #[test]

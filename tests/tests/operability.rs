@@ -948,6 +948,148 @@ fn names_are_resolved_again_on_reload() {
 }
 
 /// The unit's `ExecReload=` lines, run in order as systemd runs them
+/// (stopping at the first that fails, as `as_uid` when given: the unit's
+/// `User=`) against `broker`; the first failure, or success.
+fn unit_reload(broker: &Broker, as_uid: Option<u32>) -> Ran {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let unit = std::fs::read_to_string(repo.join("systemd/keyward-broker.service")).unwrap();
+    for command in unit.lines().filter_map(|l| l.strip_prefix("ExecReload=")) {
+        let line = command
+            .replace(
+                "/usr/local/bin/keyward-broker",
+                binary("keyward-broker").to_str().unwrap(),
+            )
+            .replace(
+                "/etc/keyward/broker.toml",
+                broker.config_path.to_str().unwrap(),
+            )
+            .replace("$MAINPID", &broker.pid().to_string());
+        let mut cmd = match as_uid {
+            Some(uid) => {
+                let mut cmd = Command::new("setpriv");
+                cmd.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "--",
+                ]);
+                cmd.arg("sh");
+                cmd
+            }
+            None => Command::new("sh"),
+        };
+        let ran = run(cmd.arg("-c").arg(&line).env_remove("CREDENTIALS_DIRECTORY"));
+        if ran.code != Some(0) {
+            return ran;
+        }
+    }
+    run(&mut Command::new("true"))
+}
+
+/// A policy whose tool `web` uses the credential `api`.
+const WEB: &str = r#"
+[broker]
+socket = "{socket}"
+socket_mode = "0666"
+credentials_dir = "{dir}/creds"
+
+[credential.api]
+file = "api.token"
+
+[[principal]]
+name = "tester"
+uids = [61000]
+may_call = ["echo", "web"]
+
+[[tool]]
+name = "echo"
+kind = "echo"
+params.message = { type = "string", max_len = 100 }
+
+[[tool]]
+name = "web"
+kind = "http"
+credential = "api"
+method = "GET"
+url = "http://127.0.0.1:9/"
+auth = { bearer = true }
+"#;
+
+/// A reload that needs a credential the running broker cannot use fails
+/// `systemctl reload` (the unit's `ExecReload=` lines, as the unit's user,
+/// as the broker is) before the broker is signalled, naming the
+/// credential and its file: one added since the start (even with its file
+/// in place: a reload never loads one), and one whose file is gone. Until
+/// `check --reload` asked the broker, both passed the check, the broker
+/// kept its old policy, and `systemctl reload` exited 0.
+#[test]
+fn the_units_reload_commands_refuse_a_credential_the_broker_cannot_use() {
+    let broker = Broker::start_with(BrokerSetup {
+        config: WEB,
+        credentials: &[("api.token", keyward_tests::SECRET)],
+        run_as: Some(BROKER_UID),
+        ..BrokerSetup::default()
+    });
+    let reloads = || {
+        broker
+            .audit_records()
+            .iter()
+            .filter(|r| r["event"] == "reload")
+            .count()
+    };
+    // Its file is there, but the running broker did not load it.
+    let new_file = broker.dir.path().join("creds/new.token");
+    std::fs::write(&new_file, keyward_tests::SECRET).unwrap();
+    std::os::unix::fs::chown(&new_file, Some(BROKER_UID), Some(BROKER_UID)).unwrap();
+    let added = format!(
+        "{WEB}\n[credential.new]\nfile = \"new.token\"\n\n[[tool]]\nname = \"web2\"\n\
+         kind = \"http\"\ncredential = \"new\"\nmethod = \"GET\"\n\
+         url = \"http://127.0.0.1:9/\"\nauth = {{ bearer = true }}\n"
+    );
+    broker.rewrite_config(&added);
+    let ran = unit_reload(&broker, Some(BROKER_UID));
+    assert_eq!(ran.code, Some(1), "the reload did not fail: {ran:?}");
+    assert!(
+        ran.stderr.contains(
+            "credential \"new\" (file \"new.token\"), used by tool \"web2\", was not loaded \
+             when the running broker started"
+        ),
+        "{ran:?}"
+    );
+    // The credential it loaded, its file gone from where the next start
+    // reads it.
+    broker.rewrite_config(&WEB.replace("file = \"api.token\"", "file = \"gone.token\""));
+    let ran = unit_reload(&broker, Some(BROKER_UID));
+    assert_eq!(ran.code, Some(1), "the reload did not fail: {ran:?}");
+    assert!(
+        ran.stderr
+            .contains("credential \"api\": its file \"gone.token\" is not in"),
+        "{ran:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        reloads(),
+        0,
+        "the broker was signalled: {}",
+        broker.stderr()
+    );
+
+    // A reload it can apply goes through.
+    broker.rewrite_config(&WEB.replace("[\"echo\", \"web\"]", "[\"web\"]"));
+    let ran = unit_reload(&broker, Some(BROKER_UID));
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reloads() == 0 {
+        assert!(Instant::now() < deadline, "{}", broker.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        broker.call(PRINCIPAL_UID, &["echo", "message=x"]).code,
+        Some(3)
+    );
+}
+
+/// The unit's `ExecReload=` lines, run in order as systemd runs them
 /// (stopping at the first that fails) against a test broker: a broken
 /// policy fails the reload before the broker is signalled; a good one
 /// is signalled and applied.
@@ -963,25 +1105,7 @@ fn the_units_reload_commands_refuse_a_broken_policy_before_signalling() {
     assert!(commands[0].contains(" check "), "{commands:?}");
 
     let broker = Broker::start(&ECHO.replace("{port}", "9"), &[]);
-    let reload = || -> Ran {
-        for command in &commands {
-            let line = command
-                .replace(
-                    "/usr/local/bin/keyward-broker",
-                    binary("keyward-broker").to_str().unwrap(),
-                )
-                .replace(
-                    "/etc/keyward/broker.toml",
-                    broker.config_path.to_str().unwrap(),
-                )
-                .replace("$MAINPID", &broker.pid().to_string());
-            let ran = run(Command::new("sh").arg("-c").arg(&line));
-            if ran.code != Some(0) {
-                return ran;
-            }
-        }
-        run(&mut Command::new("true"))
-    };
+    let reload = || unit_reload(&broker, None);
     let reloads = || {
         broker
             .audit_records()

@@ -4,7 +4,7 @@
 //! deciding whether a value satisfies one, and saying one in words.
 
 use keyward_proto::token::{Constraint, Grant, ParamConstraint};
-use keyward_proto::{Check, ParamInfo, ToolInfo, Value};
+use keyward_proto::{Check, ParamInfo, ToolInfo, ToolKind, Value};
 
 use crate::config::ParamType;
 use crate::policy::{
@@ -15,6 +15,11 @@ use super::MAX_CONSTRAINTS;
 
 pub(super) fn describe_tool(tool: &Tool, constraints: &[ParamConstraint]) -> ToolInfo {
     ToolInfo {
+        kind: if tool.action.kind() == "gateway" {
+            ToolKind::Gateway
+        } else {
+            ToolKind::Tool
+        },
         name: tool.name.clone(),
         description: tool.description.clone().unwrap_or_default(),
         params: tool
