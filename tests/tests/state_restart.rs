@@ -153,11 +153,15 @@ fn assert_refused_and_untouched(state: &Path, bytes: &[u8], expect: &str) {
     });
     let status = broker.wait_exit();
     let stderr = broker.stderr();
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        bytes,
+        "the log was changed:\n{stderr}"
+    );
     assert!(!status.success(), "started:\n{stderr}");
     assert!(stderr.contains(&log.display().to_string()), "{stderr}");
     assert!(stderr.contains(expect), "expected {expect:?} in:\n{stderr}");
     assert!(stderr.contains("it was left as it is"), "{stderr}");
-    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log was changed");
 }
 
 #[test]
