@@ -100,13 +100,14 @@ fn bind(socket: &Path, token: &str) -> Result<Client, String> {
     }
 }
 
-/// Attenuate over a bound client.
+/// Attenuate over a bound client (the child expires with its parent).
 fn attenuate(client: &mut Client) -> Result<(String, TokenId), String> {
     match client
         .request(&Request::Attenuate(Attenuate {
             tools: Vec::new(),
             params: Vec::new(),
-            ttl_secs: Some(120),
+            // The parent's expiry (a child may not outlive it).
+            ttl_secs: None,
             max_uses: None,
         }))
         .unwrap()
@@ -266,7 +267,7 @@ fn origin_and_descendants_survive_a_restart() {
         assert_eq!(after[key], before[key], "{key}: {after}");
     }
     assert_eq!(after["audience"]["uid"], 0);
-    // A revocation record names the revoked token's ancestors.
+    // A revocation record names the revoked token's ancestors and task.
     revoke(&broker.socket, child_id);
     let records = broker.audit_records();
     let record = records
@@ -279,6 +280,7 @@ fn origin_and_descendants_survive_a_restart() {
         root_id.to_string().as_str(),
         "{record}"
     );
+    assert_eq!(record["task"], before["task"], "{record}");
     // Revoking the child took its descendant with it: listed as revoked,
     // refused at bind, and its slot is free (3 attenuations, 2 dead).
     assert_eq!(listed(&broker, grandchild_id)["revoked"], true);
