@@ -3,7 +3,8 @@
 //! a `tokens.log` the broker cannot read (another format version, or not
 //! a log at all) is refused at start and left untouched; a revoked or
 //! used-up token frees its owner's slot at once, while the cap still
-//! holds for live tokens; a token's audience, task and ancestors survive
+//! holds for live tokens, and the records of spent tokens kept until they
+//! expire are bounded too; a token's audience, task and ancestors survive
 //! a restart (listing, revocation records, revocation of descendants).
 #![allow(clippy::unwrap_used)]
 
@@ -310,4 +311,40 @@ fn origin_and_descendants_survive_a_restart() {
         root_id.to_string().as_str(),
         "{call}"
     );
+}
+
+#[test]
+fn attenuating_and_spending_in_a_loop_stops_at_the_bound_on_kept_records() {
+    // Spent tokens free their slots, but their records are kept until
+    // they expire: a sub-agent attenuating a one-use child and using it,
+    // over and over, stops at 4 x max_attenuations_per_uid.
+    let (_base, state) = state_dir();
+    let broker = start(&state);
+    let (token, _) = mint(&broker.socket, STRANGER_UID, None).unwrap();
+    let mut made = 0;
+    let refusal = loop {
+        let child = Ran::from(broker.shim(
+            STRANGER_UID,
+            &["attenuate", "--token", &token, "--uses", "1"],
+        ));
+        if child.code != Some(0) {
+            break child;
+        }
+        made += 1;
+        let call = broker.call(
+            STRANGER_UID,
+            &["--token", child.stdout.trim(), "echo", "message=hi"],
+        );
+        assert_eq!(call.code, Some(0), "{call:?}");
+        assert!(made <= 12, "attenuated and spent {made} times: no bound");
+    };
+    assert_eq!(made, 12, "{refusal:?}");
+    assert!(
+        refusal.stderr.contains(&format!(
+            "uid {STRANGER_UID} has 12 revoked or used-up attenuated tokens that have not expired yet (4 times max_attenuations_per_uid)"
+        )),
+        "{refusal:?}"
+    );
+    // Others are not held back by it.
+    mint(&broker.socket, 0, None).unwrap();
 }

@@ -41,6 +41,9 @@
 //! has used all its uses, and so has every descendant of it (whose use
 //! needs the ancestor). Its record stays until it expires (a descendant's
 //! use is checked against it), but its owner may mint again at once.
+//! Those kept records are bounded too, at [`SPENT_FACTOR`] times the caps:
+//! otherwise attenuating a one-use child and using it, in a loop, would
+//! grow the state at the rate limit for as long as a token lives.
 //!
 //! Each mint records the token's origin (audience, task, ancestors), so
 //! that listings and audit records show it after a restart, and a
@@ -89,6 +92,11 @@ const MAX_BATCH: usize = 4096;
 /// How long after its expiry a token is forgotten (absorbs clock steps
 /// between a check and a prune).
 const GRACE: u64 = 60;
+/// A spent (revoked or used-up) token no longer counts against its
+/// owner's caps, but its record is kept until it expires; a uid may keep
+/// this many times its caps of them, so that minting or attenuating and
+/// then spending in a loop cannot grow the state without bound.
+pub const SPENT_FACTOR: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -116,6 +124,13 @@ pub enum StateError {
     LiveCap { uid: u32, limit: u32 },
     #[error("uid {uid} already holds {limit} live attenuated tokens (max_attenuations_per_uid)")]
     AttenuationCap { uid: u32, limit: u32 },
+    #[error("uid {uid} has {count} revoked or used-up {what} that have not expired yet ({SPENT_FACTOR} times {key}); they are forgotten as they expire")]
+    SpentCap {
+        uid: u32,
+        count: u32,
+        what: &'static str,
+        key: &'static str,
+    },
 }
 
 /// What the broker remembers of a token it minted.
@@ -177,11 +192,20 @@ pub enum UseError {
     State(StateError),
 }
 
-/// Live tokens of one uid.
+/// Tokens of one uid: live ones, and spent ones (revoked or used up)
+/// whose records are kept until they expire.
 #[derive(Debug, Default, Clone, Copy)]
 struct Held {
     live: u32,
     attenuated: u32,
+    spent: u32,
+    spent_attenuated: u32,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.live == 0 && self.spent == 0
+    }
 }
 
 #[derive(Debug, Default)]
@@ -210,18 +234,16 @@ impl Memory {
             self.spent(&id, revoked) || record.lineage().iter().any(|a| self.spent(a, revoked));
         if dead {
             self.released.insert(id);
-        } else {
-            self.count(&record);
         }
+        self.count(&record, dead);
         self.minted.insert(id, record);
     }
 
     /// Forget a token (expired, or never handed out).
     fn remove(&mut self, id: &TokenId) {
         if let Some(old) = self.minted.remove(id) {
-            if !self.released.remove(id) {
-                self.uncount(&old);
-            }
+            let spent = self.released.remove(id);
+            self.uncount(&old, spent);
             if let Some(parent) = old.lineage().last() {
                 if let Some(siblings) = self.children.get_mut(parent) {
                     siblings.retain(|c| c != id);
@@ -235,17 +257,30 @@ impl Memory {
         self.uses.remove(id);
     }
 
-    fn count(&mut self, record: &MintRecord) {
+    /// Count a token against its owner, live or spent.
+    fn count(&mut self, record: &MintRecord, spent: bool) {
         let held = self.held.entry(record.owner).or_default();
-        held.live += 1;
-        held.attenuated += u32::from(record.attenuated);
+        let a = u32::from(record.attenuated);
+        if spent {
+            held.spent += 1;
+            held.spent_attenuated += a;
+        } else {
+            held.live += 1;
+            held.attenuated += a;
+        }
     }
 
-    fn uncount(&mut self, record: &MintRecord) {
+    fn uncount(&mut self, record: &MintRecord, spent: bool) {
         if let Some(held) = self.held.get_mut(&record.owner) {
-            held.live = held.live.saturating_sub(1);
-            held.attenuated = held.attenuated.saturating_sub(u32::from(record.attenuated));
-            if held.live == 0 {
+            let a = u32::from(record.attenuated);
+            if spent {
+                held.spent = held.spent.saturating_sub(1);
+                held.spent_attenuated = held.spent_attenuated.saturating_sub(a);
+            } else {
+                held.live = held.live.saturating_sub(1);
+                held.attenuated = held.attenuated.saturating_sub(a);
+            }
+            if held.is_empty() {
                 self.held.remove(&record.owner);
             }
         }
@@ -274,7 +309,8 @@ impl Memory {
                     continue;
                 }
                 let record = record.clone();
-                self.uncount(&record);
+                self.uncount(&record, false);
+                self.count(&record, true);
             }
             if let Some(children) = self.children.get(&id) {
                 stack.extend(children.iter().copied());
@@ -286,18 +322,17 @@ impl Memory {
     fn recount(&mut self, revoked: &HashMap<TokenId, u64>) {
         self.held.clear();
         self.released.clear();
-        let mut live = Vec::new();
+        let mut counted = Vec::new();
         for (id, record) in &self.minted {
             let dead =
                 self.spent(id, revoked) || record.lineage().iter().any(|a| self.spent(a, revoked));
             if dead {
                 self.released.insert(*id);
-            } else {
-                live.push(record.clone());
             }
+            counted.push((record.clone(), dead));
         }
-        for record in &live {
-            self.count(record);
+        for (record, dead) in &counted {
+            self.count(record, *dead);
         }
     }
 }
@@ -559,6 +594,23 @@ impl TokenState {
                     Some(StateError::AttenuationCap {
                         uid: owner,
                         limit: limits.attenuations_per_uid,
+                    })
+                } else if held.spent >= limits.live_per_uid.saturating_mul(SPENT_FACTOR) {
+                    Some(StateError::SpentCap {
+                        uid: owner,
+                        count: held.spent,
+                        what: "tokens",
+                        key: "max_live_tokens_per_uid",
+                    })
+                } else if attenuated
+                    && held.spent_attenuated
+                        >= limits.attenuations_per_uid.saturating_mul(SPENT_FACTOR)
+                {
+                    Some(StateError::SpentCap {
+                        uid: owner,
+                        count: held.spent_attenuated,
+                        what: "attenuated tokens",
+                        key: "max_attenuations_per_uid",
                     })
                 } else {
                     None

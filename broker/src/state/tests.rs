@@ -567,3 +567,56 @@ fn a_used_up_token_frees_its_slot() {
         Err(UseError::Exhausted(_))
     ));
 }
+
+#[test]
+fn spent_tokens_kept_until_they_expire_are_bounded_too() {
+    let dir = private_dir();
+    let limits = Limits {
+        live_per_uid: 2,
+        attenuations_per_uid: 1,
+    };
+    let state = TokenState::open(dir.path()).unwrap();
+    let root = record(5_000, None);
+    state.record_mint(id(1), root.clone(), limits, 10).unwrap();
+    // A one-use child, used, and again: each frees its slot at once, but
+    // its record stays until it expires.
+    let mut n = 2u8;
+    let refused = loop {
+        let mut kid = child(&root, id(1));
+        kid.max_uses = Some(1);
+        match state.record_mint(id(n), kid, limits, 10) {
+            Ok(()) => state.consume(&[(id(n), 1)], 10).unwrap(),
+            Err(e) => break e,
+        }
+        n += 1;
+        assert!(n < 50, "no bound");
+    };
+    assert_eq!(n - 2, 4, "{refused}");
+    assert!(
+        matches!(refused, StateError::SpentCap { count: 4, .. }),
+        "{refused}"
+    );
+    assert!(refused
+        .to_string()
+        .contains("has 4 revoked or used-up attenuated tokens that have not expired yet"));
+    // Mint and revoke, in a loop: the same for plain tokens.
+    let mut minted = 0;
+    let refused = loop {
+        match may_mint(&state, 100 + minted, limits) {
+            Ok(()) => state.revoke(id(100 + minted), 10).unwrap(),
+            Err(e) => break e,
+        }
+        minted += 1;
+        assert!(minted < 50, "no bound");
+    };
+    // 4 spent children and 4 spent plain tokens: 8 = 4 x 2.
+    assert_eq!(minted, 4, "{refused}");
+    assert!(
+        matches!(refused, StateError::SpentCap { count: 8, .. }),
+        "{refused}"
+    );
+    // Forgotten once expired: room again.
+    state
+        .record_mint(id(200), record(9_000, None), limits, 5_000 + GRACE)
+        .unwrap();
+}

@@ -333,7 +333,9 @@ impl Tokens {
                 now,
             )
             .map_err(|e| match e {
-                StateError::LiveCap { .. } | StateError::AttenuationCap { .. } => e.to_string(),
+                StateError::LiveCap { .. }
+                | StateError::AttenuationCap { .. }
+                | StateError::SpentCap { .. } => e.to_string(),
                 e => format!("cannot record the token: {e}"),
             })?;
         Ok(Minted {
