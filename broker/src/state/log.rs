@@ -197,6 +197,12 @@ impl Log {
             }
             Header::Version(version) => return Err(StateError::Version { path, version }),
             Header::Missing(what) => return Err(StateError::NotALog { path, what }),
+            Header::Damaged => {
+                return Err(StateError::Corrupt {
+                    path,
+                    message: "its format header is damaged".into(),
+                })
+            }
         };
         let corrupt = |message: String| StateError::Corrupt {
             path: path.clone(),
@@ -408,6 +414,9 @@ enum Header {
     Unwritten,
     /// A log of a version this broker does not read.
     Version(u32),
+    /// A header of a version this broker reads, followed in its frame by
+    /// what no version writes.
+    Damaged,
     /// Not a log: why.
     Missing(String),
 }
@@ -436,7 +445,8 @@ fn check_header(bytes: &[u8]) -> Header {
             // name a version in its first bytes: a newer log.
             match read_version(bytes) {
                 Some(v) if v != FORMAT_VERSION && v != FORMAT_V2 => Header::Version(v),
-                _ => Header::Missing("it does not start with a format header".into()),
+                Some(_) => Header::Damaged,
+                None => Header::Missing("it does not start with a format header".into()),
             }
         }
         Frame::BadLength => Header::Missing("it does not start with a format header".into()),

@@ -620,3 +620,18 @@ fn spent_tokens_kept_until_they_expire_are_bounded_too() {
         .record_mint(id(200), record(9_000, None), limits, 5_000 + GRACE)
         .unwrap();
 }
+
+#[test]
+fn a_damaged_header_of_a_known_version_is_corruption() {
+    let mut payload = postcard::to_allocvec(&Record::Format(log::FORMAT_VERSION)).unwrap();
+    payload.extend([0x63, 1, 2, 3]);
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut bytes = len.to_vec();
+    bytes.extend(&blake3::hash(&len).as_bytes()[..4]);
+    bytes.extend(&blake3::hash(&payload).as_bytes()[..8]);
+    bytes.extend(&payload);
+    let (opened, unchanged) = open_log_of(&bytes);
+    let e = opened.unwrap_err();
+    assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+    assert!(unchanged);
+}
