@@ -18,11 +18,22 @@ use crate::notify::Notifier;
 use crate::policy::Policy;
 use crate::token::Tokens;
 
+/// The policy and the admission limits in force: one snapshot, published
+/// whole (at start and by each reload), so that nobody ever sees one
+/// reload's policy with another's limits.
+#[derive(Debug)]
+pub struct InForce {
+    pub policy: Arc<Policy>,
+    pub limits: Arc<Limits>,
+}
+
 /// Everything a session needs.
 #[derive(Debug)]
 pub struct Broker {
-    policy: RwLock<Arc<Policy>>,
-    limits: RwLock<Arc<Limits>>,
+    in_force: RwLock<Arc<InForce>>,
+    /// Every snapshot published, in order (for the tests of reload).
+    #[cfg(test)]
+    pub(crate) published: std::sync::Mutex<Vec<Arc<InForce>>>,
     /// The descriptor limit the session cap was derived from.
     fd_limit: u64,
     pub executor: Executor,
@@ -45,9 +56,14 @@ impl Broker {
     pub fn new(policy: Policy, executor: Executor, audit: Audit) -> Broker {
         let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft);
+        let in_force = Arc::new(InForce {
+            policy: Arc::new(policy),
+            limits: Arc::new(Limits::defaults(fd_limit)),
+        });
         Broker {
-            policy: RwLock::new(Arc::new(policy)),
-            limits: RwLock::new(Arc::new(Limits::defaults(fd_limit))),
+            #[cfg(test)]
+            published: std::sync::Mutex::new(vec![Arc::clone(&in_force)]),
+            in_force: RwLock::new(in_force),
             fd_limit,
             executor,
             audit,
@@ -78,7 +94,7 @@ impl Broker {
 
     /// Admit sessions within these limits, derived from `fd_limit`.
     pub fn with_limits(mut self, limits: Limits, fd_limit: u64) -> Broker {
-        self.limits = RwLock::new(Arc::new(limits));
+        self.publish(self.policy(), limits);
         self.fd_limit = fd_limit;
         self
     }
@@ -113,21 +129,24 @@ impl Broker {
         status
     }
 
-    /// The policy in force now. A session takes it once per request, so a
-    /// reload applies from the next request on.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy
+    /// The policy and limits in force now, together. A decision that
+    /// needs both takes them from one snapshot.
+    pub fn in_force(&self) -> Arc<InForce> {
+        self.in_force
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
+    /// The policy in force now. A session takes it once per request, so a
+    /// reload applies from the next request on.
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.in_force().policy)
+    }
+
     /// The admission limits in force now.
     pub fn limits(&self) -> Arc<Limits> {
-        self.limits
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        Arc::clone(&self.in_force().limits)
     }
 
     /// The descriptor limit the session cap is derived from.
@@ -135,10 +154,26 @@ impl Broker {
         self.fd_limit
     }
 
-    /// Put a new policy and limits in force (a reload).
+    /// Put a new policy and limits in force (a reload), in one swap.
     pub(crate) fn replace(&self, policy: Policy, limits: Limits) {
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
-        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(limits);
+        self.publish(Arc::new(policy), limits);
+    }
+
+    fn publish(&self, policy: Arc<Policy>, limits: Limits) {
+        let in_force = Arc::new(InForce {
+            policy,
+            limits: Arc::new(limits),
+        });
+        #[cfg(test)]
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&in_force));
+        // The old snapshot is dropped after the lock is released.
+        let _old = std::mem::replace(
+            &mut *self.in_force.write().unwrap_or_else(|p| p.into_inner()),
+            in_force,
+        );
     }
 
     /// Sessions open now.
@@ -162,8 +197,9 @@ impl Broker {
     /// A slot for a new session (connection or channel) of `uid`, acting
     /// with `token` if given; refused beyond the limits.
     pub fn admit(&self, uid: u32, token: Option<TokenId>) -> Result<SessionSlot, Refusal> {
-        let who = self.who(&self.policy(), uid, token.is_some());
-        self.admission.admit(&self.limits(), who, token)
+        let now = self.in_force();
+        let who = self.who(&now.policy, uid, token.is_some());
+        self.admission.admit(&now.limits, who, token)
     }
 
     /// Count a connection's slot against the token it is being bound to;
@@ -177,11 +213,12 @@ impl Broker {
     /// `with_token`) from `uid`'s rate budget; `Err((refusal, first))`
     /// when it is spent, `first` for the first refusal of a run.
     pub fn rate(&self, uid: u32, with_token: bool) -> Result<(), (Refusal, bool)> {
-        let who = self.who(&self.policy(), uid, with_token);
+        let now = self.in_force();
+        let who = self.who(&now.policy, uid, with_token);
         if who.privileged {
             return Ok(());
         }
-        self.admission.request(&self.limits(), who)
+        self.admission.request(&now.limits, who)
     }
 
     /// Whether to record a refusal of `uid` now (see

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Reloading the configuration on SIGHUP: the new policy and limits apply
-//! from the next request on, or, if they are not valid, the old ones stay.
+//! from the next request on, published together as one snapshot (a
+//! session never sees one reload's policy with another's limits), or, if
+//! they are not valid, the old ones stay.
 //! Either way the outcome is an audit record saying why.
 
 use std::future::Future;
@@ -167,4 +169,99 @@ pub fn reload_on_hangup(
             let _ = tokio::task::spawn_blocking(move || broker.reload(&path)).await;
         }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::audit::Audit;
+    use crate::broker::InForce;
+    use crate::credential::Credentials;
+    use crate::executor::Executor;
+
+    /// Configuration `n`: its policy allows `n` connections per uid, its
+    /// limits `10 n` requests a second, so a snapshot shows whether its
+    /// two halves come from the same file.
+    fn config(n: usize) -> String {
+        format!(
+            r#"
+[broker]
+socket = "/nonexistent/broker.sock"
+max_connections_per_uid = {n}
+requests_per_second = {rate}
+request_burst = {rate}
+
+[[principal]]
+name = "orch"
+uids = [1000]
+may_call = ["echo"]
+
+[[tool]]
+name = "echo"
+kind = "echo"
+params.message = {{ type = "string", max_len = 10 }}
+"#,
+            rate = n * 10
+        )
+    }
+
+    fn whole(s: &InForce) -> bool {
+        s.limits.requests_per_second as usize == s.policy.broker.max_connections_per_uid * 10
+    }
+
+    #[test]
+    fn a_reload_publishes_policy_and_limits_as_one_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, config(1)).unwrap();
+        let source = Source::load(&path).unwrap();
+        let policy = Policy::compile(&source).unwrap();
+        let limits = Limits::from_config(&source.config.broker, 1024).unwrap();
+        let credentials = Credentials::from_values(Vec::<(String, String)>::new()).unwrap();
+        let broker = Broker::new(policy, Executor::new(credentials).unwrap(), Audit::memory())
+            .with_limits(limits, 1024);
+        let start = broker.published.lock().unwrap().len() - 1;
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // Sessions deciding while the reloads go on.
+            let reader = scope.spawn(|| {
+                let mut seen = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let now = broker.in_force();
+                    assert!(
+                        whole(&now),
+                        "policy of {} with limits of {}",
+                        now.policy.broker.max_connections_per_uid,
+                        now.limits.requests_per_second / 10
+                    );
+                    seen += 1;
+                }
+                seen
+            });
+            for n in 2..=50 {
+                std::fs::write(&path, config(n)).unwrap();
+                broker.reload(&path).unwrap();
+                let now = broker.in_force();
+                assert_eq!(now.policy.broker.max_connections_per_uid, n);
+                assert!(whole(&now));
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(reader.join().unwrap() > 0);
+        });
+        // Not one snapshot was ever published with one reload's policy
+        // and another's limits.
+        let published = broker.published.lock().unwrap();
+        for s in &published[start..] {
+            assert!(
+                whole(s),
+                "published: the policy of {} with the limits of {}",
+                s.policy.broker.max_connections_per_uid,
+                s.limits.requests_per_second / 10
+            );
+        }
+        assert_eq!(published.len() - start, 50, "one publication per reload");
+    }
 }

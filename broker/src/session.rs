@@ -874,8 +874,8 @@ impl Session {
         });
         let id = revoke.id.to_string();
         // Who revoked (the principal the caller acts as, the token's
-        // issuer first), and the token's ancestors when this broker
-        // issued it since it started.
+        // issuer first), and the token's task and ancestors when this
+        // broker issued it (recorded in its state, so across restarts).
         let caller = self.peer.caller();
         let record = self.tokens().ok().and_then(|t| t.minted(&revoke.id));
         let principal = policy.principals_of(&caller).map(|p| p.name.as_str()).fold(
@@ -886,10 +886,9 @@ impl Session {
                 (found, _) => found,
             },
         );
-        let parents = self
-            .tokens()
-            .ok()
-            .and_then(|t| t.issued(&revoke.id))
+        let issued = self.tokens().ok().and_then(|t| t.issued(&revoke.id));
+        let task = issued.as_ref().map(|issued| hex(&issued.task));
+        let parents = issued
             .map(|issued| token::ancestors_text(&issued.lineage))
             .filter(|text| !text.is_empty());
         let decision = if revoked.is_ok() {
@@ -901,6 +900,9 @@ impl Session {
         let mut record = self.record(Event::Revoke, decision).token(&id);
         if let Some(principal) = principal {
             record = record.principal(principal);
+        }
+        if let Some(task) = &task {
+            record = record.task(task);
         }
         if let Some(parents) = &parents {
             record = record.parent_token(parents);

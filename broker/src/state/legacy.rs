@@ -61,6 +61,7 @@ pub fn read(dir: &Path) -> Result<Option<Vec<Record>>, StateError> {
             max_uses: m.max_uses,
             owner: UNKNOWN_OWNER,
             attenuated: false,
+            origin: None,
         };
         records.push(Record::Mint(id(hex)?, record));
     }

@@ -36,21 +36,34 @@
 //! below it.
 //!
 //! Each uid may hold a bounded number of live tokens it minted or
-//! attenuated, and of live attenuations ([`Limits`]).
+//! attenuated, and of live attenuations ([`Limits`]). A token stops
+//! counting the moment it can no longer be used: when it is revoked or
+//! has used all its uses, and so has every descendant of it (whose use
+//! needs the ancestor). Its record stays until it expires (a descendant's
+//! use is checked against it), but its owner may mint again at once.
+//! Those kept records are bounded too, at [`SPENT_FACTOR`] times the caps:
+//! otherwise attenuating a one-use child and using it, in a loop, would
+//! grow the state at the rate limit for as long as a token lives.
+//!
+//! Each mint records the token's origin (audience, task, ancestors), so
+//! that listings and audit records show it after a restart, and a
+//! revocation frees its descendants' slots too. Tokens recorded before
+//! the log kept origins (format 2) have none: they are listed without it
+//! and are freed at their own revocation only.
 //!
 //! The log keeps [`RESERVE`] bytes allocated past its end. A mint, an
 //! attenuation or a use is refused when that reserve cannot be kept, so a
 //! full file system stops minting before it could stop a revocation from
 //! being recorded; revocations may use the reserve.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use keyward_proto::token::TokenId;
+use keyward_proto::token::{Audience, TokenId};
 
 mod dir;
 mod legacy;
@@ -59,7 +72,8 @@ pub mod log;
 pub use dir::check as check_directory;
 pub use legacy::LEGACY_FILE;
 pub use log::LOG_FILE;
-use log::{AppendError, Log, Record};
+use log::{AppendError, Log, Opened, Record};
+use log::{FORMAT_V2, FORMAT_VERSION};
 
 /// Expiry recorded for a revoked token this broker did not mint.
 const UNKNOWN_EXPIRY: u64 = u64::MAX;
@@ -78,6 +92,11 @@ const MAX_BATCH: usize = 4096;
 /// How long after its expiry a token is forgotten (absorbs clock steps
 /// between a check and a prune).
 const GRACE: u64 = 60;
+/// A spent (revoked or used-up) token no longer counts against its
+/// owner's caps, but its record is kept until it expires; a uid may keep
+/// this many times its caps of them, so that minting or attenuating and
+/// then spending in a loop cannot grow the state without bound.
+pub const SPENT_FACTOR: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -89,6 +108,10 @@ pub enum StateError {
     },
     #[error("token state {path} is corrupt ({message}); refusing to start rather than forget revocations")]
     Corrupt { path: PathBuf, message: String },
+    #[error("token state {path} is not a keyward token log ({what}); it was left as it is. If it is not the broker's, move it out of the state directory; if it is, restore the broker's copy. Refusing to start rather than forget revocations")]
+    NotALog { path: PathBuf, what: String },
+    #[error("token state {path} is in format version {version}, which this broker does not read (it reads {FORMAT_V2} and {FORMAT_VERSION}); it was left as it is. Run the keyward-broker version that wrote it, or move it out of the state directory")]
+    Version { path: PathBuf, version: u32 },
     #[error("state directory entry {path} {who}; the state directory and its files must be the broker's alone (chown them to its user, chmod 0700 the directory and 0600 the files)")]
     Access { path: PathBuf, who: String },
     #[error("token state {path} is on a read-only file system; refusing to start, since no use or revocation could be recorded")]
@@ -101,6 +124,13 @@ pub enum StateError {
     LiveCap { uid: u32, limit: u32 },
     #[error("uid {uid} already holds {limit} live attenuated tokens (max_attenuations_per_uid)")]
     AttenuationCap { uid: u32, limit: u32 },
+    #[error("uid {uid} has {count} revoked or used-up {what} that have not expired yet ({SPENT_FACTOR} times {key}); they are forgotten as they expire")]
+    SpentCap {
+        uid: u32,
+        count: u32,
+        what: &'static str,
+        key: &'static str,
+    },
 }
 
 /// What the broker remembers of a token it minted.
@@ -114,6 +144,26 @@ pub struct MintRecord {
     pub owner: u32,
     /// Made by attenuation.
     pub attenuated: bool,
+    /// Who it is for, its task and its ancestors; `None` for a token
+    /// recorded before the log kept them.
+    pub origin: Option<Origin>,
+}
+
+impl MintRecord {
+    /// Its ancestors, root first (none if unknown).
+    fn lineage(&self) -> &[TokenId] {
+        self.origin.as_ref().map_or(&[], |o| o.lineage.as_slice())
+    }
+}
+
+/// Where a token came from, as its body says.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Origin {
+    pub audience: Audience,
+    /// blake3 of the task description.
+    pub task: [u8; 32],
+    /// Ancestors, root first (empty for a minted token).
+    pub lineage: Vec<TokenId>,
 }
 
 /// Per-uid caps on what the state holds for it.
@@ -142,45 +192,147 @@ pub enum UseError {
     State(StateError),
 }
 
-/// Live tokens of one uid.
+/// Tokens of one uid: live ones, and spent ones (revoked or used up)
+/// whose records are kept until they expire.
 #[derive(Debug, Default, Clone, Copy)]
 struct Held {
     live: u32,
     attenuated: u32,
+    spent: u32,
+    spent_attenuated: u32,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.live == 0 && self.spent == 0
+    }
 }
 
 #[derive(Debug, Default)]
 struct Memory {
     minted: HashMap<TokenId, MintRecord>,
     uses: HashMap<TokenId, u32>,
+    /// What each uid's live tokens count, against [`Limits`].
     held: HashMap<u32, Held>,
+    /// Recorded tokens that count no more (revoked, used up, or under one
+    /// that is). Every descendant of one is in it too.
+    released: HashSet<TokenId>,
+    /// Recorded tokens by parent (those with a known origin).
+    children: HashMap<TokenId, Vec<TokenId>>,
     pruned_at: u64,
 }
 
 impl Memory {
-    fn insert(&mut self, id: TokenId, record: MintRecord) {
-        let held = self.held.entry(record.owner).or_default();
-        held.live += 1;
-        held.attenuated += u32::from(record.attenuated);
-        if let Some(old) = self.minted.insert(id, record) {
-            self.release(&old);
+    /// Record a token; it counts against its owner unless it is already
+    /// unusable (`revoked` or an ancestor spent).
+    fn insert(&mut self, id: TokenId, record: MintRecord, revoked: &HashMap<TokenId, u64>) {
+        self.remove(&id);
+        if let Some(parent) = record.lineage().last() {
+            self.children.entry(*parent).or_default().push(id);
         }
+        let dead =
+            self.spent(&id, revoked) || record.lineage().iter().any(|a| self.spent(a, revoked));
+        if dead {
+            self.released.insert(id);
+        }
+        self.count(&record, dead);
+        self.minted.insert(id, record);
     }
 
+    /// Forget a token (expired, or never handed out).
     fn remove(&mut self, id: &TokenId) {
         if let Some(old) = self.minted.remove(id) {
-            self.release(&old);
+            let spent = self.released.remove(id);
+            self.uncount(&old, spent);
+            if let Some(parent) = old.lineage().last() {
+                if let Some(siblings) = self.children.get_mut(parent) {
+                    siblings.retain(|c| c != id);
+                    if siblings.is_empty() {
+                        self.children.remove(parent);
+                    }
+                }
+            }
         }
+        self.children.remove(id);
         self.uses.remove(id);
     }
 
-    fn release(&mut self, record: &MintRecord) {
+    /// Count a token against its owner, live or spent.
+    fn count(&mut self, record: &MintRecord, spent: bool) {
+        let held = self.held.entry(record.owner).or_default();
+        let a = u32::from(record.attenuated);
+        if spent {
+            held.spent += 1;
+            held.spent_attenuated += a;
+        } else {
+            held.live += 1;
+            held.attenuated += a;
+        }
+    }
+
+    fn uncount(&mut self, record: &MintRecord, spent: bool) {
         if let Some(held) = self.held.get_mut(&record.owner) {
-            held.live = held.live.saturating_sub(1);
-            held.attenuated = held.attenuated.saturating_sub(u32::from(record.attenuated));
-            if held.live == 0 {
+            let a = u32::from(record.attenuated);
+            if spent {
+                held.spent = held.spent.saturating_sub(1);
+                held.spent_attenuated = held.spent_attenuated.saturating_sub(a);
+            } else {
+                held.live = held.live.saturating_sub(1);
+                held.attenuated = held.attenuated.saturating_sub(a);
+            }
+            if held.is_empty() {
                 self.held.remove(&record.owner);
             }
+        }
+    }
+
+    /// Whether `id` itself can no longer be used: revoked, or every use
+    /// counted.
+    fn spent(&self, id: &TokenId, revoked: &HashMap<TokenId, u64>) -> bool {
+        revoked.contains_key(id)
+            || self
+                .minted
+                .get(id)
+                .and_then(|m| m.max_uses)
+                .is_some_and(|max| self.uses.get(id).copied().unwrap_or(0) >= max)
+    }
+
+    /// `id` and its descendants count no more.
+    fn release(&mut self, id: TokenId) {
+        let mut stack = vec![id];
+        while let Some(id) = stack.pop() {
+            // (An id not recorded here, from a shared signing key, may
+            // still have children recorded here.)
+            if let Some(record) = self.minted.get(&id) {
+                // Released before: so were its descendants.
+                if !self.released.insert(id) {
+                    continue;
+                }
+                let record = record.clone();
+                self.uncount(&record, false);
+                self.count(&record, true);
+            }
+            if let Some(children) = self.children.get(&id) {
+                stack.extend(children.iter().copied());
+            }
+        }
+    }
+
+    /// Count every recorded token from scratch (after loading the log).
+    fn recount(&mut self, revoked: &HashMap<TokenId, u64>) {
+        self.held.clear();
+        self.released.clear();
+        let mut counted = Vec::new();
+        for (id, record) in &self.minted {
+            let dead =
+                self.spent(id, revoked) || record.lineage().iter().any(|a| self.spent(a, revoked));
+            if dead {
+                self.released.insert(*id);
+            }
+            counted.push((record.clone(), dead));
+        }
+        for (record, dead) in &counted {
+            self.count(record, *dead);
         }
     }
 }
@@ -199,11 +351,26 @@ impl Shared {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Replay one record while loading (counts are made afterwards, by
+    /// [`Memory::recount`]). Merging is safe in any order: a later mint
+    /// record of an id replaces an earlier one, a use count only rises,
+    /// revocations only add.
     fn apply(&self, memory: &mut Memory, record: Record) {
         match record {
             Record::Format(_) => {}
-            Record::Mint(id, record) => memory.insert(id, record),
-            Record::Uses(counts) => memory.uses.extend(counts),
+            Record::MintV2(id, old) => self.apply(memory, Record::Mint(id, old.into())),
+            Record::Mint(id, record) => {
+                if let Some(parent) = record.lineage().last() {
+                    memory.children.entry(*parent).or_default().push(id);
+                }
+                memory.minted.insert(id, record);
+            }
+            Record::Uses(counts) => {
+                for (id, n) in counts {
+                    let count = memory.uses.entry(id).or_insert(0);
+                    *count = (*count).max(n);
+                }
+            }
             Record::Revoke(id, expires) => {
                 self.revoked
                     .write()
@@ -291,32 +458,45 @@ impl TokenState {
     /// reset.
     pub fn open(dir: &Path) -> Result<TokenState, StateError> {
         dir::check(dir)?;
+        // Both files are read and judged before either is changed.
         let imported = legacy::read(dir)?;
-        let (mut log, records) = Log::open(dir)?;
+        let Opened {
+            mut log,
+            records,
+            version,
+        } = Log::open(dir)?;
         let shared = Arc::new(Shared::default());
-        let fresh = records.iter().all(|r| matches!(r, Record::Format(_)));
         {
             let mut memory = shared.lock();
+            // An old tokens.json merges under the log: from a first start
+            // with this format, or from one that stopped short of
+            // removing it (then it adds nothing the log lacks).
+            for record in imported.iter().flatten().cloned() {
+                shared.apply(&mut memory, record);
+            }
             for record in records {
                 shared.apply(&mut memory, record);
             }
-            if let (Some(old), true) = (&imported, fresh) {
-                for record in old.iter().cloned() {
-                    shared.apply(&mut memory, record);
-                }
-            }
+            let revoked = shared.revoked.read().unwrap_or_else(|p| p.into_inner());
+            memory.recount(&revoked);
         }
         let now = shared.high_water.load(Ordering::Relaxed).max(now());
-        if imported.is_some() && fresh {
-            log.rewrite(&shared.snapshot(now))?;
-        }
         if imported.is_some() {
-            // In the log now (or from an earlier start that stopped short
-            // of removing it).
+            log.rewrite(&shared.snapshot(now))?;
             legacy::remove(dir)?;
-        }
-        // Leave expired entries behind now if the log is worth rewriting.
-        if log.len >= MIN_COMPACT {
+        } else if version != FORMAT_VERSION {
+            // Rewritten in this format (the old file stays until the new
+            // one is in place). If that cannot be done now, the records
+            // appended to the old file are read all the same, and the
+            // next compaction writes the new header.
+            if let Err(e) = log.rewrite(&shared.snapshot(now)) {
+                eprintln!(
+                    "keyward-broker: rewriting the token state in format {FORMAT_VERSION} failed (will retry at compaction): {e}"
+                );
+            }
+        } else if log.len >= MIN_COMPACT {
+            // Leave expired entries behind now if the log is worth
+            // rewriting.
             let snapshot = shared.snapshot(now);
             if let Err(e) = log.rewrite(&snapshot) {
                 eprintln!("keyward-broker: compacting the token state at start failed: {e}");
@@ -415,6 +595,23 @@ impl TokenState {
                         uid: owner,
                         limit: limits.attenuations_per_uid,
                     })
+                } else if held.spent >= limits.live_per_uid.saturating_mul(SPENT_FACTOR) {
+                    Some(StateError::SpentCap {
+                        uid: owner,
+                        count: held.spent,
+                        what: "tokens",
+                        key: "max_live_tokens_per_uid",
+                    })
+                } else if attenuated
+                    && held.spent_attenuated
+                        >= limits.attenuations_per_uid.saturating_mul(SPENT_FACTOR)
+                {
+                    Some(StateError::SpentCap {
+                        uid: owner,
+                        count: held.spent_attenuated,
+                        what: "attenuated tokens",
+                        key: "max_attenuations_per_uid",
+                    })
                 } else {
                     None
                 }
@@ -426,7 +623,14 @@ impl TokenState {
             if let Some(e) = over(&memory) {
                 return Err(e);
             }
-            memory.insert(id, record.clone());
+            {
+                let revoked = self
+                    .shared
+                    .revoked
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner());
+                memory.insert(id, record.clone(), &revoked);
+            }
             self.enqueue(vec![Record::Mint(id, record)], Class::Growth)
         };
         let result = wait(pending);
@@ -442,7 +646,7 @@ impl TokenState {
     pub fn revoke(&self, id: TokenId, now: u64) -> Result<(), StateError> {
         self.clock(now);
         let pending = {
-            let memory = self.shared.lock();
+            let mut memory = self.shared.lock();
             let expires = memory
                 .minted
                 .get(&id)
@@ -453,6 +657,8 @@ impl TokenState {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, expires);
+            // Its slot, and its descendants', are free at once.
+            memory.release(id);
             self.enqueue(vec![Record::Revoke(id, expires)], Class::Essential)
         };
         wait(pending)
@@ -475,10 +681,15 @@ impl TokenState {
                 }
             }
             let mut counts = Vec::with_capacity(limits.len());
-            for (id, _) in limits {
+            for (id, max) in limits {
                 let n = memory.uses.entry(*id).or_insert(0);
                 *n += 1;
-                counts.push((*id, *n));
+                let n = *n;
+                counts.push((*id, n));
+                if n >= *max {
+                    // Used up: it (and every descendant) counts no more.
+                    memory.release(*id);
+                }
             }
             self.enqueue(vec![Record::Uses(counts)], Class::Growth)
         };

@@ -25,7 +25,7 @@ use crate::policy::{
     compile_pattern, show_str, AuthorizedCall, Caller, Denial, Denied, ParamSpec, Policy,
     TypedValue,
 };
-use crate::state::{MintRecord, StateError, TokenState, UseError};
+use crate::state::{MintRecord, Origin, StateError, TokenState, UseError};
 
 mod constraint;
 
@@ -135,10 +135,11 @@ pub fn ancestors_text(lineage: &[TokenId]) -> String {
     text
 }
 
-/// What this broker knows of a token it issued since it started, beyond
-/// what its state file records: for `keyward-broker tokens` and the
-/// audit records of a revocation. Kept in memory only (not persisted).
-#[derive(Debug, Clone)]
+/// Where a token this broker issued came from, as its state records it:
+/// for `keyward-broker tokens` and the audit records of a revocation.
+/// Persisted with the mint, so a restart keeps it (tokens recorded before
+/// the state kept it have none).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Issued {
     pub audience: Audience,
     pub task: [u8; 32],
@@ -154,8 +155,6 @@ pub struct Tokens {
     state: TokenState,
     /// Compiled token patterns, by source text.
     patterns: Mutex<HashMap<String, regex::Regex>>,
-    /// Tokens issued since start (see [`Issued`]).
-    issued: Mutex<HashMap<TokenId, Issued>>,
 }
 
 /// Seconds since the epoch.
@@ -194,7 +193,6 @@ impl Tokens {
             keys,
             state: TokenState::open(state_dir)?,
             patterns: Mutex::new(HashMap::new()),
-            issued: Mutex::new(HashMap::new()),
         })
     }
 
@@ -325,15 +323,21 @@ impl Tokens {
                     max_uses: body.max_uses,
                     owner: caller.uid,
                     attenuated: body.parent.is_some(),
+                    origin: Some(Origin {
+                        audience: body.audience,
+                        task: body.task,
+                        lineage: body.lineage.clone(),
+                    }),
                 },
                 policy.broker.token_limits,
                 now,
             )
             .map_err(|e| match e {
-                StateError::LiveCap { .. } | StateError::AttenuationCap { .. } => e.to_string(),
+                StateError::LiveCap { .. }
+                | StateError::AttenuationCap { .. }
+                | StateError::SpentCap { .. } => e.to_string(),
                 e => format!("cannot record the token: {e}"),
             })?;
-        self.remember(&body, now);
         Ok(Minted {
             token,
             id: body.id,
@@ -341,31 +345,17 @@ impl Tokens {
         })
     }
 
-    /// Keep what the state does not record of an issued token; forget
-    /// expired ones as the map grows.
-    fn remember(&self, body: &TokenBody, now: u64) {
-        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
-        if issued.len() >= 1024 && issued.len().is_power_of_two() {
-            issued.retain(|_, t| t.expires.saturating_add(60) > now);
-        }
-        issued.insert(
-            body.id,
-            Issued {
-                audience: body.audience,
-                task: body.task,
-                lineage: body.lineage.clone(),
-                expires: body.expires,
-            },
-        );
-    }
-
-    /// What this broker issued as `id` since it started, if it did.
+    /// Where `id` came from, if this broker issued it (and has not
+    /// forgotten it since it expired) and recorded its origin.
     pub fn issued(&self, id: &TokenId) -> Option<Issued> {
-        self.issued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        let record = self.state.minted(id)?;
+        let origin = record.origin?;
+        Some(Issued {
+            audience: origin.audience,
+            task: origin.task,
+            lineage: origin.lineage,
+            expires: record.expires,
+        })
     }
 
     /// What the state records of a token this broker minted (and has not
@@ -375,14 +365,16 @@ impl Tokens {
     }
 
     /// Every token the state records, with its uses so far and whether it
-    /// is revoked, by expiry.
+    /// is revoked (itself or through an ancestor), by expiry.
     pub fn live_tokens(&self) -> Vec<(TokenId, MintRecord, u32, bool)> {
         let mut tokens: Vec<_> = self
             .state
             .minted_all()
             .into_iter()
             .map(|(id, record, uses)| {
-                let revoked = self.state.revoked_among([&id]).is_some();
+                // Revoked itself, or through an ancestor.
+                let lineage = record.origin.as_ref().map_or(&[][..], |o| &o.lineage[..]);
+                let revoked = self.revoked(id, lineage).is_some();
                 (id, record, uses, revoked)
             })
             .collect();
