@@ -312,6 +312,8 @@ impl Session {
                 // has room again: a peer that ignores the refusal cannot
                 // keep the broker busy refusing it.
                 if let Refusal::RateLimited { rate, .. } = refusal {
+                    // Nothing of ours waits in the audit queue meanwhile.
+                    self.flush_deferred();
                     tokio::time::sleep(Duration::from_secs(1) / rate.max(1)).await;
                 }
                 return next;

@@ -389,12 +389,35 @@ impl Broker {
         text
     }
 
-    /// The audit records, parsed.
+    /// The audit records, parsed. The outcome record of a call that went
+    /// well may follow its reply by a moment (the broker defers it to its
+    /// next write, or writes it before it next waits): this waits, up to
+    /// 3 s, until every allowed call's outcome is there.
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
-        self.audit()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let records: Vec<serde_json::Value> = self
+                .audit()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let outcomes: std::collections::HashSet<&str> = records
+                .iter()
+                .filter(|r| r["event"] == "outcome")
+                .filter_map(|r| r["call_id"].as_str())
+                .collect();
+            let waiting = records.iter().any(|r| {
+                r["event"] == "call"
+                    && r["decision"] == "allow"
+                    && r["call_id"]
+                        .as_str()
+                        .is_some_and(|id| !outcomes.contains(id))
+            });
+            if !waiting || Instant::now() >= deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// SIGTERM and wait.
