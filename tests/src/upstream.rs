@@ -255,6 +255,18 @@ pub fn narrow_base64() -> String {
     lines.join("\n")
 }
 
+/// Base64 of `k` and the first 30 bytes of the secret: no whole-value
+/// form redaction knows, so only the leak scanner can catch it.
+pub fn smuggled_base64() -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("k{}", &SECRET[..30]))
+}
+
+/// Hex of the first 30 bytes of the secret (60 digits).
+pub fn smuggled_hex() -> String {
+    SECRET[..30].bytes().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Every character of `text` as a JSON `\uXXXX` escape.
 pub fn json_u(text: &str) -> String {
     text.chars()
@@ -269,13 +281,29 @@ fn serve_hostile(mut stream: std::net::TcpStream) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
-    // Skip the request headers (the broker sends no body to these routes).
+    // Skip the request headers, and the body if one is announced (an
+    // STS or token request is a POST): unread bytes would reset the
+    // connection before the answer is read.
+    let mut length = 0usize;
     loop {
         let mut line = String::new();
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) if line == "\r\n" || line == "\n" => break,
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.trim().eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    {
+        use std::io::Read;
+        let mut body = vec![0u8; length.min(1 << 20)];
+        if reader.read_exact(&mut body).is_err() {
+            return;
         }
     }
     let target = request_line.split(' ').nth(1).unwrap_or("/");
@@ -382,6 +410,27 @@ fn serve_hostile(mut stream: std::net::TcpStream) {
                 &SECRET[..SECRET.len() - 2]
             )
             .as_bytes(),
+        ),
+        // An STS endpoint (`endpoint = ".../sts-error"`) refusing with a
+        // message that carries base64 of a fragment of the secret.
+        "/sts-error/" => respond(
+            &mut stream,
+            "403 Forbidden",
+            &[("Content-Type", "text/xml".to_owned())],
+            format!(
+                "<ErrorResponse><Error><Type>Sender</Type><Code>SignatureDoesNotMatch</Code>\
+                 <Message>signature mismatch for {}</Message></Error></ErrorResponse>",
+                smuggled_base64()
+            )
+            .as_bytes(),
+        ),
+        // A token endpoint refusing with an RFC 6749 "error code" that is
+        // the hex of a fragment of the secret (short, printable: quoted).
+        "/oauth-error" => respond(
+            &mut stream,
+            "400 Bad Request",
+            &[json],
+            format!(r#"{{"error":"{}"}}"#, smuggled_hex()).as_bytes(),
         ),
         "/slow" => {
             std::thread::sleep(Duration::from_secs(3));

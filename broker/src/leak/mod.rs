@@ -192,6 +192,13 @@ impl LeakScanner {
         Judgement::new(self).judge("a value", value)
     }
 
+    /// Judge an error message about to be returned (and audited): text an
+    /// upstream or a program shaped (a token endpoint's error code, an
+    /// STS message, a driver's diagnostic) is a channel like a body.
+    pub fn check_message(&self, message: &str) -> Result<(), Leak> {
+        Judgement::new(self).judge("an error message", message.as_bytes())
+    }
+
     /// Judge a response: every header name, every header value, all
     /// values joined in order (a secret split over two headers of the
     /// same name, or of two names, reads as one), and the body.

@@ -361,3 +361,23 @@ proptest! {
         prop_assert_eq!(s.check_response([], &binary), Ok(()));
     }
 }
+
+#[test]
+fn an_error_message_is_judged_like_a_body() {
+    let s = scanner(&[KEY]);
+    let message = format!(
+        "upstream request failed: STS refused (403): SignatureDoesNotMatch: {}",
+        STANDARD.encode(format!("k{}", &KEY[..20]))
+    );
+    match s.check_message(&message) {
+        Err(Leak::Found { place, trail }) => {
+            assert_eq!(place, "an error message");
+            assert_eq!(trail, ["base64"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        s.check_message("upstream request failed: connection refused"),
+        Ok(())
+    );
+}
