@@ -266,23 +266,7 @@ pub fn unescape(view: &[u8], plus_is_space: bool) -> Option<Bytes> {
     changed.then_some(out)
 }
 
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-fn hex_u32(digits: &[u8]) -> Option<u32> {
-    if digits.is_empty() {
-        return None;
-    }
-    digits.iter().try_fold(0u32, |acc, &d| {
-        Some(acc.checked_mul(16)? + u32::from(hex_value(d)?))
-    })
-}
+use crate::percent::{hex_digit as hex_value, hex_number as hex_u32};
 
 fn push_char(c: char, out: &mut Vec<u8>) {
     let mut buf = [0u8; 4];
@@ -353,9 +337,7 @@ fn json_escape(text: &[u8], out: &mut Vec<u8>) -> Option<usize> {
 
 /// `text` starts with `%`: decode `%XX`.
 fn percent_escape(text: &[u8], out: &mut Vec<u8>) -> Option<usize> {
-    let hi = hex_value(*text.get(1)?)?;
-    let lo = hex_value(*text.get(2)?)?;
-    out.push(hi << 4 | lo);
+    out.push(crate::percent::percent_byte(text)?);
     Some(3)
 }
 
@@ -700,16 +682,12 @@ pub fn separated_runs(view: &[u8], min_chars: usize) -> Vec<Bytes> {
 /// skipped; anything else ends a run.
 const HEX_CLASS: [u8; 256] = {
     let mut table = [B64_OTHER; 256];
-    let mut i = 0;
-    while i < 10 {
-        table[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        table[b'a' as usize + i] = 10 + i as u8;
-        table[b'A' as usize + i] = 10 + i as u8;
-        i += 1;
+    let mut b = 0;
+    while b < 256 {
+        if let Some(value) = hex_value(b as u8) {
+            table[b] = value;
+        }
+        b += 1;
     }
     let separators = b":-.,; \t\n\r";
     let mut i = 0;
