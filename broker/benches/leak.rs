@@ -95,6 +95,14 @@ fn main() {
     let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     bomb.write_all(&vec![b'a'; 9 << 20]).unwrap();
     let bomb = bomb.finish().unwrap();
+    let utf16: Vec<u8> = String::from_utf8_lossy(&json[..BODY / 2])
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    // A gzip magic every 20 bytes: each member a stream to the end.
+    let mut member = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    member.write_all(b"").unwrap();
+    let members = member.finish().unwrap().repeat(BODY / 20);
     let leak = {
         let mut body = json.clone();
         body.truncate(BODY - 100);
@@ -111,6 +119,11 @@ fn main() {
         ("gzip of 480 KiB JSON (no Content-Encoding), clean", &gz),
         ("60 KiB JSON, a 24-byte quote at the end", &leak),
         ("gzip bomb (9 MiB of 'a'), refused at 4 MiB", &bomb),
+        ("60 KiB UTF-16LE JSON, clean", &utf16),
+        (
+            "3000 empty gzip members, refused (too many streams)",
+            &members,
+        ),
     ] {
         let took = time(|| {
             let _ = std::hint::black_box(scanner.check_response([], body));

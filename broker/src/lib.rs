@@ -37,6 +37,7 @@ pub mod manual;
 pub mod notify;
 pub mod param;
 pub mod peer;
+pub mod percent;
 pub mod policy;
 pub mod redact;
 pub mod reload;

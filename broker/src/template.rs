@@ -377,8 +377,10 @@ fn has_dot_segment(url: &str) -> bool {
     let path = &rest[path_start..];
     let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
     path.split(['/', '\\']).any(|segment| {
-        let dotted = segment.to_ascii_lowercase().replace("%2e", ".");
-        dotted == "." || dotted == ".."
+        // Only `%2e` can decode to a dot: one round, as the parser reads it.
+        let decoded = crate::percent::percent_decode(segment.as_bytes());
+        let dotted = decoded.as_deref().unwrap_or(segment.as_bytes());
+        dotted == b"." || dotted == b".."
     })
 }
 

@@ -255,6 +255,92 @@ pub fn narrow_base64() -> String {
     lines.join("\n")
 }
 
+/// Base64 of `k` and the first 30 bytes of the secret: no whole-value
+/// form redaction knows, so only the leak scanner can catch it.
+pub fn smuggled_base64() -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("k{}", &SECRET[..30]))
+}
+
+/// Hex of the first 30 bytes of the secret (60 digits).
+pub fn smuggled_hex() -> String {
+    SECRET[..30].bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The encodings a second review found the scanner missing, each of
+/// [`debug_document`]: served by [`Hostile`] at `/enc/NAME`.
+pub const ENCODINGS: &[&str] = &[
+    "utf16le",
+    "utf16be-bom",
+    "dashes",
+    "base32",
+    "raw-deflate",
+    "octal",
+    "u-brace",
+    "quoted-printable",
+    "reversed",
+];
+
+/// [`debug_document`] in the encoding `name` (one of [`ENCODINGS`]).
+pub fn encoded_document(name: &str) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let doc = debug_document();
+    Some(match name {
+        "utf16le" => doc.encode_utf16().flat_map(u16::to_le_bytes).collect(),
+        "utf16be-bom" => [0xfe, 0xff]
+            .into_iter()
+            .chain(doc.encode_utf16().flat_map(u16::to_be_bytes))
+            .collect(),
+        "dashes" => doc
+            .chars()
+            .map(String::from)
+            .collect::<Vec<_>>()
+            .join("-")
+            .into_bytes(),
+        "base32" => {
+            const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+            let mut out = Vec::new();
+            for chunk in doc.as_bytes().chunks(5) {
+                let mut buf = [0u8; 5];
+                buf[..chunk.len()].copy_from_slice(chunk);
+                let bits = buf.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+                for i in 0..(chunk.len() * 8).div_ceil(5) {
+                    out.push(ALPHABET[(bits >> (35 - 5 * i) & 31) as usize]);
+                }
+            }
+            out
+        }
+        "raw-deflate" => {
+            let mut z =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            z.write_all(doc.as_bytes()).unwrap();
+            z.finish().unwrap()
+        }
+        "octal" => doc
+            .bytes()
+            .map(|b| format!("\\{b:03o}"))
+            .collect::<String>()
+            .into_bytes(),
+        "u-brace" => doc
+            .chars()
+            .map(|c| format!("\\u{{{:x}}}", c as u32))
+            .collect::<String>()
+            .into_bytes(),
+        "quoted-printable" => {
+            let encoded: String = doc.bytes().map(|b| format!("={b:02X}")).collect();
+            encoded
+                .as_bytes()
+                .chunks(75)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect::<Vec<_>>()
+                .join("=\r\n")
+                .into_bytes()
+        }
+        "reversed" => doc.chars().rev().collect::<String>().into_bytes(),
+        _ => return None,
+    })
+}
+
 /// Every character of `text` as a JSON `\uXXXX` escape.
 pub fn json_u(text: &str) -> String {
     text.chars()
@@ -269,13 +355,29 @@ fn serve_hostile(mut stream: std::net::TcpStream) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
-    // Skip the request headers (the broker sends no body to these routes).
+    // Skip the request headers, and the body if one is announced (an
+    // STS or token request is a POST): unread bytes would reset the
+    // connection before the answer is read.
+    let mut length = 0usize;
     loop {
         let mut line = String::new();
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) if line == "\r\n" || line == "\n" => break,
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.trim().eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    {
+        use std::io::Read;
+        let mut body = vec![0u8; length.min(1 << 20)];
+        if reader.read_exact(&mut body).is_err() {
+            return;
         }
     }
     let target = request_line.split(' ').nth(1).unwrap_or("/");
@@ -383,6 +485,27 @@ fn serve_hostile(mut stream: std::net::TcpStream) {
             )
             .as_bytes(),
         ),
+        // An STS endpoint (`endpoint = ".../sts-error"`) refusing with a
+        // message that carries base64 of a fragment of the secret.
+        "/sts-error/" => respond(
+            &mut stream,
+            "403 Forbidden",
+            &[("Content-Type", "text/xml".to_owned())],
+            format!(
+                "<ErrorResponse><Error><Type>Sender</Type><Code>SignatureDoesNotMatch</Code>\
+                 <Message>signature mismatch for {}</Message></Error></ErrorResponse>",
+                smuggled_base64()
+            )
+            .as_bytes(),
+        ),
+        // A token endpoint refusing with an RFC 6749 "error code" that is
+        // the hex of a fragment of the secret (short, printable: quoted).
+        "/oauth-error" => respond(
+            &mut stream,
+            "400 Bad Request",
+            &[json],
+            format!(r#"{{"error":"{}"}}"#, smuggled_hex()).as_bytes(),
+        ),
         "/slow" => {
             std::thread::sleep(Duration::from_secs(3));
             respond(&mut stream, "200 OK", &[], b"too late");
@@ -412,7 +535,15 @@ fn serve_hostile(mut stream: std::net::TcpStream) {
             let _ = stream.write_all(&[b'y'; 100]);
             let _ = stream.flush();
         }
-        _ => respond(&mut stream, "404 Not Found", &[], b"not found"),
+        other => match other.strip_prefix("/enc/").and_then(encoded_document) {
+            Some(body) => respond(
+                &mut stream,
+                "200 OK",
+                &[("Content-Type", "application/octet-stream".to_owned())],
+                &body,
+            ),
+            None => respond(&mut stream, "404 Not Found", &[], b"not found"),
+        },
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }

@@ -59,7 +59,31 @@ impl Executor {
                 token_expires: token.map(|(_, expires)| expires),
             },
         };
-        call.tool.action.run(invocation, context).await
+        call.tool
+            .action
+            .run(invocation, context)
+            .await
+            .map_err(|e| self.judge_error(e))
+    }
+
+    /// Every error a kind returns reaches the caller and the audit as
+    /// text, and much of it is shaped by the upstream or the program (a
+    /// token endpoint's error code, an STS message, a database's
+    /// diagnostic, a transport error). Redaction (done by the kinds) only
+    /// knows whole values in a few encodings; the leak scanner judges the
+    /// text like a body, and an error that carries credential material
+    /// (or cannot be checked) becomes [`ExecError::Withheld`]. This is the
+    /// one place every kind's error passes, so no kind can forget it.
+    fn judge_error(&self, error: ExecError) -> ExecError {
+        if matches!(error, ExecError::Withheld(_)) {
+            return error;
+        }
+        let text = zeroize::Zeroizing::new(error.to_string());
+        let judged = crate::tool::off_reactor(|| self.credentials.scanner().check_message(&text));
+        match judged {
+            Ok(()) => error,
+            Err(leak) => ExecError::Withheld(leak),
+        }
     }
 
     fn refuse_credential_material(&self, call: &AuthorizedCall) -> Result<(), ExecError> {
@@ -77,7 +101,7 @@ impl Executor {
             if let Err(leak) = scanner.check(bytes) {
                 let why = match leak {
                     Leak::Found { .. } => "carries credential material",
-                    Leak::Bomb { .. } | Leak::TooDeep { .. } => {
+                    Leak::Bomb { .. } | Leak::TooDeep { .. } | Leak::TooMany { .. } => {
                         "is encoded too deeply to be checked for credential material"
                     }
                 };

@@ -361,3 +361,252 @@ proptest! {
         prop_assert_eq!(s.check_response([], &binary), Ok(()));
     }
 }
+
+#[test]
+fn an_error_message_is_judged_like_a_body() {
+    let s = scanner(&[KEY]);
+    let message = format!(
+        "upstream request failed: STS refused (403): SignatureDoesNotMatch: {}",
+        STANDARD.encode(format!("k{}", &KEY[..20]))
+    );
+    match s.check_message(&message) {
+        Err(Leak::Found { place, trail }) => {
+            assert_eq!(place, "an error message");
+            assert_eq!(trail, ["base64"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        s.check_message("upstream request failed: connection refused"),
+        Ok(())
+    );
+}
+
+fn utf16(text: &str, big_endian: bool, bom: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    if bom {
+        out.extend_from_slice(if big_endian {
+            &[0xfe, 0xff]
+        } else {
+            &[0xff, 0xfe]
+        });
+    }
+    for unit in text.encode_utf16() {
+        out.extend_from_slice(&if big_endian {
+            unit.to_be_bytes()
+        } else {
+            unit.to_le_bytes()
+        });
+    }
+    out
+}
+
+/// RFC 4648 base32, padded.
+fn base32(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::new();
+    for chunk in data.chunks(5) {
+        let mut buf = [0u8; 5];
+        buf[..chunk.len()].copy_from_slice(chunk);
+        let bits = buf.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+        let chars = (chunk.len() * 8).div_ceil(5);
+        for i in 0..8 {
+            if i < chars {
+                out.push(ALPHABET[(bits >> (35 - 5 * i) & 31) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn raw_deflate(data: &[u8]) -> Vec<u8> {
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(data).unwrap();
+    z.finish().unwrap()
+}
+
+/// Every byte `=XX`, lines cut at 76 columns by soft line breaks.
+fn quoted_printable(data: &[u8]) -> String {
+    let encoded: String = data.iter().map(|b| format!("={b:02X}")).collect();
+    encoded
+        .as_bytes()
+        .chunks(75)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join("=\r\n")
+}
+
+/// The encodings review found missing: each must be caught, and each
+/// case names the decoder that catches it, so that removing one shows
+/// which cases it alone caught.
+#[test]
+fn the_encodings_of_the_review_are_caught() {
+    let s = scanner(&[KEY]);
+    let doc = format!(r#"{{"debug":{{"authorization":"Bearer {KEY}"}}}}"#);
+    // Long and repetitive enough that deflate Huffman-codes it rather
+    // than storing it as is.
+    let padded = format!("{doc}{}", " status ok".repeat(30));
+    assert!(!raw_deflate(padded.as_bytes())
+        .windows(8)
+        .any(|w| KEY.as_bytes().windows(8).any(|k| k == w)));
+    let with_separator = |sep: &str| {
+        doc.chars()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(sep)
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("utf-16le", utf16(&doc, false, false)),
+        ("utf-16le with bom", utf16(&doc, false, true)),
+        ("utf-16be", utf16(&doc, true, false)),
+        ("utf-16be with bom", utf16(&doc, true, true)),
+        (
+            "utf-16le in base64",
+            STANDARD.encode(utf16(&doc, false, true)).into_bytes(),
+        ),
+        ("utf-32le", {
+            doc.chars().flat_map(|c| (c as u32).to_le_bytes()).collect()
+        }),
+        (
+            "one dash between characters",
+            with_separator("-").into_bytes(),
+        ),
+        (
+            "comma space between characters",
+            with_separator(", ").into_bytes(),
+        ),
+        ("pipe after every character", {
+            doc.chars()
+                .map(|c| format!("{c}|"))
+                .collect::<String>()
+                .into_bytes()
+        }),
+        ("base32", base32(doc.as_bytes()).into_bytes()),
+        (
+            "base32 lower case, after a word",
+            format!("id:x{}", base32(doc.as_bytes()).to_ascii_lowercase()).into_bytes(),
+        ),
+        ("raw deflate", raw_deflate(padded.as_bytes())),
+        (
+            "raw deflate in base64",
+            format!(
+                r#"{{"blob":"{}"}}"#,
+                STANDARD.encode(raw_deflate(padded.as_bytes()))
+            )
+            .into_bytes(),
+        ),
+        (
+            "octal escapes",
+            doc.bytes()
+                .map(|b| format!("\\{b:o}"))
+                .collect::<String>()
+                .into_bytes(),
+        ),
+        (
+            "octal escapes, three digits",
+            format!(
+                "\"{}\"",
+                KEY.bytes()
+                    .map(|b| format!("\\{b:03o}"))
+                    .collect::<String>()
+            )
+            .into_bytes(),
+        ),
+        (
+            "\\u{..} escapes",
+            KEY.chars()
+                .map(|c| format!("\\u{{{:x}}}", c as u32))
+                .collect::<String>()
+                .into_bytes(),
+        ),
+        (
+            "quoted-printable",
+            quoted_printable(doc.as_bytes()).into_bytes(),
+        ),
+        (
+            "quoted-printable with soft breaks inside the key",
+            // No line holds a window: 7 bytes at most between breaks.
+            KEY.as_bytes()
+                .chunks(7)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect::<Vec<_>>()
+                .join("=\r\n")
+                .into_bytes(),
+        ),
+        (
+            "reversed",
+            doc.chars().rev().collect::<String>().into_bytes(),
+        ),
+        (
+            "reversed, then base64",
+            STANDARD
+                .encode(doc.chars().rev().collect::<String>())
+                .into_bytes(),
+        ),
+    ];
+    let missed: Vec<String> = cases
+        .iter()
+        .filter_map(|(what, body)| {
+            let result = s.check_response([], body);
+            (!found(result.clone())).then(|| format!("{what}: {result:?}"))
+        })
+        .collect();
+    assert!(missed.is_empty(), "missed:\n{}", missed.join("\n"));
+}
+
+#[test]
+fn ordinary_utf16_separated_and_base32_text_passes() {
+    let s = scanner(&[KEY]);
+    let text = "The quarterly report is attached; totals: 1, 2, 3, 4, 5, 6, 7, 8, 9.";
+    for body in [
+        utf16(text, false, true),
+        utf16(text, true, false),
+        base32(text.as_bytes()).into_bytes(),
+        raw_deflate(text.as_bytes()),
+        quoted_printable(text.as_bytes()).into_bytes(),
+        text.chars().rev().collect::<String>().into_bytes(),
+        b"a-b-c-d-e-f-g-h-i-j-k-l-m-n-o-p-q-r-s-t".to_vec(),
+        "=".repeat(4000).into_bytes(),
+    ] {
+        assert_eq!(s.check_response([], &body), Ok(()));
+    }
+}
+
+/// Compressed-stream magics at many offsets: each stream would read the
+/// rest of the body (gzip members are read one after the other), so
+/// trying each is quadratic. The attempts and the bytes they read are
+/// capped, and a body that cannot be checked within the cap is withheld.
+#[test]
+fn many_compressed_streams_are_refused_within_a_fixed_cost() {
+    let s = scanner(&[KEY]);
+    // 3000 empty gzip members: 3000 magics, each a stream to the end.
+    let member = gzip(b"");
+    let body = member.repeat(3000);
+    assert_eq!(
+        s.check_response([], &body),
+        Err(Leak::TooMany { place: "the body" })
+    );
+    // Zlib headers with stored blocks, nested: each stream's content is
+    // the next stream, so every one reads the rest of the body.
+    let mut body = b"the end".to_vec();
+    for _ in 0..2000 {
+        let len = u16::try_from(body.len()).unwrap_or(u16::MAX);
+        let mut next = vec![0x78, 0x01, 0x01];
+        next.extend_from_slice(&len.to_le_bytes());
+        next.extend_from_slice(&(!len).to_le_bytes());
+        next.extend_from_slice(&body[..usize::from(len)]);
+        body = next;
+        if body.len() > 60_000 {
+            break;
+        }
+    }
+    assert!(matches!(
+        s.check_response([], &body),
+        Err(Leak::TooMany { .. } | Leak::TooDeep { .. })
+    ));
+    // A few streams in an ordinary body are still read.
+    let few = [gzip(b"hello"), zlib(b"world"), gzip(KEY.as_bytes())].concat();
+    assert!(found(s.check_response([], &few)));
+}

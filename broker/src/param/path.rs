@@ -264,15 +264,7 @@ fn is_default_ignorable(c: char) -> bool {
 /// One round of percent-decoding, `%XX` and IIS's `%uXXXX`; `None` when
 /// there is nothing to decode.
 fn decode(bytes: &[u8]) -> Result<Option<Vec<u8>>, SegmentFault> {
-    fn hex(b: u8) -> Option<u32> {
-        char::from(b).to_digit(16)
-    }
-    fn hex_at(bytes: &[u8], at: usize, n: usize) -> Option<u32> {
-        let digits = bytes.get(at..at + n)?;
-        digits
-            .iter()
-            .try_fold(0u32, |acc, &b| Some(acc * 16 + hex(b)?))
-    }
+    use crate::percent::{percent_byte, percent_unicode};
     if !bytes.contains(&b'%') {
         return Ok(None);
     }
@@ -281,21 +273,18 @@ fn decode(bytes: &[u8]) -> Result<Option<Vec<u8>>, SegmentFault> {
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
         if b == b'%' {
-            if let Some(byte) = hex_at(bytes, i + 1, 2) {
-                // Two hex digits: at most 0xFF.
-                out.push(u8::try_from(byte).map_err(|_| SegmentFault::NotUtf8)?);
+            if let Some(byte) = percent_byte(&bytes[i..]) {
+                out.push(byte);
                 i += 3;
                 changed = true;
                 continue;
             }
-            if matches!(bytes.get(i + 1), Some(b'u' | b'U')) {
-                if let Some(unit) = hex_at(bytes, i + 2, 4) {
-                    let c = char::from_u32(unit).ok_or(SegmentFault::NotUtf8)?;
-                    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
-                    i += 6;
-                    changed = true;
-                    continue;
-                }
+            if let Some(unit) = percent_unicode(&bytes[i..]) {
+                let c = char::from_u32(unit).ok_or(SegmentFault::NotUtf8)?;
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+                i += 6;
+                changed = true;
+                continue;
             }
         }
         out.push(b);

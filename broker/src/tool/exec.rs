@@ -39,6 +39,17 @@
 //! encoding the scanner reads, and the reply is withheld whole (no
 //! redaction: the program holds the credential, so an echo of it is a
 //! leak, not an upstream's reflection).
+//!
+//! The exit code and the signal are returned as they are, not judged: a
+//! number of 0–255 holds no window. They are a channel only for a program
+//! that computes them from its credential (a byte per call, chosen by a
+//! parameter); an honest program's code says how it ended. A program that
+//! does that can as well XOR or encrypt its stdout, pad it to a length, or
+//! time its exit, which no scanner sees, and the status the reply must
+//! carry (200 or 502) is already a one-bit oracle that restricting codes to
+//! a declared set would not remove. The scanner stops echoes; against a
+//! program that colludes, the defence is the admin's choice of program and
+//! argv template.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
