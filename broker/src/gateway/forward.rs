@@ -149,16 +149,9 @@ pub async fn open(
     if !body.is_empty() || checked.method != reqwest::Method::GET {
         *request.body_mut() = Some(body.into());
     }
-    let redact = |text: String| {
-        String::from_utf8_lossy(&credentials.redactor().redact_bytes(text.as_bytes())).into_owned()
-    };
     let response = match tokio::time::timeout(gateway.timeout, client.execute(request)).await {
         Err(_) => return Err(ForwardError::Timeout(gateway.timeout)),
-        Ok(Err(e)) => {
-            return Err(ForwardError::Upstream(redact(error_chain(
-                &e.without_url(),
-            ))))
-        }
+        Ok(Err(e)) => return Err(upstream_error(credentials, error_chain(&e.without_url()))),
         Ok(Ok(response)) => response,
     };
     let encoded = response
@@ -215,6 +208,19 @@ pub async fn open(
     })
 }
 
+/// An error of the upstream connection, judged as a response is (its
+/// text is the HTTP client's, which could quote what the upstream sent):
+/// withheld if it carries credential material, redacted otherwise.
+fn upstream_error(credentials: &Credentials, text: String) -> ForwardError {
+    let text = Zeroizing::new(text);
+    if let Err(leak) = credentials.scanner().check_message(&text) {
+        return ForwardError::Withheld(leak);
+    }
+    ForwardError::Upstream(
+        String::from_utf8_lossy(&credentials.redactor().redact_bytes(text.as_bytes())).into_owned(),
+    )
+}
+
 impl Opened {
     /// The next piece of the body, judged; `None` at the end.
     pub async fn next(
@@ -223,13 +229,7 @@ impl Opened {
     ) -> Result<Option<Vec<u8>>, ForwardError> {
         let chunk = match tokio::time::timeout(self.idle, self.response.chunk()).await {
             Err(_) => return Err(ForwardError::Idle(self.idle)),
-            Ok(Err(e)) => {
-                let text = error_chain(&e.without_url());
-                return Err(ForwardError::Upstream(
-                    String::from_utf8_lossy(&credentials.redactor().redact_bytes(text.as_bytes()))
-                        .into_owned(),
-                ));
-            }
+            Ok(Err(e)) => return Err(upstream_error(credentials, error_chain(&e.without_url()))),
             Ok(Ok(None)) => return Ok(None),
             Ok(Ok(Some(chunk))) => chunk,
         };
@@ -304,6 +304,21 @@ mod tests {
             }
         }
         assert!(found, "base64 one byte a piece passed");
+    }
+
+    #[test]
+    fn an_upstream_error_quoting_the_credential_is_withheld() {
+        let creds = credentials();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&SECRET[4..36]);
+        let quoted = format!("error decoding response body: unexpected {encoded:?}");
+        assert!(matches!(
+            upstream_error(&creds, quoted),
+            ForwardError::Withheld(_)
+        ));
+        assert!(matches!(
+            upstream_error(&creds, "connection reset by peer".into()),
+            ForwardError::Upstream(m) if m == "connection reset by peer"
+        ));
     }
 
     #[test]
