@@ -267,80 +267,6 @@ pub fn smuggled_hex() -> String {
     SECRET[..30].bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The encodings a second review found the scanner missing, each of
-/// [`debug_document`]: served by [`Hostile`] at `/enc/NAME`.
-pub const ENCODINGS: &[&str] = &[
-    "utf16le",
-    "utf16be-bom",
-    "dashes",
-    "base32",
-    "raw-deflate",
-    "octal",
-    "u-brace",
-    "quoted-printable",
-    "reversed",
-];
-
-/// [`debug_document`] in the encoding `name` (one of [`ENCODINGS`]).
-pub fn encoded_document(name: &str) -> Option<Vec<u8>> {
-    use std::io::Write;
-    let doc = debug_document();
-    Some(match name {
-        "utf16le" => doc.encode_utf16().flat_map(u16::to_le_bytes).collect(),
-        "utf16be-bom" => [0xfe, 0xff]
-            .into_iter()
-            .chain(doc.encode_utf16().flat_map(u16::to_be_bytes))
-            .collect(),
-        "dashes" => doc
-            .chars()
-            .map(String::from)
-            .collect::<Vec<_>>()
-            .join("-")
-            .into_bytes(),
-        "base32" => {
-            const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-            let mut out = Vec::new();
-            for chunk in doc.as_bytes().chunks(5) {
-                let mut buf = [0u8; 5];
-                buf[..chunk.len()].copy_from_slice(chunk);
-                let bits = buf.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
-                for i in 0..(chunk.len() * 8).div_ceil(5) {
-                    out.push(ALPHABET[(bits >> (35 - 5 * i) & 31) as usize]);
-                }
-            }
-            out
-        }
-        "raw-deflate" => {
-            let mut z =
-                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
-            z.write_all(doc.as_bytes()).unwrap();
-            z.finish().unwrap()
-        }
-        "octal" => doc
-            .bytes()
-            .map(|b| format!("\\{b:03o}"))
-            .collect::<String>()
-            .into_bytes(),
-        "u-brace" => doc
-            .chars()
-            .map(|c| format!("\\u{{{:x}}}", c as u32))
-            .collect::<String>()
-            .into_bytes(),
-        "quoted-printable" => {
-            let encoded: String = doc.bytes().map(|b| format!("={b:02X}")).collect();
-            encoded
-                .as_bytes()
-                .chunks(75)
-                .map(|c| std::str::from_utf8(c).unwrap())
-                .collect::<Vec<_>>()
-                .join("=\r\n")
-                .into_bytes()
-        }
-        "reversed" => doc.chars().rev().collect::<String>().into_bytes(),
-        _ => return None,
-    })
-}
-
 /// Every character of `text` as a JSON `\uXXXX` escape.
 pub fn json_u(text: &str) -> String {
     text.chars()
@@ -535,15 +461,7 @@ fn serve_hostile(mut stream: std::net::TcpStream) {
             let _ = stream.write_all(&[b'y'; 100]);
             let _ = stream.flush();
         }
-        other => match other.strip_prefix("/enc/").and_then(encoded_document) {
-            Some(body) => respond(
-                &mut stream,
-                "200 OK",
-                &[("Content-Type", "application/octet-stream".to_owned())],
-                &body,
-            ),
-            None => respond(&mut stream, "404 Not Found", &[], b"not found"),
-        },
+        _ => respond(&mut stream, "404 Not Found", &[], b"not found"),
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }

@@ -20,16 +20,12 @@ pub type Bytes = Zeroizing<Vec<u8>>;
 /// missed where it straddles two runs; none is expected.)
 pub const RUN_SEPARATOR: u8 = 0;
 
-/// A compression format: found by its magic (gzip, zlib, zstd), or tried
-/// where a stream may start without one (raw deflate).
+/// The compression format whose magic starts at some offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     Gzip,
     Zlib,
     Zstd,
-    /// A deflate stream with no header (RFC 1951): it has no magic, so it
-    /// is tried only where a stream plausibly starts (see the scanner).
-    Deflate,
 }
 
 impl Compression {
@@ -38,17 +34,6 @@ impl Compression {
             Compression::Gzip => "gzip",
             Compression::Zlib => "zlib",
             Compression::Zstd => "zstd",
-            Compression::Deflate => "raw deflate",
-        }
-    }
-
-    /// What trying one stream costs before it reads a byte, in bytes of
-    /// the scanner's work budget: a gzip or zstd decoder is built for each
-    /// (its state and window), a deflate one is reset.
-    pub fn attempt_cost(self) -> usize {
-        match self {
-            Compression::Gzip | Compression::Zstd => 64 << 10,
-            Compression::Zlib | Compression::Deflate => 256,
         }
     }
 }
@@ -56,14 +41,6 @@ impl Compression {
 /// Why a decompression gave up.
 #[derive(Debug, PartialEq, Eq)]
 pub struct TooLarge;
-
-/// What one decompression produced, and how much input it read (the
-/// scanner charges both to its work budget).
-#[derive(Debug)]
-pub struct Inflated {
-    pub bytes: Bytes,
-    pub consumed: usize,
-}
 
 /// Every offset in `view` where a compressed stream may start: the gzip
 /// and zstd magics, and a zlib header with a 32 KiB window and no preset
@@ -87,107 +64,15 @@ pub fn compressed_starts(view: &[u8]) -> Vec<(usize, Compression)> {
 /// Decompress the stream at the start of `input`, keeping whatever came
 /// out before an error (a truncated or corrupt stream still yields its
 /// first bytes). More than `cap` bytes of output is [`TooLarge`]: the
-/// caller cannot judge what it did not read, so it must refuse. Zlib and
-/// raw deflate reuse `inflater`'s state (an attempt costs a reset, not an
-/// allocation of its 40 KiB).
-pub fn decompress(
-    input: &[u8],
-    format: Compression,
-    cap: usize,
-    inflater: &mut Inflater,
-) -> Result<Inflated, TooLarge> {
+/// caller cannot judge what it did not read, so it must refuse.
+pub fn decompress(input: &[u8], format: Compression, cap: usize) -> Result<Bytes, TooLarge> {
     match format {
-        Compression::Zlib => return inflater.inflate(input, true, cap),
-        Compression::Deflate => return inflater.inflate(input, false, cap),
-        Compression::Gzip | Compression::Zstd => {}
-    }
-    // The decoders read from `rest` exactly what they consume (a slice is
-    // its own buffer): what is left tells how much was read.
-    let mut rest = input;
-    let bytes = match format {
-        Compression::Zstd => match ruzstd::decoding::StreamingDecoder::new(&mut rest) {
+        Compression::Gzip => read_capped(flate2::read::MultiGzDecoder::new(input), cap),
+        Compression::Zlib => read_capped(flate2::read::ZlibDecoder::new(input), cap),
+        Compression::Zstd => match ruzstd::decoding::StreamingDecoder::new(input) {
             Ok(decoder) => read_capped(decoder, cap),
             Err(_) => Ok(Zeroizing::new(Vec::new())),
         },
-        _ => read_capped(flate2::bufread::MultiGzDecoder::new(&mut rest), cap),
-    }?;
-    Ok(Inflated {
-        bytes,
-        consumed: input.len() - rest.len(),
-    })
-}
-
-/// Bytes a raw deflate stream may leave before the end of its view or
-/// run (a trailing newline, padding).
-pub const RAW_DEFLATE_SLACK: usize = 4;
-
-/// One deflate decoder, reset for each stream tried.
-#[derive(Default)]
-pub struct Inflater {
-    state: Option<flate2::Decompress>,
-}
-
-impl std::fmt::Debug for Inflater {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inflater").finish_non_exhaustive()
-    }
-}
-
-impl Inflater {
-    fn inflate(&mut self, input: &[u8], zlib: bool, cap: usize) -> Result<Inflated, TooLarge> {
-        let state = self
-            .state
-            .get_or_insert_with(|| flate2::Decompress::new(zlib));
-        state.reset(zlib);
-        let mut out = Zeroizing::new(Vec::with_capacity(cap.min(4 * input.len() + 64) + 1));
-        let mut ended = false;
-        loop {
-            if out.len() > cap {
-                return Err(TooLarge);
-            }
-            if out.len() == out.capacity() {
-                // Grow by hand: a reallocation must not leave an unwiped copy.
-                let mut bigger =
-                    Zeroizing::new(Vec::with_capacity((2 * out.capacity()).min(cap + 1)));
-                bigger.extend_from_slice(&out);
-                out = bigger;
-            }
-            let (read, written) = (state.total_in(), out.len());
-            let offset = usize::try_from(read).unwrap_or(usize::MAX).min(input.len());
-            match state.decompress_vec(&input[offset..], &mut out, flate2::FlushDecompress::None) {
-                Ok(flate2::Status::Ok | flate2::Status::BufError)
-                    if state.total_in() != read || out.len() != written => {}
-                Ok(flate2::Status::StreamEnd) => {
-                    ended = true;
-                    break;
-                }
-                _ => break,
-            }
-        }
-        // Without a header, any bytes decode as deflate for a while (and a
-        // few garbage bytes can end a final block): only a stream that
-        // ends where its view or its run does (within
-        // [`RAW_DEFLATE_SLACK`] bytes) is taken. A raw stream cut short,
-        // or followed by more bytes, is not recognised.
-        if !zlib {
-            let rest = input
-                .get(usize::try_from(state.total_in()).unwrap_or(usize::MAX)..)
-                .unwrap_or_default();
-            let gap = rest
-                .iter()
-                .position(|&b| b == RUN_SEPARATOR)
-                .unwrap_or(rest.len());
-            if !ended || gap > RAW_DEFLATE_SLACK {
-                out.clear();
-            }
-        }
-        if out.len() > cap {
-            return Err(TooLarge);
-        }
-        Ok(Inflated {
-            consumed: usize::try_from(state.total_in()).unwrap_or(usize::MAX),
-            bytes: out,
-        })
     }
 }
 
@@ -291,27 +176,6 @@ fn json_escape(text: &[u8], out: &mut Vec<u8>) -> Option<usize> {
             out.push(u8::try_from(value).ok()?);
             return Some(4);
         }
-        // C, Python, shell and old JavaScript: `\153`, one to three octal
-        // digits, one byte.
-        b'0'..=b'7' => {
-            let digits = text[1..]
-                .iter()
-                .take(3)
-                .take_while(|b| matches!(b, b'0'..=b'7'))
-                .count();
-            let value = text[1..1 + digits]
-                .iter()
-                .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-            out.push(u8::try_from(value).ok()?);
-            return Some(1 + digits);
-        }
-        // Rust, ES2015, PHP, Ruby: `\u{6b}`, one to six hex digits.
-        b'u' if text.get(2) == Some(&b'{') => {
-            let close = text.iter().skip(3).take(7).position(|&b| b == b'}')?;
-            let code = hex_u32(&text[3..3 + close])?;
-            push_char(char::from_u32(code).unwrap_or('\u{fffd}'), out);
-            return Some(3 + close + 1);
-        }
         b'u' => {
             let unit = hex_u32(text.get(2..6)?)?;
             if (0xd800..0xdc00).contains(&unit) {
@@ -391,54 +255,6 @@ fn html_reference(text: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         }
         std::borrow::Cow::Borrowed(_) => None,
     }
-}
-
-/// Quoted-printable (RFC 2045): `=XX` (either case) is a byte, `=` at
-/// the end of a line (a soft line break, `=\r\n` or `=\n`, trailing
-/// blanks allowed) is nothing. `None` when there is neither.
-pub fn quoted_printable(view: &[u8]) -> Option<Bytes> {
-    if !view.contains(&b'=') {
-        return None;
-    }
-    let mut out = Zeroizing::new(Vec::with_capacity(view.len()));
-    let mut changed = false;
-    let mut i = 0;
-    while i < view.len() {
-        let plain = view[i..]
-            .iter()
-            .position(|&b| b == b'=')
-            .unwrap_or(view.len() - i);
-        out.extend_from_slice(&view[i..i + plain]);
-        i += plain;
-        if i == view.len() {
-            break;
-        }
-        let rest = &view[i + 1..];
-        let blanks = rest
-            .iter()
-            .take_while(|b| matches!(b, b' ' | b'\t'))
-            .count();
-        let soft = match &rest[blanks..] {
-            [b'\r', b'\n', ..] => Some(blanks + 2),
-            [b'\n', ..] => Some(blanks + 1),
-            _ => None,
-        };
-        if let Some(skip) = soft {
-            changed = true;
-            i += 1 + skip;
-        } else if let (Some(hi), Some(lo)) = (
-            rest.first().copied().and_then(hex_value),
-            rest.get(1).copied().and_then(hex_value),
-        ) {
-            changed = true;
-            out.push(hi << 4 | lo);
-            i += 3;
-        } else {
-            out.push(b'=');
-            i += 1;
-        }
-    }
-    changed.then_some(out)
 }
 
 /// How a byte reads in base64 text: its 6-bit value (either alphabet),
@@ -540,139 +356,6 @@ pub fn base64_runs(view: &[u8], min_chars: usize) -> Vec<Bytes> {
         }
         if !out.is_empty() {
             views.push(out);
-        }
-    }
-    views
-}
-
-/// Base32 (RFC 4648, either case): the 5-bit values; line breaks skipped
-/// (wrapped base32); anything else, `=` padding included, ends a run.
-const BASE32_CLASS: [u8; 256] = {
-    let mut table = [B64_OTHER; 256];
-    let mut i = 0;
-    while i < 26 {
-        table[b'A' as usize + i] = i as u8;
-        table[b'a' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        table[b'2' as usize + i] = 26 + i as u8;
-        i += 1;
-    }
-    table[b'\n' as usize] = B64_SPACE;
-    table[b'\r' as usize] = B64_SPACE;
-    table
-};
-
-/// The base32 runs of `view` (either case, line breaks dropped) of at
-/// least `min_chars`, decoded starting at each character offset 0 to 7
-/// (a word glued to the front shifts the run). One view per offset, its
-/// runs joined by [`RUN_SEPARATOR`]; none if no run is long enough.
-pub fn base32_runs(view: &[u8], min_chars: usize) -> Vec<Bytes> {
-    let Some((quints, ends)) = runs(view, &BASE32_CLASS, min_chars.max(2)) else {
-        return Vec::new();
-    };
-    let mut views = Vec::with_capacity(8);
-    for offset in 0..8 {
-        let mut out = Zeroizing::new(Vec::with_capacity(quints.len() * 5 / 8 + ends.len()));
-        let mut start = 0;
-        for &end in &ends {
-            let run = &quints[start..end];
-            start = end;
-            if run.len() < offset + 2 {
-                continue;
-            }
-            if !out.is_empty() {
-                out.push(RUN_SEPARATOR);
-            }
-            // Eight quints make five bytes; a shorter tail its whole bytes.
-            for group in run[offset..].chunks(8) {
-                let mut bits = 0u64;
-                for (i, &v) in group.iter().enumerate() {
-                    bits |= u64::from(v) << (35 - 5 * i);
-                }
-                let bytes = bits.to_be_bytes();
-                let take = group.len() * 5 / 8;
-                out.extend_from_slice(&bytes[3..3 + take]);
-            }
-        }
-        if !out.is_empty() {
-            views.push(out);
-        }
-    }
-    views
-}
-
-/// The longest separator [`separated_runs`] removes, in bytes.
-pub const MAX_SEPARATOR: usize = 3;
-
-/// Text with one constant separator of 1 to [`MAX_SEPARATOR`] bytes
-/// between (or after) every character: `k-w-_-l`, `k, w, _`, and UTF-16
-/// (either byte order, with or without a BOM) or UTF-32 of ASCII, whose
-/// separators are NULs. For each separator length and each phase, the
-/// stretches where the bytes between characters repeat the same separator
-/// for at least `min_chars` characters, the characters kept; one view per
-/// (length, phase) that has one, its runs joined by [`RUN_SEPARATOR`].
-/// Each view is at most `view.len() / (length + 1) + runs` bytes.
-pub fn separated_runs(view: &[u8], min_chars: usize) -> Vec<Bytes> {
-    let min_chars = min_chars.max(2);
-    let mut views = Vec::new();
-    for sep_len in 1..=MAX_SEPARATOR {
-        let period = sep_len + 1;
-        for phase in 0..period {
-            let mut out: Option<Bytes> = None;
-            let mut flush = |start: usize, count: usize| {
-                if count < min_chars {
-                    return;
-                }
-                // Characters that are mostly the separator (`aaaa`, a
-                // stretch of NULs) hold nothing the view does not show as
-                // is, and would halve again at every depth.
-                let sep = view[start + 1];
-                let first = view[start];
-                let chars = (0..count).map(|k| view[start + k * period]);
-                if chars.clone().filter(|&c| c == sep).count() * 2 > count
-                    || chars.clone().all(|c| c == first)
-                {
-                    return;
-                }
-                let buf = out.get_or_insert_with(|| {
-                    Zeroizing::new(Vec::with_capacity(view.len() / period + 16))
-                });
-                if !buf.is_empty() {
-                    buf.push(RUN_SEPARATOR);
-                }
-                buf.extend((0..count).map(|k| view[start + k * period]));
-            };
-            // The current run: its first character's position, how many
-            // characters, and the separator after each but maybe the last.
-            let mut run: Option<(usize, usize, &[u8])> = None;
-            let mut at = phase;
-            while at < view.len() {
-                let sep = view.get(at + 1..at + period);
-                // The previous character's separator matched: this one
-                // belongs to the run (or starts one).
-                let (start, count, run_sep) = match run {
-                    Some((start, count, run_sep)) => (start, count + 1, run_sep),
-                    None => (at, 1, sep.unwrap_or(&[])),
-                };
-                if sep == Some(run_sep) {
-                    run = Some((start, count, run_sep));
-                } else {
-                    // Its separator differs (or the view ends): the run
-                    // ends with it.
-                    flush(start, count);
-                    run = None;
-                }
-                at += period;
-            }
-            if let Some((start, count, _)) = run {
-                flush(start, count);
-            }
-            if let Some(out) = out {
-                views.push(out);
-            }
         }
     }
     views
@@ -828,18 +511,9 @@ mod tests {
         gz.write_all(&b"leaked value ".repeat(100)).unwrap();
         let gz = gz.finish().unwrap();
         assert_eq!(compressed_starts(&gz), vec![(0, Compression::Gzip)]);
-        let out = decompress(&gz, Compression::Gzip, 1 << 20, &mut Inflater::default())
-            .unwrap()
-            .bytes;
+        let out = decompress(&gz, Compression::Gzip, 1 << 20).unwrap();
         assert_eq!(out.len(), 1300);
-        let cut = decompress(
-            &gz[..gz.len() - 10],
-            Compression::Gzip,
-            1 << 20,
-            &mut Inflater::default(),
-        )
-        .unwrap()
-        .bytes;
+        let cut = decompress(&gz[..gz.len() - 10], Compression::Gzip, 1 << 20).unwrap();
         assert!(cut.starts_with(b"leaked value"), "{}", cut.len());
 
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
@@ -847,19 +521,14 @@ mod tests {
         let bomb = z.finish().unwrap();
         assert!(bomb.len() < 20_000, "{}", bomb.len());
         assert_eq!(compressed_starts(&bomb)[0], (0, Compression::Zlib));
-        assert!(matches!(
-            decompress(&bomb, Compression::Zlib, 1 << 20, &mut Inflater::default()),
-            Err(TooLarge)
-        ));
+        assert_eq!(decompress(&bomb, Compression::Zlib, 1 << 20), Err(TooLarge));
 
         let zstd = ruzstd::encoding::compress_to_vec(
             &b"zstd leaked value"[..],
             ruzstd::encoding::CompressionLevel::Fastest,
         );
         assert_eq!(compressed_starts(&zstd), vec![(0, Compression::Zstd)]);
-        let out = decompress(&zstd, Compression::Zstd, 1 << 20, &mut Inflater::default())
-            .unwrap()
-            .bytes;
+        let out = decompress(&zstd, Compression::Zstd, 1 << 20).unwrap();
         assert_eq!(&out[..], b"zstd leaked value");
     }
 }

@@ -6,19 +6,12 @@
 //! honest echo produces (raw, base64, hex, JSON, percent). This module
 //! judges what is left after that: it normalises the text through every
 //! decoder in [`decode`] — compressed streams (gzip, zlib, zstd, found by
-//! their magic; raw deflate, tried at the start of a view and of each run
-//! a base64/base32/hex decoder found, taken only when it ends there),
-//! JSON/JavaScript/C escapes (`\uXXXX`, `\u{..}`, `\xHH`, octal `\153`),
-//! percent-encoding, HTML character references, quoted-printable (soft
-//! line breaks included), base64 (either alphabet, line-wrapped, at every
-//! offset), base32 (either case, at every offset), hex (either case, with
-//! or without separators) and text with one constant separator of up to
-//! three bytes between its characters (`k-w-_`, and so UTF-16 and UTF-32
-//! of ASCII, either byte order, with or without a BOM) — recursively, to
+//! their magic), JSON/JavaScript escapes, percent-encoding, HTML character
+//! references, base64 (either alphabet, line-wrapped, at every offset) and
+//! hex (either case, with or without separators) — recursively, to
 //! [`MAX_DEPTH`] decodings, and looks in every view for any *window* of a
-//! credential, forwards or reversed: a substring of [`window_len`] bytes,
-//! matched ASCII case-insensitively. A hit means the response is withheld
-//! as a whole.
+//! credential: a substring of [`window_len`] bytes, matched ASCII
+//! case-insensitively. A hit means the response is withheld as a whole.
 //!
 //! # The window length
 //!
@@ -44,23 +37,16 @@
 //! A secret has at most [`MAX_WINDOWS_PER_SECRET`] windows; a longer one
 //! gets them at a stride, and then any fragment of `window + stride - 1`
 //! bytes is caught. Decoding is bounded: at most [`MAX_SCAN_BYTES`] of
-//! views per judgement and [`MAX_INFLATED`] per decompressed stream.
-//! Compressed streams are found by magic at every offset, and a hostile
-//! body can put one at each (each stream reading the rest of the body:
-//! quadratic), so decompression has its own ceiling: at most
-//! [`MAX_INFLATE_ATTEMPTS`] attempts and [`MAX_INFLATE_WORK`] bytes read
-//! and written, each attempt also charged its set-up. What cannot be
-//! judged within those bounds is withheld too (fail closed).
+//! views per judgement and [`MAX_INFLATED`] per decompressed stream. What
+//! cannot be judged within those bounds is withheld too (fail closed).
 //!
 //! # Limits
 //!
-//! An upstream that *encrypts* (or XORs, shuffles, or splits into pieces
+//! An upstream that *encrypts* (or XORs, reverses, or splits into pieces
 //! shorter than a window across places the caller reassembles) defeats
 //! any scanner; this one stops echoes and re-encodings, not a colluding
-//! upstream that also has a key. Reversed text is caught, and reversed
-//! then encoded; encoded then reversed is not. A raw deflate stream is
-//! found only where a view or a decoded run starts and ends (it has no
-//! magic to find it by). The automaton's copies of the windows are not
+//! upstream that also has a key. Raw deflate without a header and base32
+//! are not recognised. The automaton's copies of the windows are not
 //! zeroized on drop (the crate owns them); every decoded view is.
 
 pub mod decode;
@@ -93,17 +79,6 @@ pub const MAX_SCAN_BYTES: usize = 16 << 20;
 /// here).
 pub const MAX_INFLATED: usize = 4 << 20;
 
-/// Decompressions one judgement may try (a magic at every offset of a
-/// hostile body stops here, and the body is withheld).
-pub const MAX_INFLATE_ATTEMPTS: usize = 1 << 16;
-
-/// Bytes one judgement's decompressions may read and write together, each
-/// attempt also charged what setting it up costs
-/// ([`decode::Compression::attempt_cost`]): streams that each read the
-/// rest of the body (a stream at every offset, nested) stop here, so the
-/// work stays linear in the body with a fixed ceiling.
-pub const MAX_INFLATE_WORK: usize = 32 << 20;
-
 /// Total window bytes above which the automaton is an NFA, not a DFA.
 const MAX_DFA_PATTERN_BYTES: usize = 16 * 1024;
 
@@ -130,10 +105,6 @@ pub enum Leak {
     /// A compressed stream expands beyond [`MAX_INFLATED`].
     #[error("the response holds a compressed stream (in {place}) that expands beyond {MAX_INFLATED} bytes and cannot be checked for credential material")]
     Bomb { place: &'static str },
-    /// The compressed streams to try would cost more than
-    /// [`MAX_INFLATE_ATTEMPTS`] or [`MAX_INFLATE_WORK`].
-    #[error("the response holds more compressed streams (in {place}) than can be checked for credential material")]
-    TooMany { place: &'static str },
     /// Decoding went deeper than [`MAX_DEPTH`] or produced more than
     /// [`MAX_SCAN_BYTES`].
     #[error(
@@ -186,11 +157,7 @@ impl LeakScanner {
             let starts = secret.len() - w + 1;
             let stride = starts.div_ceil(MAX_WINDOWS_PER_SECRET);
             for start in (0..starts).step_by(stride) {
-                let window = &secret[start..start + w];
-                windows.push(Zeroizing::new(window.to_vec()));
-                // Reversed text: the same window read backwards, in every
-                // view (so also reversed and then encoded).
-                windows.push(Zeroizing::new(window.iter().rev().copied().collect()));
+                windows.push(Zeroizing::new(secret[start..start + w].to_vec()));
             }
         }
         if windows.is_empty() {
@@ -261,11 +228,6 @@ struct Judgement<'s> {
     scanner: &'s LeakScanner,
     seen: HashSet<[u8; 32]>,
     budget: usize,
-    /// Decompressions left to try.
-    attempts: usize,
-    inflater: decode::Inflater,
-    /// Bytes decompressions may still read and write.
-    inflate_work: usize,
 }
 
 /// A view to look at, and how it was reached.
@@ -281,9 +243,6 @@ impl<'s> Judgement<'s> {
             scanner,
             seen: HashSet::new(),
             budget: MAX_SCAN_BYTES,
-            attempts: MAX_INFLATE_ATTEMPTS,
-            inflater: decode::Inflater::default(),
-            inflate_work: MAX_INFLATE_WORK,
         }
     }
 
@@ -329,22 +288,9 @@ impl<'s> Judgement<'s> {
         let mut admit = |this: &mut Self, name: &'static str, data: Bytes| {
             this.admit(place, name, data, depth, trail, stack)
         };
-        let mut streams = decode::compressed_starts(bytes);
-        // Raw deflate has no magic: tried where a stream plausibly starts,
-        // at the start of the view and of each run a text decoder found
-        // (base64 or hex of a raw deflate stream).
-        streams.push((0, decode::Compression::Deflate));
-        if matches!(trail.last(), Some(&("base64" | "base32" | "hex"))) {
-            streams.extend(
-                bytes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &b)| b == decode::RUN_SEPARATOR)
-                    .map(|(i, _)| (i + 1, decode::Compression::Deflate)),
-            );
-        }
-        for (at, format) in streams {
-            let inflated = self.inflate(place, &bytes[at..], format)?;
+        for (at, format) in decode::compressed_starts(bytes) {
+            let inflated = decode::decompress(&bytes[at..], format, MAX_INFLATED)
+                .map_err(|_| Leak::Bomb { place })?;
             admit(self, format.name(), inflated)?;
         }
         if let Some(text) = decode::unescape(bytes, false) {
@@ -355,57 +301,15 @@ impl<'s> Judgement<'s> {
                 admit(self, "form encoding", text)?;
             }
         }
-        if let Some(text) = decode::quoted_printable(bytes) {
-            admit(self, "quoted-printable", text)?;
-        }
         // A window of `shortest` bytes is at least this many characters.
         let base64_chars = (shortest * 4).div_ceil(3);
         for data in decode::base64_runs(bytes, base64_chars) {
             admit(self, "base64", data)?;
         }
-        let base32_chars = (shortest * 8).div_ceil(5);
-        for data in decode::base32_runs(bytes, base32_chars) {
-            admit(self, "base32", data)?;
-        }
         for data in decode::hex_runs(bytes, 2 * shortest) {
             admit(self, "hex", data)?;
         }
-        // Not again on its own output: a separator of a separator is one
-        // longer separator (up to [`decode::MAX_SEPARATOR`] bytes).
-        if trail.last() != Some(&"separated characters") {
-            for data in decode::separated_runs(bytes, shortest) {
-                admit(self, "separated characters", data)?;
-            }
-        }
         Ok(())
-    }
-
-    /// Decompress one stream, charged to the attempts and the work left;
-    /// refuse when either would run out.
-    fn inflate(
-        &mut self,
-        place: &'static str,
-        input: &[u8],
-        format: decode::Compression,
-    ) -> Result<Bytes, Leak> {
-        if self.attempts == 0 || self.inflate_work < format.attempt_cost() {
-            return Err(Leak::TooMany { place });
-        }
-        self.attempts -= 1;
-        self.inflate_work -= format.attempt_cost();
-        // Never more output than the work left could pay for.
-        let cap = MAX_INFLATED.min(self.inflate_work);
-        let inflated = match decode::decompress(input, format, cap, &mut self.inflater) {
-            Ok(inflated) => inflated,
-            Err(decode::TooLarge) if cap < MAX_INFLATED => return Err(Leak::TooMany { place }),
-            Err(decode::TooLarge) => return Err(Leak::Bomb { place }),
-        };
-        let cost = inflated.consumed + inflated.bytes.len();
-        self.inflate_work = self
-            .inflate_work
-            .checked_sub(cost)
-            .ok_or(Leak::TooMany { place })?;
-        Ok(inflated.bytes)
     }
 
     /// Push one decoding, unless it is too short or seen before; refuse
