@@ -101,7 +101,7 @@ impl Executor {
             if let Err(leak) = scanner.check(bytes) {
                 let why = match leak {
                     Leak::Found { .. } => "carries credential material",
-                    Leak::Bomb { .. } | Leak::TooDeep { .. } => {
+                    Leak::Bomb { .. } | Leak::TooDeep { .. } | Leak::TooMany { .. } => {
                         "is encoded too deeply to be checked for credential material"
                     }
                 };

@@ -66,13 +66,53 @@ pub fn compressed_starts(view: &[u8]) -> Vec<(usize, Compression)> {
 /// first bytes). More than `cap` bytes of output is [`TooLarge`]: the
 /// caller cannot judge what it did not read, so it must refuse.
 pub fn decompress(input: &[u8], format: Compression, cap: usize) -> Result<Bytes, TooLarge> {
-    match format {
-        Compression::Gzip => read_capped(flate2::read::MultiGzDecoder::new(input), cap),
-        Compression::Zlib => read_capped(flate2::read::ZlibDecoder::new(input), cap),
-        Compression::Zstd => match ruzstd::decoding::StreamingDecoder::new(input) {
+    decompress_metered(input, format, cap, usize::MAX).map(|(bytes, _)| bytes)
+}
+
+/// [`decompress`], reading at most `read_limit` bytes of `input` (the
+/// stream then ends there, as if the input did); also returns how many
+/// bytes the decompressor read.
+pub fn decompress_metered(
+    input: &[u8],
+    format: Compression,
+    cap: usize,
+    read_limit: usize,
+) -> Result<(Bytes, usize), TooLarge> {
+    let mut metered = Metered {
+        input,
+        read: 0,
+        limit: read_limit,
+    };
+    let out = match format {
+        Compression::Gzip => read_capped(flate2::read::MultiGzDecoder::new(&mut metered), cap),
+        Compression::Zlib => read_capped(flate2::read::ZlibDecoder::new(&mut metered), cap),
+        Compression::Zstd => match ruzstd::decoding::StreamingDecoder::new(&mut metered) {
             Ok(decoder) => read_capped(decoder, cap),
             Err(_) => Ok(Zeroizing::new(Vec::new())),
         },
+    }?;
+    Ok((out, metered.read))
+}
+
+/// Input for a decompressor: counts what it reads, and ends once it has
+/// read `limit` bytes.
+struct Metered<'a> {
+    input: &'a [u8],
+    read: usize,
+    limit: usize,
+}
+
+impl Read for Metered<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf
+            .len()
+            .min(self.input.len())
+            .min(self.limit.saturating_sub(self.read));
+        let (now, rest) = self.input.split_at(n);
+        buf[..n].copy_from_slice(now);
+        self.input = rest;
+        self.read += n;
+        Ok(n)
     }
 }
 

@@ -79,6 +79,24 @@ pub const MAX_SCAN_BYTES: usize = 16 << 20;
 /// here).
 pub const MAX_INFLATED: usize = 4 << 20;
 
+/// Bytes one judgement's decompressions may read and write together. A
+/// hostile body can put a compressed stream's magic at every offset, each
+/// stream reading the rest of the body (quadratic work); past this, the
+/// response is withheld. (1 MiB in unit tests, which run unoptimised.)
+pub const MAX_INFLATE_WORK: usize = if cfg!(test) { 1 << 20 } else { 16 << 20 };
+
+/// What starting one decompression is charged, on top of what it reads
+/// and writes: a gzip or zstd stream goes on through every member or
+/// frame after it, and tiny ones cost far more per byte than their size,
+/// so at most 64 of those are tried per judgement; a
+/// zlib stream ends with its own.
+fn inflate_setup(format: decode::Compression) -> usize {
+    match format {
+        decode::Compression::Gzip | decode::Compression::Zstd => MAX_INFLATE_WORK / 64,
+        decode::Compression::Zlib => 4096,
+    }
+}
+
 /// Total window bytes above which the automaton is an NFA, not a DFA.
 const MAX_DFA_PATTERN_BYTES: usize = 16 * 1024;
 
@@ -105,6 +123,10 @@ pub enum Leak {
     /// A compressed stream expands beyond [`MAX_INFLATED`].
     #[error("the response holds a compressed stream (in {place}) that expands beyond {MAX_INFLATED} bytes and cannot be checked for credential material")]
     Bomb { place: &'static str },
+    /// The compressed streams to try would read and write more than
+    /// [`MAX_INFLATE_WORK`].
+    #[error("the response holds more compressed streams (in {place}) than can be checked for credential material")]
+    TooMany { place: &'static str },
     /// Decoding went deeper than [`MAX_DEPTH`] or produced more than
     /// [`MAX_SCAN_BYTES`].
     #[error(
@@ -228,6 +250,8 @@ struct Judgement<'s> {
     scanner: &'s LeakScanner,
     seen: HashSet<[u8; 32]>,
     budget: usize,
+    /// Bytes decompressions may still read and write together.
+    inflate_work: usize,
 }
 
 /// A view to look at, and how it was reached.
@@ -243,7 +267,33 @@ impl<'s> Judgement<'s> {
             scanner,
             seen: HashSet::new(),
             budget: MAX_SCAN_BYTES,
+            inflate_work: MAX_INFLATE_WORK,
         }
+    }
+
+    /// Decompress one stream, charged to the work left: what it reads,
+    /// what it writes, and [`inflate_setup`] for starting. A stream that
+    /// would take more than is left ends the judgement: the response
+    /// cannot be checked, and is withheld.
+    fn inflate(
+        &mut self,
+        place: &'static str,
+        input: &[u8],
+        format: decode::Compression,
+    ) -> Result<Bytes, Leak> {
+        let left = self
+            .inflate_work
+            .checked_sub(inflate_setup(format))
+            .ok_or(Leak::TooMany { place })?;
+        let (out, read) = decode::decompress_metered(input, format, MAX_INFLATED, left)
+            .map_err(|decode::TooLarge| Leak::Bomb { place })?;
+        if read >= left && input.len() > read {
+            return Err(Leak::TooMany { place });
+        }
+        self.inflate_work = left
+            .checked_sub(read + out.len())
+            .ok_or(Leak::TooMany { place })?;
+        Ok(out)
     }
 
     fn judge(&mut self, place: &'static str, root: &[u8]) -> Result<(), Leak> {
@@ -289,8 +339,7 @@ impl<'s> Judgement<'s> {
             this.admit(place, name, data, depth, trail, stack)
         };
         for (at, format) in decode::compressed_starts(bytes) {
-            let inflated = decode::decompress(&bytes[at..], format, MAX_INFLATED)
-                .map_err(|_| Leak::Bomb { place })?;
+            let inflated = self.inflate(place, &bytes[at..], format)?;
             admit(self, format.name(), inflated)?;
         }
         if let Some(text) = decode::unescape(bytes, false) {

@@ -236,6 +236,25 @@ fn a_decompression_bomb_is_refused_not_expanded() {
 }
 
 #[test]
+fn a_compressed_stream_at_every_offset_is_refused_within_a_fixed_work() {
+    // 3000 empty gzip members: a magic every ~20 bytes, and each member's
+    // stream reads every member after it (quadratic: 16 s of CPU a check
+    // in a release build before the ceiling).
+    let s = scanner(&[KEY]);
+    let body = gzip(b"").repeat(3000);
+    assert!(body.len() < 64 * 1024, "{}", body.len());
+    assert_eq!(
+        s.check_response([], &body),
+        Err(Leak::TooMany { place: "the body" })
+    );
+    // A few members are judged as before.
+    let mut few = gzip(b"").repeat(10);
+    few.extend(gzip(KEY.as_bytes()));
+    assert!(found(s.check_response([], &few)));
+    assert_eq!(s.check_response([], &gzip(b"").repeat(10)), Ok(()));
+}
+
+#[test]
 fn nesting_beyond_the_depth_is_refused() {
     let s = scanner(&[KEY]);
     let mut text = KEY.as_bytes().to_vec();
