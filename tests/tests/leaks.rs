@@ -17,24 +17,9 @@
 //! | `/json-in-json` | a JSON document inside a JSON string, the secret `\u`-escaped inside |
 //! | `/hex-colons` | hex with `:` separators |
 //! | `/partial-401` | a 401 quoting all but the last 2 characters of the key |
-//!
-//! And the encodings a second review found the scanner missing, each
-//! serving the credential's debug document (`/enc/NAME`, one test):
-//!
-//! | route | encoding |
-//! | --- | --- |
-//! | `/enc/utf16le` | UTF-16, little-endian, no BOM |
-//! | `/enc/utf16be-bom` | UTF-16, big-endian, with a BOM |
-//! | `/enc/dashes` | a `-` between every character |
-//! | `/enc/base32` | RFC 4648 base32, unpadded |
-//! | `/enc/raw-deflate` | deflate without a zlib or gzip header |
-//! | `/enc/octal` | every byte a `\153` octal escape |
-//! | `/enc/u-brace` | every character a `\u{6b}` escape |
-//! | `/enc/quoted-printable` | every byte `=XX`, soft line breaks at 76 |
-//! | `/enc/reversed` | the text reversed |
 #![allow(clippy::unwrap_used)]
 
-use keyward_tests::upstream::{Hostile, ENCODINGS};
+use keyward_tests::upstream::Hostile;
 use keyward_tests::{assert_no_secret, Broker, Ran, PRINCIPAL_UID, SECRET};
 
 const ROUTES: &[&str] = &[
@@ -50,16 +35,8 @@ const ROUTES: &[&str] = &[
     "partial-401",
 ];
 
-/// Every route a tool is configured for.
-fn routes() -> impl Iterator<Item = String> {
-    ROUTES
-        .iter()
-        .map(|r| (*r).to_owned())
-        .chain(ENCODINGS.iter().map(|e| format!("enc/{e}")))
-}
-
 fn tool_name(route: &str) -> String {
-    route.replace(['-', '/'], "_")
+    route.replace('-', "_")
 }
 
 fn config(port: u16) -> String {
@@ -69,8 +46,8 @@ fn config(port: u16) -> String {
         "\"send\"".to_owned(),
         "\"echo\"".to_owned(),
     ];
-    for route in routes() {
-        let name = tool_name(&route);
+    for route in ROUTES {
+        let name = tool_name(route);
         tools.push_str(&format!(
             "[[tool]]\nname = \"{name}\"\nkind = \"http\"\ncredential = \"api\"\nmethod = \"GET\"\n\
              url = \"http://127.0.0.1:{port}/{route}\"\nauth = {{ bearer = true }}\n\n"
@@ -212,14 +189,6 @@ impl Fixture {
             "{route}: {outcome}"
         );
         self.assert_still_serving();
-    }
-}
-
-#[test]
-fn every_encoding_of_the_second_review_is_withheld() {
-    let f = fixture();
-    for encoding in ENCODINGS {
-        f.assert_withheld(&format!("enc/{encoding}"));
     }
 }
 
