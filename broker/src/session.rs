@@ -17,7 +17,8 @@
 //! there is no idle deadline: `SOCK_SEQPACKET` delivers whole messages, so
 //! a slow peer cannot hold a half-read request, and idle connections are
 //! bounded by the per-uid connection cap. Replies must be taken within
-//! [`SEND_DEADLINE`].
+//! [`SEND_DEADLINE`]; a gateway's streamed pieces within its
+//! `idle_timeout`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -1051,7 +1052,21 @@ impl Session {
     }
 
     async fn send_encoded(&mut self, bytes: &[u8]) -> Next {
-        match send_bytes(&self.conn, bytes).await {
+        self.send_encoded_within(bytes, SEND_DEADLINE).await
+    }
+
+    /// Send a reply the peer must take within `deadline` (a streamed
+    /// piece: the gateway's `idle_timeout`, which also bounds the
+    /// upstream's pauses), or close.
+    async fn send_within(&mut self, response: &Response, deadline: Duration) -> Next {
+        match encode(response) {
+            Ok(bytes) => self.send_encoded_within(&bytes, deadline).await,
+            Err(_) => Next::Close,
+        }
+    }
+
+    async fn send_encoded_within(&mut self, bytes: &[u8], deadline: Duration) -> Next {
+        match send_bytes(&self.conn, bytes, deadline).await {
             Ok(()) => Next::Continue,
             Err(_) => Next::Close,
         }
@@ -1081,10 +1096,10 @@ async fn reply_error(conn: &Connection, code: ErrorCode, message: String) -> std
 
 async fn send_response(conn: &Connection, response: &Response) -> std::io::Result<()> {
     let bytes = encode(response).map_err(std::io::Error::other)?;
-    send_bytes(conn, &bytes).await
+    send_bytes(conn, &bytes, SEND_DEADLINE).await
 }
 
-async fn send_bytes(conn: &Connection, bytes: &[u8]) -> std::io::Result<()> {
+async fn send_bytes(conn: &Connection, bytes: &[u8], deadline: Duration) -> std::io::Result<()> {
     // The socket almost always takes a reply at once: no timer then.
     match conn.try_send(bytes) {
         Ok(()) => return Ok(()),
@@ -1092,7 +1107,7 @@ async fn send_bytes(conn: &Connection, bytes: &[u8]) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
         Err(e) => return Err(e),
     }
-    match tokio::time::timeout(SEND_DEADLINE, conn.send(bytes)).await {
+    match tokio::time::timeout(deadline, conn.send(bytes)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }

@@ -9,6 +9,8 @@
 //!   echoed in response headers: the hostile upstream redaction must defeat.
 //! - `/slow`: answers after one second.
 //! - `/big`: a 100 000-byte body.
+//! - `/huge`: a [`HUGE`]-byte body (more than every socket buffer between
+//!   the broker and a client holds).
 //!
 //! Every request is recorded so tests can see exactly what arrived.
 //!
@@ -20,6 +22,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::SECRET;
+
+/// Bytes of the `/huge` body.
+pub const HUGE: usize = 4 << 20;
 
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]
@@ -134,6 +139,8 @@ fn respond(mut request: tiny_http::Request, seen: &Mutex<Vec<Seen>>) {
         tiny_http::Response::from_string("slow but done")
     } else if url == "/big" {
         tiny_http::Response::from_string("x".repeat(100_000))
+    } else if url == "/huge" {
+        tiny_http::Response::from_string("x".repeat(HUGE))
     } else if let Some(code) = url
         .strip_prefix("/status/")
         .and_then(|c| c.parse::<u16>().ok())

@@ -174,22 +174,36 @@ impl Session {
             match opened.next(credentials).await {
                 Ok(Some(piece)) => {
                     for part in piece.chunks(MAX_CHUNK) {
+                        // A program may pause reading as long as the
+                        // upstream may pause sending.
                         next = self
-                            .send(&Response::GatewayChunk(GatewayChunk {
-                                data: part.to_vec(),
-                            }))
+                            .send_within(
+                                &Response::GatewayChunk(GatewayChunk {
+                                    data: part.to_vec(),
+                                }),
+                                gateway.idle_timeout,
+                            )
                             .await;
                         if !matches!(next, Next::Continue) {
-                            failure = Some((false, "the client closed the stream".to_owned()));
+                            failure = Some((
+                                false,
+                                format!(
+                                    "the client closed the stream or did not read it for {:?}",
+                                    gateway.idle_timeout
+                                ),
+                            ));
                             break;
                         }
                     }
                 }
                 Ok(None) => {
                     next = self
-                        .send(&Response::GatewayEnd(GatewayEnd {
-                            bytes: opened.bytes,
-                        }))
+                        .send_within(
+                            &Response::GatewayEnd(GatewayEnd {
+                                bytes: opened.bytes,
+                            }),
+                            gateway.idle_timeout,
+                        )
                         .await;
                     break;
                 }
