@@ -409,9 +409,12 @@ enum Field<'a> {
 }
 
 /// Every field of `record`, in its declared (serde) order: serde name,
-/// journal field name, value if present. The one list both the JSON line
-/// and the journal entry are written from; the record is destructured, so
-/// a field added to [`Record`] does not compile until it is listed here.
+/// journal field name, value if present. The journal entry is written
+/// from it; the JSON line, which the echo call's round trip pays twice,
+/// is written by [`write_json_line`] field by field with constant keys
+/// instead. Both destructure the record, so a field added to [`Record`]
+/// does not compile until both write it, and tests compare each with
+/// serde's encoding.
 fn fields<'r>(record: &Record<'r>) -> [(&'static str, &'static str, Option<Field<'r>>); 20] {
     let &Record {
         event,
