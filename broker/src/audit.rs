@@ -823,17 +823,17 @@ impl Audit {
                 let mut line = lock.lock().unwrap_or_else(|p| p.into_inner());
                 write_json_line(&mut line, now(), record).is_ok() && line.len() <= DEFERRED_KEPT
             }
-            Sink::Journal(_, deferred) => {
-                let mut deferred = deferred.lock().unwrap_or_else(|p| p.into_inner());
-                match journal_entry(record) {
-                    Ok(fields) => {
-                        deferred.push(journal::encode(&fields));
-                        deferred.iter().map(Vec::len).sum::<usize>() <= DEFERRED_KEPT
-                            && deferred.len() < journal::BATCH
-                    }
-                    Err(_) => false,
+            Sink::Journal(_, deferred) => match journal_entry(record) {
+                // Encoded before the lock every session takes.
+                Ok(fields) => {
+                    let entry = journal::encode(&fields);
+                    let mut deferred = deferred.lock().unwrap_or_else(|p| p.into_inner());
+                    deferred.push(entry);
+                    deferred.iter().map(Vec::len).sum::<usize>() <= DEFERRED_KEPT
+                        && deferred.len() < journal::BATCH
                 }
-            }
+                Err(_) => false,
+            },
             #[cfg(test)]
             Sink::Memory(_) => {
                 let _ = self.record(record);
@@ -942,18 +942,20 @@ fn write_line(buffer: &Mutex<Vec<u8>>, record: Option<&Record<'_>>) -> io::Resul
     written
 }
 
-/// Send the deferred journal entries, then `entry`, in one `sendmmsg`.
-/// The queue is taken first and sent without the lock held: a slow
-/// journal stalls only the sessions that write, not every one that
-/// queues. Deferred entries the journal did not take go to stderr, one
-/// field a line (JSON lines cannot be rebuilt from them); the caller
+/// Send the deferred journal entries, then `entry`, in one `sendmmsg`,
+/// with the queue's lock held throughout, so that a session's outcome
+/// never lands after its next decision (every writer waits on the
+/// journal anyway). If the send fails, the deferred entries go to stderr
+/// too, one field a line (JSON lines cannot be rebuilt from them; some
+/// may have reached the journal: twice rather than lost); the caller
 /// reports the error, and `entry` itself, as for any record.
 fn send_deferred(
     journal: &Journal,
     deferred: &Mutex<Vec<Vec<u8>>>,
     entry: Option<&[u8]>,
 ) -> io::Result<()> {
-    let before = std::mem::take(&mut *deferred.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut queue = deferred.lock().unwrap_or_else(|p| p.into_inner());
+    let before = std::mem::take(&mut *queue);
     let sent = match (entry, before.split_last()) {
         (Some(entry), _) => journal.send_all(&before, entry),
         (None, Some((last, rest))) => journal.send_all(rest, last),

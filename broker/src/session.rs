@@ -1066,7 +1066,18 @@ impl Session {
     }
 
     async fn send_encoded_within(&mut self, bytes: &[u8], deadline: Duration) -> Next {
-        match send_bytes(&self.conn, bytes, deadline).await {
+        // The socket almost always takes a reply at once. When it does
+        // not, the peer decides how long we wait: nothing of ours waits in
+        // the audit queue meanwhile.
+        let sent = match try_send(&self.conn, bytes) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.flush_deferred();
+                send_waiting(&self.conn, bytes, deadline).await
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
             Ok(()) => Next::Continue,
             Err(_) => Next::Close,
         }
@@ -1100,13 +1111,24 @@ async fn send_response(conn: &Connection, response: &Response) -> std::io::Resul
 }
 
 async fn send_bytes(conn: &Connection, bytes: &[u8], deadline: Duration) -> std::io::Result<()> {
-    // The socket almost always takes a reply at once: no timer then.
-    match conn.try_send(bytes) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-        Err(e) => return Err(e),
+    if try_send(conn, bytes)? {
+        return Ok(());
     }
+    send_waiting(conn, bytes, deadline).await
+}
+
+/// Send without waiting: whether the socket took it (no timer then).
+fn try_send(conn: &Connection, bytes: &[u8]) -> std::io::Result<bool> {
+    match conn.try_send(bytes) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Send once the peer has made room, within `deadline`.
+async fn send_waiting(conn: &Connection, bytes: &[u8], deadline: Duration) -> std::io::Result<()> {
     match tokio::time::timeout(deadline, conn.send(bytes)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),

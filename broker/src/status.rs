@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Introspection for admins and token holders: `keyward-broker status`
-//! and `tokens` (root or `admin_uids` only), `agent-shim token inspect`.
+//! and `tokens` (root, the broker's own uid or `admin_uids` only), `agent-shim token inspect`.
 //!
 //! What these answer never carries a credential value or a token string:
 //! credential names and states, token ids, hashes and counts. Who may ask
@@ -216,7 +216,10 @@ auth = { bearer = true }
         assert!(is_admin(&policy, 0));
         assert!(is_admin(&policy, 900));
         assert!(is_admin(&policy, nix::unistd::geteuid().as_raw()));
-        assert!(!is_admin(&policy, 1000));
+        // A stranger: not root, not 900, not the uid the test runs as.
+        let own = nix::unistd::geteuid().as_raw();
+        let stranger = (1000..).find(|&u| u != own).unwrap();
+        assert!(!is_admin(&policy, stranger));
         assert!(!is_admin(&policy, 901));
     }
 }
