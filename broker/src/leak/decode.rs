@@ -84,8 +84,12 @@ pub fn decompress_metered(
         limit: read_limit,
     };
     let out = match format {
-        Compression::Gzip => read_capped(flate2::read::MultiGzDecoder::new(&mut metered), cap),
-        Compression::Zlib => read_capped(flate2::read::ZlibDecoder::new(&mut metered), cap),
+        // The bufread decoders consume what they use of `metered`'s
+        // buffer, no more: `read` is what the stream took, not a 32 KiB
+        // read-ahead (which charged every two-byte zlib "magic" in a text,
+        // `x^2`, 32 KiB and withheld ordinary pages).
+        Compression::Gzip => read_capped(flate2::bufread::MultiGzDecoder::new(&mut metered), cap),
+        Compression::Zlib => read_capped(flate2::bufread::ZlibDecoder::new(&mut metered), cap),
         Compression::Zstd => match ruzstd::decoding::StreamingDecoder::new(&mut metered) {
             Ok(decoder) => read_capped(decoder, cap),
             Err(_) => Ok(Zeroizing::new(Vec::new())),
@@ -94,8 +98,8 @@ pub fn decompress_metered(
     Ok((out, metered.read))
 }
 
-/// Input for a decompressor: counts what it reads, and ends once it has
-/// read `limit` bytes.
+/// Input for a decompressor: counts what it takes, and ends once it has
+/// taken `limit` bytes.
 struct Metered<'a> {
     input: &'a [u8],
     read: usize,
@@ -108,11 +112,22 @@ impl Read for Metered<'_> {
             .len()
             .min(self.input.len())
             .min(self.limit.saturating_sub(self.read));
-        let (now, rest) = self.input.split_at(n);
-        buf[..n].copy_from_slice(now);
-        self.input = rest;
-        self.read += n;
+        buf[..n].copy_from_slice(&self.input[..n]);
+        std::io::BufRead::consume(self, n);
         Ok(n)
+    }
+}
+
+impl std::io::BufRead for Metered<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        let n = self.input.len().min(self.limit.saturating_sub(self.read));
+        Ok(&self.input[..n])
+    }
+
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.input.len());
+        self.input = &self.input[n..];
+        self.read += n;
     }
 }
 

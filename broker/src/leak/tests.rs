@@ -255,6 +255,17 @@ fn a_compressed_stream_at_every_offset_is_refused_within_a_fixed_work() {
 }
 
 #[test]
+fn a_text_full_of_two_byte_zlib_magics_is_judged_not_refused() {
+    // `x^` (78 5e) reads as a zlib header: each start is charged what the
+    // stream takes, not a decoder's read-ahead.
+    let s = scanner(&[KEY]);
+    let line = format!("f(x) = x^2 + 3x - 1 {}\n", "and so on ".repeat(20));
+    let text = line.repeat(200);
+    assert!(text.len() > 40 * 1024);
+    assert_eq!(s.check_response([], text.as_bytes()), Ok(()));
+}
+
+#[test]
 fn nesting_beyond_the_depth_is_refused() {
     let s = scanner(&[KEY]);
     let mut text = KEY.as_bytes().to_vec();
