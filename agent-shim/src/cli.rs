@@ -15,6 +15,7 @@ use zeroize::Zeroize as _;
 use crate::client::{socket_path, Client, ClientError, KEYWARD_FD_ENV};
 use crate::grant::{attenuate_request, mint_request, ConstraintArgs};
 use crate::sandbox::{read_token, Token, TokenSource};
+use crate::schema::value_json;
 use keyward_proto::{CallResult, Request, Response, ToolInfo, ToolKind};
 
 const EXIT_ERROR: u8 = 1;
@@ -653,14 +654,6 @@ fn kind_name(kind: ToolKind) -> &'static str {
     match kind {
         ToolKind::Tool => "tool",
         ToolKind::Gateway => "gateway",
-    }
-}
-
-fn value_json(value: &keyward_proto::Value) -> serde_json::Value {
-    match value {
-        keyward_proto::Value::Str(s) => s.as_str().into(),
-        keyward_proto::Value::Int(i) => (*i).into(),
-        keyward_proto::Value::Bool(b) => (*b).into(),
     }
 }
 

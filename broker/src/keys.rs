@@ -140,13 +140,7 @@ impl Keys {
         let mut raw = Zeroizing::new([0u8; 32]);
         getrandom::fill(raw.as_mut_slice()).map_err(|e| KeyError::Random(e.to_string()))?;
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
+        let mut file = crate::state::fresh_private(&tmp).map_err(io)?;
         file.write_all(raw.as_slice()).map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);

@@ -33,12 +33,12 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use keyward_proto::token::hex;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Deserializer, Serialize};
 use zeroize::Zeroizing;
@@ -276,10 +276,6 @@ fn secret_of(text: &str) -> Arc<Secret> {
 
 fn fingerprint(secret: &Secret) -> [u8; 32] {
     *blake3::hash(secret.expose()).as_bytes()
-}
-
-fn hex(bytes: &[u8; 32]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl OAuth2Credential {
@@ -872,14 +868,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .create(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    let _ = std::fs::remove_file(&tmp);
     let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
+        let mut file = crate::state::fresh_private(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)

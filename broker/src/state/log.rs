@@ -257,7 +257,7 @@ impl Log {
         let tmp = path.with_extension("log.new");
         let err = io(&tmp);
         // Ours: a creation cut short before its rename.
-        let mut file = fresh_private(&tmp).map_err(|source| open_error(&tmp, source))?;
+        let mut file = super::fresh_private(&tmp).map_err(|source| open_error(&tmp, source))?;
         let len = match write_header(&mut file) {
             Ok(len) => len,
             Err(e) => {
@@ -329,7 +329,7 @@ impl Log {
     pub fn rewrite(&mut self, records: &[Record]) -> Result<(), StateError> {
         let tmp = self.path.with_extension("log.tmp");
         let err = io(&tmp);
-        let mut file = fresh_private(&tmp).map_err(&err)?;
+        let mut file = super::fresh_private(&tmp).map_err(&err)?;
         let mut len = 0u64;
         let written = (|| {
             let header = frame(&[Record::Format(FORMAT_VERSION)]);
@@ -369,20 +369,6 @@ pub enum AppendError {
     Failed(std::io::Error),
     /// The log could not be cut back: stop writing.
     Broken(std::io::Error),
-}
-
-/// A new, empty file at `tmp` only the broker may read or write (a
-/// leftover of the broker's own at that name, from a write cut short, is
-/// removed first; a link there is not followed).
-fn fresh_private(tmp: &Path) -> std::io::Result<std::fs::File> {
-    let _ = std::fs::remove_file(tmp);
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(tmp)
 }
 
 fn open_error(path: &Path, source: std::io::Error) -> StateError {

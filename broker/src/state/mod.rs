@@ -57,6 +57,7 @@
 //! being recorded; revocations may use the reserve.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
@@ -761,6 +762,20 @@ pub fn sync_dir(path: &Path) -> std::io::Result<()> {
         Some(dir) => std::fs::File::open(dir)?.sync_all(),
         None => Ok(()),
     }
+}
+
+/// A new, empty file at `tmp` only the broker may read or write (a
+/// leftover of the broker's own at that name, from a write cut short, is
+/// removed first; a link there is not followed).
+pub fn fresh_private(tmp: &Path) -> std::io::Result<std::fs::File> {
+    let _ = std::fs::remove_file(tmp);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(tmp)
 }
 
 /// Seconds since the epoch.
