@@ -31,6 +31,17 @@ pub const STRANGER_UID: u32 = 61001;
 /// in any output is unmistakable.
 pub const SECRET: &str = "kw-test-secret-Zm9vYmFy-7c1d9e0f2a4b";
 
+/// The id of the token `agent-shim mint` made, from what it says on
+/// stderr (`... token ID ...`).
+pub fn minted_token_id(stderr: &str) -> String {
+    stderr
+        .split_whitespace()
+        .skip_while(|w| *w != "token")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no token id in {stderr:?}"))
+        .to_owned()
+}
+
 /// Path of a binary built by this workspace (`keyward-broker`,
 /// `agent-shim`), next to the test executable's `deps` directory.
 pub fn binary(name: &str) -> PathBuf {

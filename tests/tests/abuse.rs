@@ -74,13 +74,7 @@ fn token_for_stranger(broker: &Broker) -> (PathBuf, String) {
         &["mint", "--tool", "echo", "--for-uid", &uid],
     ));
     assert_eq!(ran.code, Some(0), "{ran:?}");
-    let id = ran
-        .stderr
-        .split_whitespace()
-        .skip_while(|w| *w != "token")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let id = keyward_tests::minted_token_id(&ran.stderr);
     let file = broker.dir.path().join("stranger.token");
     std::fs::write(&file, ran.stdout.trim()).unwrap();
     std::os::unix::fs::chown(&file, Some(STRANGER_UID), Some(STRANGER_UID)).unwrap();

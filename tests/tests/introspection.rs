@@ -96,13 +96,7 @@ fn mint(broker: &Broker, extra: &[&str]) -> (String, String) {
     args.extend_from_slice(extra);
     let ran = shim(broker, PRINCIPAL_UID, &args);
     assert_eq!(ran.code, Some(0), "{ran:?}");
-    let id = ran
-        .stderr
-        .split_whitespace()
-        .skip_while(|w| *w != "token")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let id = keyward_tests::minted_token_id(&ran.stderr);
     (ran.stdout.trim().to_owned(), id)
 }
 

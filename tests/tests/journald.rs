@@ -403,14 +403,7 @@ fn token_lineage_and_principals(broker: &Broker, socket: &Path, trusted: &str) {
         PRINCIPAL_UID,
         &["mint", "--tool", "echo", "--task", task, "--for-uid", &sub],
     );
-    let token_id = |ran: &Ran| {
-        ran.stderr
-            .split_whitespace()
-            .skip_while(|w| *w != "token")
-            .nth(1)
-            .unwrap()
-            .to_owned()
-    };
+    let token_id = |ran: &Ran| keyward_tests::minted_token_id(&ran.stderr);
     let (parent, parent_id) = (minted.stdout.trim().to_owned(), token_id(&minted));
     let child = shim(STRANGER_UID, &["attenuate", "--token", &parent]);
     let (child, child_id) = (child.stdout.trim().to_owned(), token_id(&child));

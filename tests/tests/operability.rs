@@ -729,13 +729,7 @@ fn serve_example_prints_commands_that_work_and_cleans_up_on_ctrl_c() {
         .args(["mint", "--tool", "echo", "--ttl", "5m", "--task", "try"])
         .env("KEYWARD_SOCKET", &socket));
     assert_eq!(ran.code, Some(0), "{ran:?}");
-    let id = ran
-        .stderr
-        .split_whitespace()
-        .skip_while(|w| *w != "token")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let id = keyward_tests::minted_token_id(&ran.stderr);
     let ran = run(broker_cmd(&["pubkey", "--config"]).arg(&config));
     assert_eq!(ran.code, Some(0), "{ran:?}");
     let ran = run(broker_cmd(&["revoke", "--config"])

@@ -54,13 +54,7 @@ fn mint(broker: &Broker, args: &[&str]) -> (String, String) {
     full.extend_from_slice(args);
     let ran = shim(broker, PRINCIPAL_UID, &full);
     assert_eq!(ran.code, Some(0), "mint {args:?}: {ran:?}");
-    let id = ran
-        .stderr
-        .split_whitespace()
-        .skip_while(|w| *w != "token")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let id = keyward_tests::minted_token_id(&ran.stderr);
     (ran.stdout.trim().to_owned(), id)
 }
 
