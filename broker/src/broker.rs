@@ -215,9 +215,7 @@ impl Broker {
     pub fn rate(&self, uid: u32, with_token: bool) -> Result<(), (Refusal, bool)> {
         let now = self.in_force();
         let who = self.who(&now.policy, uid, with_token);
-        if who.privileged {
-            return Ok(());
-        }
+        // A privileged session takes nothing (`Admission::request`).
         self.admission.request(&now.limits, who)
     }
 

@@ -95,8 +95,6 @@ pub(super) struct Plan {
     pub generated: Vec<(PathBuf, Vec<u8>)>,
     /// Fallback mode's private temporary directory (the reaper removes it).
     pub private_tmp: Option<PathBuf>,
-    /// `--allow-connect`: TCP ports the program may connect to.
-    pub connect_tcp: Vec<u16>,
 }
 
 /// Landlock's first ABI with network rules (TCP bind and connect by port).
@@ -109,13 +107,12 @@ impl Plan {
     /// `/tmp` (removed when the returned guard is dropped).
     pub fn fall_back(&mut self, reason: String) -> Result<PrivateTmp, SandboxError> {
         self.mode = Mode::Fallback(reason);
-        if self.filter.is_some() {
+        // The same profile, with the fallback rules (--gateway is refused
+        // in fallback mode; --allow-connect needs no namespace).
+        if let Some(filter) = &self.filter {
             self.filter = Some(seccomp::compile(Profile {
                 fallback: true,
-                tty: self.tty,
-                // --gateway is refused in fallback mode; --allow-connect
-                // needs no namespace.
-                gateway: !self.connect_tcp.is_empty(),
+                ..filter.profile()
             })?);
         }
         self.nproc = uid_processes().saturating_add(self.limits.pids);
@@ -392,7 +389,6 @@ pub(super) fn prepare(options: &RunOptions, with_channel: bool) -> Result<Plan, 
         verbose: options.verbose,
         generated: identity_files(),
         private_tmp: None,
-        connect_tcp: options.allow_connect.clone(),
     };
     // The namespace root's own tmpfs; the caller's TMPDIR does not exist
     // there. (Fallback mode replaces it with its private directory.)
