@@ -184,11 +184,8 @@ impl Log {
             // header of a new log cut short by a crash (brokers before
             // format 3 wrote it in place).
             Header::Unwritten => {
-                file.set_len(0).map_err(io(&path))?;
-                file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
-                let len = write_header(&mut file).map_err(io(&path))?;
-                super::sync_dir(&path).map_err(io(&path))?;
-                let log = Log { path, file, len };
+                drop(file);
+                let log = Log::write_new(&path, true)?;
                 return Ok(Opened {
                     log,
                     records: Vec::new(),
@@ -252,8 +249,15 @@ impl Log {
     }
 
     /// A new log holding only its header, written whole under a temporary
-    /// name and renamed into place (never over an existing file).
+    /// name and linked into place (never over an existing file).
     fn create(path: &Path) -> Result<Log, StateError> {
+        Log::write_new(path, false)
+    }
+
+    /// [`Log::create`], or with `replace` renamed over the file at `path`
+    /// (one that never held a whole header): either way a crash leaves the
+    /// old file or the new one, never a half-written header.
+    fn write_new(path: &Path, replace: bool) -> Result<Log, StateError> {
         let tmp = path.with_extension("log.new");
         let err = io(&tmp);
         // Ours: a creation cut short before its rename.
@@ -265,10 +269,14 @@ impl Log {
                 return Err(err(e));
             }
         };
-        // link(2) refuses to replace a file that appeared meanwhile.
-        let linked = std::fs::hard_link(&tmp, path);
+        let placed = if replace {
+            std::fs::rename(&tmp, path)
+        } else {
+            // link(2) refuses to replace a file that appeared meanwhile.
+            std::fs::hard_link(&tmp, path)
+        };
         let _ = std::fs::remove_file(&tmp);
-        linked.map_err(|source| open_error(path, source))?;
+        placed.map_err(|source| open_error(path, source))?;
         super::sync_dir(path).map_err(io(path))?;
         Ok(Log {
             path: path.to_owned(),
